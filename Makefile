@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo`, then `make test`.
+PYTHON ?= python3
+PYTHON_NEWEST ?= $(shell command -v python3.12 || echo $$HOME/.pyenv/versions/3.12.1/bin/python)
+VENV := .venv
+VENV_NEWEST := .venv-newest
+PY := $(VENV)/bin/python
+PY_NEWEST := $(VENV_NEWEST)/bin/python
+PYTEST_ARGS ?= -n 2
+
+.PHONY: demo test test-newest bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The newest JAX release, on Python 3.12 (pyenv's), for `.ci/run`.
+$(VENV_NEWEST)/.installed: pyproject.toml
+	$(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
+	$(PY_NEWEST) -m pip install --quiet --upgrade pip
+	$(PY_NEWEST) -m pip install --quiet --upgrade -e '.[test]' jax jaxlib
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -c "import jax; print('jax', jax.__version__)"
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+test-newest: $(VENV_NEWEST)/.installed
+	$(PY_NEWEST) -c "import jax; print('jax', jax.__version__)"
+	$(PY_NEWEST) -m pytest $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/overhead.py
+
+clean:
+	rm -rf $(VENV) $(VENV_NEWEST) build dist *.egg-info

@@ -1,0 +1,474 @@
+"""Overhead of ``scg.scg_grad`` against a hand-written DiCE surrogate.
+
+Two workloads from the issue:
+
+* ``vae`` -- a discrete VAE / sigmoid belief net: batch 128, 64 binary pixels,
+  256 Bernoulli latents drawn with ``scg.sample`` (score function), a linear
+  encoder and decoder, and the single-sample negative ELBO
+  ``mean_b[ sum_j (log q(z_bj|x_b) - log p(z_bj)) - sum_i log p(x_bi|z_b) ]``
+  with a Bernoulli(0.5) prior.
+* ``rl`` -- a 200-step ``lax.scan`` rollout of a linear categorical policy
+  (state dim 8, 4 actions) with ``scg.sample`` inside the scan body, a
+  deterministic action-dependent transition, a reward per step and
+  cost = -(total reward).
+
+For each workload ``jax.jit(scg.scg_grad(cost))`` is compared with
+``jax.jit(jax.grad(hand_surrogate))``, where the hand-written surrogate is the
+*same estimator* the library builds. The script first asserts that both give the
+same gradient for the same keys (which proves it is the same estimator), then
+times them interleaved in one process (median run time, block_until_ready after
+every call) and times trace+lower+compile with fresh function objects.
+
+The hand-written surrogates come in several Rao-Blackwellization levels; the
+script uses the one whose gradient matches the library's and says which:
+
+* ``whole``       -- one box of all the log-probs times the whole cost
+                     (what scgjax does without plates / causality);
+* ``per-example`` / ``per-element`` (vae) -- automatic plates;
+* ``causal`` (rl) -- causality inside ``scan`` (cost at step t is boxed with
+                     the log-probs of steps <= t).
+
+Run:  python benchmarks/overhead.py            (about a minute on 2 CPU cores)
+      python benchmarks/overhead.py --quick    (a few seconds, rough numbers)
+      python benchmarks/overhead.py --help
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Let the script run from a checkout without installing the package.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import numpyro  # noqa: E402
+import numpyro.distributions as dist  # noqa: E402
+from jax import lax  # noqa: E402
+
+import scgjax as scg  # noqa: E402
+
+RUN_TARGET = 1.05
+COMPILE_TARGET = 2.0
+
+
+def magic_box(tau):
+    """DiCE's magic box: value 1, d/dtau box(tau) = box(tau)."""
+    return jnp.exp(tau - lax.stop_gradient(tau))
+
+
+# --------------------------------------------------------------------------
+# (a) discrete VAE / sigmoid belief net
+# --------------------------------------------------------------------------
+VAE_BATCH, VAE_PIXELS, VAE_LATENTS = 128, 64, 256
+
+
+def vae_problem(seed=0, batch=VAE_BATCH, pixels=VAE_PIXELS, latents=VAE_LATENTS):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    # Binary "images": each pixel on with its own probability.
+    pix_p = jax.random.uniform(ks[0], (pixels,), minval=0.1, maxval=0.9)
+    x = jax.random.bernoulli(ks[1], pix_p, (batch, pixels)).astype(jnp.float32)
+    # Random (nonzero) init: numpyro 0.22's Bernoulli(logits).log_prob has a
+    # wrong derivative at exactly logits == 0 (see DESIGN.md, sharp edges).
+    params = {
+        "enc_w": 0.1 * jax.random.normal(ks[2], (pixels, latents)),
+        "enc_b": 0.1 * jax.random.normal(ks[3], (latents,)),
+        "dec_w": 0.1 * jax.random.normal(ks[4], (latents, pixels)),
+        "dec_b": 0.1 * jax.random.normal(ks[5], (pixels,)),
+    }
+    return params, x
+
+
+def make_vae_cost():
+    """A fresh stochastic program (fresh function object on every call)."""
+
+    def vae_cost(params, key, x):
+        q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
+        z = scg.sample(key, q)
+        px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
+        prior = dist.Bernoulli(probs=0.5)
+        log_ratio = jnp.sum(q.log_prob(z) - prior.log_prob(z), axis=-1)
+        recon = jnp.sum(px.log_prob(x), axis=-1)
+        return jnp.mean(log_ratio - recon)
+
+    return vae_cost
+
+
+def _vae_parts(params, key, x):
+    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
+    z = lax.stop_gradient(q.sample(key))  # what scg.sample draws for this key
+    lq = q.log_prob(z)  # [B, L]
+    px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
+    recon = jnp.sum(px.log_prob(x), axis=-1)  # [B]
+    ratio = lq - dist.Bernoulli(probs=0.5).log_prob(z)  # [B, L]
+    return lq, recon, ratio
+
+
+def make_vae_hand_whole():
+    # One score node (z, all B*L elements); every cost term depends on z, so
+    # the whole cost is boxed with the node's summed log-prob.
+    def hand(params, key, x):
+        lq, recon, ratio = _vae_parts(params, key, x)
+        cost = jnp.mean(jnp.sum(ratio, axis=-1) - recon)
+        return magic_box(jnp.sum(lq)) * cost
+
+    return hand
+
+
+def make_vae_hand_per_example():
+    # Plates over the batch axis: example b's cost is boxed with log q(z_b).
+    def hand(params, key, x):
+        lq, recon, ratio = _vae_parts(params, key, x)
+        cost_b = jnp.sum(ratio, axis=-1) - recon
+        return jnp.mean(magic_box(jnp.sum(lq, axis=-1)) * cost_b)
+
+    return hand
+
+
+def make_vae_hand_per_element():
+    # Plates over both axes: the log-ratio element (b, j) depends on z_bj only.
+    def hand(params, key, x):
+        lq, recon, ratio = _vae_parts(params, key, x)
+        per_b = magic_box(jnp.sum(lq, axis=-1)) * (-recon) + jnp.sum(
+            magic_box(lq) * ratio, axis=-1
+        )
+        return jnp.mean(per_b)
+
+    return hand
+
+
+# --------------------------------------------------------------------------
+# (b) policy-gradient rollout in lax.scan
+# --------------------------------------------------------------------------
+RL_HORIZON, RL_STATE, RL_ACTIONS = 200, 8, 4
+
+
+def rl_problem(seed=1, state=RL_STATE, actions=RL_ACTIONS):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    # An orthogonal matrix scaled below 1: a stable, mixing linear dynamics.
+    a_mat = 0.9 * jnp.linalg.qr(jax.random.normal(ks[0], (state, state)))[0]
+    env = {
+        "A": a_mat,
+        "B": jax.random.normal(ks[1], (actions, state)),  # effect of each action
+        "goal": 0.5 * jax.random.normal(ks[2], (state,)),
+        "s0": jax.random.normal(ks[3], (state,)),
+    }
+    params = {
+        "w": 0.3 * jax.random.normal(ks[4], (actions, state)),
+        "b": 0.1 * jax.random.normal(ks[5], (actions,)),
+    }
+    return params, env
+
+
+def _rl_transition(env, s, a):
+    s_next = jnp.tanh(env["A"] @ s + env["B"][a])
+    reward = -jnp.sum((s_next - env["goal"]) ** 2)
+    return s_next, reward
+
+
+def make_rl_cost(horizon=RL_HORIZON):
+    def rl_cost(params, key, env):
+        def step(s, k):
+            pi = dist.Categorical(logits=params["w"] @ s + params["b"])
+            a = scg.sample(k, pi)
+            return _rl_transition(env, s, a)
+
+        _, rewards = lax.scan(step, env["s0"], jax.random.split(key, horizon))
+        return -jnp.sum(rewards)
+
+    return rl_cost
+
+
+def _rl_parts(params, key, env, horizon):
+    def step(s, k):
+        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
+        a = lax.stop_gradient(pi.sample(k))  # what scg.sample draws for this key
+        s_next, reward = _rl_transition(env, s, a)
+        return s_next, (pi.log_prob(a), reward)
+
+    _, (logp, rewards) = lax.scan(step, env["s0"], jax.random.split(key, horizon))
+    return logp, rewards
+
+
+def make_rl_hand_whole(horizon=RL_HORIZON):
+    # Without causality every step's reward depends (through the state) on all
+    # actions of the scan's one score node: one box of the summed log-probs.
+    def hand(params, key, env):
+        logp, rewards = _rl_parts(params, key, env, horizon)
+        return magic_box(jnp.sum(logp)) * (-jnp.sum(rewards))
+
+    return hand
+
+
+def make_rl_hand_causal(horizon=RL_HORIZON):
+    # Causality: the reward of step t is boxed with the log-probs of steps <= t.
+    def hand(params, key, env):
+        logp, rewards = _rl_parts(params, key, env, horizon)
+        return jnp.sum(magic_box(jnp.cumsum(logp)) * (-rewards))
+
+    return hand
+
+
+# --------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------
+CASES = {
+    "vae": dict(
+        title=f"discrete VAE (B={VAE_BATCH}, {VAE_PIXELS} px, {VAE_LATENTS} Bernoulli latents)",
+        problem=vae_problem,
+        make_cost=make_vae_cost,
+        hands={
+            "whole": make_vae_hand_whole,
+            "per-example": make_vae_hand_per_example,
+            "per-element": make_vae_hand_per_element,
+        },
+    ),
+    "rl": dict(
+        title=f"scan rollout (T={RL_HORIZON}, state {RL_STATE}, {RL_ACTIONS} actions)",
+        problem=rl_problem,
+        make_cost=make_rl_cost,
+        hands={"whole": make_rl_hand_whole, "causal": make_rl_hand_causal},
+    ),
+}
+
+
+def make_scg(case):
+    return scg.scg_grad(CASES[case]["make_cost"]())
+
+
+def make_hand(case, variant):
+    return jax.grad(CASES[case]["hands"][variant]())
+
+
+def _max_rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def match_estimator(case, args_for_key, keys, rtol):
+    """Which hand-written variant has the library's gradient, for every key."""
+    scg_fn = jax.jit(make_scg(case))
+    g_scg = [scg_fn(*args_for_key(k)) for k in keys]
+    report = {}
+    for variant in CASES[case]["hands"]:
+        hand_fn = jax.jit(make_hand(case, variant))
+        ok, worst = True, 0.0
+        for k, gs in zip(keys, g_scg):
+            gh = hand_fn(*args_for_key(k))
+            for name in gs:
+                worst = max(worst, _max_rel_err(gs[name], gh[name]))
+                try:
+                    # atol relative to the leaf's scale: float32 sums of
+                    # hundreds of terms cancel to ~1e-7 * scale at some entries.
+                    scale = float(np.max(np.abs(np.asarray(gh[name]))))
+                    np.testing.assert_allclose(
+                        np.asarray(gs[name]), np.asarray(gh[name]),
+                        rtol=rtol, atol=rtol * 1e-2 * scale,
+                        err_msg=f"{case}: scg vs hand[{variant}], leaf {name!r}",
+                    )
+                except AssertionError:
+                    ok = False
+        report[variant] = worst
+        if ok:
+            return variant, worst, report
+    lines = "\n".join(f"  hand[{v}]: max |scg - hand| / max|hand| = {e:.3e}"
+                      for v, e in report.items())
+    raise AssertionError(
+        f"{case}: scg.scg_grad matches none of the hand-written estimators "
+        f"(rtol={rtol}):\n{lines}"
+    )
+
+
+def time_runs(fns, args, reps, inner):
+    """Median seconds per call; the functions alternate, order flipped every rep."""
+    for fn in fns.values():  # compile + warm up
+        for _ in range(3):
+            jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(reps):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                jax.block_until_ready(fn(*args))
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_compiles(makers, args, reps):
+    """Median seconds of jit(fn).lower(*args) and .compile(), fresh fns each time."""
+    out = {name: {"lower": [], "compile": []} for name in makers}
+    order = list(makers)
+    for name in order:  # one discarded round: first-use costs inside JAX
+        jax.jit(makers[name]()).lower(*args).compile()
+    for r in range(reps):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            fn = makers[name]()  # fresh function objects: no tracing cache hit
+            t0 = time.perf_counter()
+            lowered = jax.jit(fn).lower(*args)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+            out[name]["lower"].append(t1 - t0)
+            out[name]["compile"].append(t2 - t1)
+            out[name]["hlo"] = _hlo_instructions(compiled)
+    res = {}
+    for name, d in out.items():
+        total = [a + b for a, b in zip(d["lower"], d["compile"])]
+        res[name] = {
+            "lower": statistics.median(d["lower"]),
+            "compile": statistics.median(d["compile"]),
+            "total": statistics.median(total),
+            "hlo": d["hlo"],
+        }
+    return res
+
+
+def _hlo_instructions(compiled):
+    """Number of instructions in the optimized HLO (None if unavailable)."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - backend may not expose it
+        return None
+    if not text:
+        return None
+    return sum(1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//"))
+
+
+def _fmt_t(s):
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="vae,rl", help="comma-separated subset of: vae,rl")
+    p.add_argument("--reps", type=int, default=40, help="interleaved timing repetitions")
+    p.add_argument("--inner", type=int, default=25, help="calls per repetition")
+    p.add_argument("--compile-reps", type=int, default=5, help="trace+compile repetitions")
+    p.add_argument("--rtol", type=float, default=1e-4, help="gradient agreement tolerance")
+    p.add_argument("--quick", action="store_true", help="reps=5, inner=5, compile-reps=2")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.reps, a.inner, a.compile_reps = 5, 5, 2
+    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    for c in cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {sorted(CASES)}")
+
+    dev = jax.devices()[0]
+    env_info = {
+        "jax": jax.__version__,
+        "jaxlib": _jaxlib_version(),
+        "numpyro": numpyro.__version__,
+        "python": platform.python_version(),
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "host_cpus": os.cpu_count(),
+        "reps": a.reps, "inner": a.inner, "compile_reps": a.compile_reps,
+    }
+    print("# scgjax overhead benchmark\n")
+    print(f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} device(s)), "
+          f"host CPUs: {os.cpu_count()}")
+    print(f"jax {env_info['jax']}, jaxlib {env_info['jaxlib']}, numpyro {env_info['numpyro']}, "
+          f"python {env_info['python']}")
+    print(f"reps={a.reps} x inner={a.inner} calls, compile reps={a.compile_reps}\n", flush=True)
+
+    t_start = time.perf_counter()
+    rows = []
+    for case in cases:
+        spec = CASES[case]
+        params, data = spec["problem"]()
+        key = jax.random.PRNGKey(42)
+        args = (params, key, data)
+
+        check_keys = [jax.random.PRNGKey(i) for i in (42, 7)]
+        variant, err, report = match_estimator(
+            case, lambda k: (params, k, data), check_keys, a.rtol)
+        print(f"[{case}] scg gradient == hand[{variant}] gradient "
+              f"(max rel err {err:.1e}; others: "
+              + ", ".join(f"{v} {e:.1e}" for v, e in report.items() if v != variant)
+              + ")", flush=True)
+
+        fns = {"scg": jax.jit(make_scg(case)), "hand": jax.jit(make_hand(case, variant))}
+        run = time_runs(fns, args, a.reps, a.inner)
+        comp = time_compiles(
+            {"scg": lambda: make_scg(case), "hand": lambda: make_hand(case, variant)},
+            args, a.compile_reps)
+        row = {
+            "case": case, "title": spec["title"], "estimator": variant, "grad_rel_err": err,
+            "run_scg": run["scg"], "run_hand": run["hand"],
+            "run_ratio": run["scg"] / run["hand"],
+            "compile_scg": comp["scg"]["total"], "compile_hand": comp["hand"]["total"],
+            "compile_ratio": comp["scg"]["total"] / comp["hand"]["total"],
+            "lower_scg": comp["scg"]["lower"], "lower_hand": comp["hand"]["lower"],
+            "xla_scg": comp["scg"]["compile"], "xla_hand": comp["hand"]["compile"],
+            "hlo_scg": comp["scg"]["hlo"], "hlo_hand": comp["hand"]["hlo"],
+        }
+        rows.append(row)
+        print(f"[{case}] run {_fmt_t(row['run_scg'])} vs {_fmt_t(row['run_hand'])} "
+              f"(x{row['run_ratio']:.3f}); trace+compile {_fmt_t(row['compile_scg'])} vs "
+              f"{_fmt_t(row['compile_hand'])} (x{row['compile_ratio']:.2f})", flush=True)
+
+    def ok(x, target):
+        return "ok" if x <= target else "**over**"
+
+    print()
+    print(f"Device: {dev.device_kind} ({dev.platform}); jax {env_info['jax']}; "
+          f"host CPUs {os.cpu_count()}\n")
+    print("| workload | hand estimator | run scg | run hand | run ratio "
+          f"(≤ {RUN_TARGET}) | trace+compile scg | trace+compile hand | "
+          f"compile ratio (≤ {COMPILE_TARGET:g}) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['title']} | {r['estimator']} | {_fmt_t(r['run_scg'])} | "
+              f"{_fmt_t(r['run_hand'])} | {r['run_ratio']:.3f} {ok(r['run_ratio'], RUN_TARGET)} | "
+              f"{_fmt_t(r['compile_scg'])} | {_fmt_t(r['compile_hand'])} | "
+              f"{r['compile_ratio']:.2f} {ok(r['compile_ratio'], COMPILE_TARGET)} |")
+    print()
+    print("Trace+compile split (median): trace/lower | XLA compile; optimized HLO instructions\n")
+    print("| workload | lower scg | lower hand | XLA scg | XLA hand | HLO instrs scg / hand |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {_fmt_t(r['lower_scg'])} | {_fmt_t(r['lower_hand'])} | "
+              f"{_fmt_t(r['xla_scg'])} | {_fmt_t(r['xla_hand'])} | "
+              f"{r['hlo_scg']} / {r['hlo_hand']} |")
+    print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.1f} s")
+
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"env": env_info, "rows": rows}, fh, indent=2)
+    missed = [r["case"] for r in rows
+              if r["run_ratio"] > RUN_TARGET or r["compile_ratio"] > COMPILE_TARGET]
+    if a.strict and missed:
+        print(f"targets missed: {', '.join(missed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _jaxlib_version():
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

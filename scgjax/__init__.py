@@ -1,0 +1,15 @@
+"""scgjax: gradient estimation in stochastic computation graphs as a JAX transformation.
+
+Draw random variables with `sample`; `scg_grad(f)` then returns an unbiased estimate of
+the gradient of `E[f]` (Schulman et al. 2015), and `surrogate(f)` the DiCE objective whose
+derivatives of every order are unbiased (Foerster et al. 2018).
+"""
+
+from ._sample import sample as sample
+from ._surrogate import scg_grad as scg_grad
+from ._surrogate import scg_value_and_grad as scg_value_and_grad
+from ._surrogate import surrogate as surrogate
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["sample", "scg_grad", "scg_value_and_grad", "surrogate"]

@@ -1,0 +1,93 @@
+"""Every read of JAX internals that depends on the JAX version lives here.
+
+scgjax runs on the JAX that installs by default (0.10.x), on the 0.11.x that GPU machines
+carry, and on the newest release (0.12.x). Differences are met by feature detection, never
+by version-number comparisons, so that a new release fails loudly in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex
+from jax.interpreters import ad as _ad
+
+Jaxpr = jex.Jaxpr
+ClosedJaxpr = jex.ClosedJaxpr
+Literal = jex.Literal
+DropVar = jex.DropVar
+Primitive = jex.Primitive
+primitives = jex.primitives
+ShapedArray = jax.core.ShapedArray
+
+# `jax.grad` / `jax.vjp` trace through `LinearizeTracer` where JAX linearizes directly
+# (0.10 and newer); `jax.jvp` / `jax.jacfwd` trace through `JVPTracer`. Only the former
+# needs a transpose, which `lax.while_loop` does not have.
+try:  # pragma: no cover - depends on the JAX version
+    from jax._src.interpreters.ad import LinearizeTracer as _LinearizeTracer
+except ImportError:  # pragma: no cover
+    _LinearizeTracer = None
+
+
+def is_reverse_mode_tracer(x: Any) -> bool:
+    """Whether `x` is being traced for reverse-mode differentiation (`jax.grad`)."""
+    if _LinearizeTracer is not None and isinstance(x, _LinearizeTracer):
+        return True
+    # Older JAX: a JVP tracer whose tangent is being staged out for transposition.
+    if isinstance(x, _ad.JVPTracer):
+        return type(x.tangent).__name__ == "JaxprTracer"
+    return False
+
+
+def open_jaxpr(j: Jaxpr | ClosedJaxpr) -> tuple[Jaxpr, list[Any]]:
+    """A sub-jaxpr param as `(jaxpr, consts)`: 0.10 stores `ClosedJaxpr`s, 0.12 `Jaxpr`s."""
+    if isinstance(j, ClosedJaxpr):
+        return j.jaxpr, list(j.consts)
+    return j, []
+
+
+def scan_layout(params: dict[str, Any]) -> tuple[int, int]:
+    """`(num_consts, num_carry)` of a `scan` equation."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    # 0.12: `ft_in` is a flat tree `(consts, carry, xs)`.
+    consts, carry, _ = params["ft_in"]
+    return len(consts), len(carry)
+
+
+def iter_subjaxprs(params: dict[str, Any]) -> Iterator[Jaxpr]:
+    """Every (open) sub-jaxpr in an equation's params."""
+    for j in jex.jaxprs_in_params(params):
+        yield j.jaxpr if isinstance(j, ClosedJaxpr) else j
+
+
+def bind_equation(eqn: Any, invals: list[Any]) -> list[Any]:
+    """Re-binds `eqn` unchanged on new inputs; always returns a list of outputs."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = ()
+    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+        subfuns, bind_params = bind_params
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if manager is None:
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    else:
+        with manager:
+            out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def is_key_array(x: Any) -> bool:
+    """Whether `x` is a typed PRNG key array (`jax.random.key`)."""
+    return jnp.issubdtype(jnp.result_type(x), jax.dtypes.prng_key)
+
+
+def source_info(eqn: Any) -> str:
+    """A short `file:line (function)` for an equation, or '' when JAX does not say."""
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - best effort only
+        return ""
