@@ -8,7 +8,7 @@ Linear equations on the cost's additive tail also map the terms of their inputs.
 
 Rules live in registries keyed by primitive:
 
-* `higher_order_rules[prim](ctx, eqn, invals) -> outvals` for primitives with sub-jaxprs
+* `higher_order_rules[prim](ctx, index, eqn, invals) -> outvals` for primitives with sub-jaxprs
   that contain samples (`_control_flow.py` registers one small rule per primitive);
 * `term_rules[prim](eqn, invals, out_value) -> terms | None` for the linear primitives
   that split costs into terms.
@@ -38,9 +38,9 @@ class Context:
     path: NodeId
     graph: Graph
 
-    def child(self, index: int) -> Context:
-        """A context for a sub-jaxpr of the equation at `index`, with a graph of its own."""
-        return Context(self.path + (index,), Graph())
+    def child(self, *indices: int) -> Context:
+        """A context for a sub-jaxpr of the equation at `indices`, with a graph of its own."""
+        return Context(self.path + indices, Graph())
 
 
 # -- Does a jaxpr draw samples? ----------------------------------------------------------
@@ -95,7 +95,7 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
                 f"scgjax: scg.sample inside `{prim.name}` is not supported"
                 f"{_at(eqn)}. Draw the sample outside the `{prim.name}` and pass it in."
             )
-        return rule(ctx.child(index), eqn, invals)
+        return rule(ctx, index, eqn, invals)
     return default_rule(eqn, invals)
 
 
