@@ -52,8 +52,8 @@ def scan_layout(params: dict[str, Any]) -> tuple[int, int]:
     """`(num_consts, num_carry)` of a `scan` equation."""
     if "num_consts" in params:
         return params["num_consts"], params["num_carry"]
-    # 0.12: `ft_in` is a flat tree `(consts, carry, xs)`.
-    consts, carry, _ = params["ft_in"]
+    # 0.12: `ft_in` is a flat tree `(consts, carry, xs)`; `len` counts a group's leaves.
+    consts, carry, _ = params["ft_in"].elts
     return len(consts), len(carry)
 
 
