@@ -10,8 +10,8 @@ Rules live in registries keyed by primitive:
 
 * `higher_order_rules[prim](ctx, index, eqn, invals) -> outvals` for primitives with sub-jaxprs
   that contain samples (`_control_flow.py` registers one small rule per primitive);
-* `term_rules[prim](eqn, invals, out_value) -> terms | None` for the linear primitives
-  that split costs into terms.
+* `term_rules[name](eqn, invals, out_value) -> terms | None` for the linear primitives
+  that split costs into terms (keyed by primitive name).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from . import _compat, _graph, _logprob, _sample
 from ._graph import NO_DEPS, Graph, NodeId, StochasticNode, Val
 
 higher_order_rules: dict[Any, Callable] = {}
-term_rules: dict[Any, Callable] = {}
+term_rules: dict[str, Callable] = {}
+# Call-like primitives whose rule carries cost terms through even without samples inside.
+TERM_FORWARDING_CALLS = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint"})
 
 
 @dataclasses.dataclass
@@ -88,7 +90,8 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
     prim = eqn.primitive
     if prim is _sample.sample_p:
         return [sample_rule(ctx, index, eqn, invals)]
-    if eqn_has_sample(eqn) or (prim in higher_order_rules and any(v.has_terms for v in invals)):
+    if eqn_has_sample(eqn) or (prim.name in TERM_FORWARDING_CALLS
+                               and any(v.has_terms for v in invals)):
         rule = higher_order_rules.get(prim)
         if rule is None:
             raise NotImplementedError(
@@ -103,8 +106,9 @@ def default_rule(eqn, invals: list[Val]) -> list[Val]:
     """Re-binds the equation unchanged; outputs depend on everything the inputs do."""
     outs = _compat.bind_equation(eqn, [v.value for v in invals])
     deps = _graph.union(v.deps for v in invals)
-    if deps and len(outs) == 1 and eqn.primitive in term_rules:
-        terms = term_rules[eqn.primitive](eqn, invals, outs[0])
+    rule = term_rules.get(eqn.primitive.name)
+    if deps and len(outs) == 1 and rule is not None:
+        terms = rule(eqn, invals, outs[0])
         if terms is not None:
             return [_graph.make_val(outs[0], terms)]
     return [Val(o, deps) for o in outs]
@@ -174,6 +178,19 @@ def _sub(eqn, invals, out):
     return _graph.add_terms(a.term_items(), negated, shape=jnp.shape(out))
 
 
+def _concatenate(eqn, invals, out):
+    """(concatenate, stack) Each operand's terms, embedded with zeros in place of the other operands."""
+    if not any(v.has_terms for v in invals) and len({v.deps for v in invals}) == 1:
+        return None
+    zeros = [jnp.zeros_like(v.value) for v in invals]
+    pieces = []
+    for i, v in enumerate(invals):
+        for deps, t in v.term_items():
+            args = zeros[:i] + [t] + zeros[i + 1:]
+            pieces.append((deps, _compat.bind_equation(eqn, args)[0]))
+    return _graph.add_terms(pieces)
+
+
 def _linear_in_one(*positions):
     """Linear in the operand at one of `positions` when every other operand is sample-free."""
 
@@ -186,17 +203,14 @@ def _linear_in_one(*positions):
     return rule
 
 
-P = _compat.primitives
+# Keyed by primitive name: some (e.g. `stack`) are not exported by every JAX version.
 for _name in ("neg", "reduce_sum", "convert_element_type", "broadcast_in_dim", "reshape",
               "squeeze", "expand_dims", "transpose", "copy", "copy_p", "real",
               "reduce_precision"):
-    _prim = getattr(P, f"{_name}_p", None)
-    if _prim is not None:
-        term_rules[_prim] = _unary_linear
-term_rules[P.add_p] = _add
-term_rules[P.sub_p] = _sub
-term_rules[P.mul_p] = _linear_in_one(0, 1)
-term_rules[P.div_p] = _linear_in_one(0)
-term_rules[P.dot_general_p] = _linear_in_one(0, 1)
-if hasattr(P, "add_any_p"):
-    term_rules[P.add_any_p] = _add
+    term_rules[_name] = _unary_linear
+term_rules["add"] = term_rules["add_any"] = _add
+term_rules["sub"] = _sub
+term_rules["concatenate"] = term_rules["stack"] = _concatenate
+term_rules["mul"] = _linear_in_one(0, 1)
+term_rules["div"] = _linear_in_one(0)
+term_rules["dot_general"] = _linear_in_one(0, 1)

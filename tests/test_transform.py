@@ -1,0 +1,382 @@
+"""The transform itself: each rule fires, nothing is left behind, same-key equality with
+hand-written surrogates, composition with JAX transforms, and the errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from jax import lax
+
+import scgjax as scg
+from scgjax import _interpret
+from scgjax._graph import Graph
+from scgjax._sample import sample_p
+
+KEY = jax.random.key(0)
+
+
+def bern(key, logit):
+    return scg.sample(key, dist.Bernoulli(logits=logit)).astype(jnp.float32)
+
+
+def box(logp):
+    return jnp.exp(logp - lax.stop_gradient(logp))
+
+
+def _all_primitives(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _all_primitives(getattr(sub, "jaxpr", sub))
+
+
+def graph_of(f, *args) -> Graph:
+    """The graph the interpreter records for `f(*args)`."""
+    from scgjax._surrogate import _evaluate
+    return _evaluate(f, args, {}, False)[2]
+
+
+# -- Rao-Blackwellization: same key, same numbers as the hand-written estimator ------------
+
+def test_independent_costs_weight_only_their_own_node():
+    def f(theta, key):
+        k1, k2 = jax.random.split(key)
+        return 3.0 * bern(k1, theta[0]) + 10.0 * bern(k2, theta[1])
+
+    def hand(theta, key):
+        k1, k2 = jax.random.split(key)
+        d1, d2 = dist.Bernoulli(logits=theta[0]), dist.Bernoulli(logits=theta[1])
+        z1, z2 = d1.sample(k1), d2.sample(k2)
+        lp1 = z1 * theta[0] - jax.nn.softplus(theta[0])
+        lp2 = z2 * theta[1] - jax.nn.softplus(theta[1])
+        return box(lp1) * 3.0 * z1 + box(lp2) * 10.0 * z2
+
+    theta = jnp.array([0.3, -0.7])
+    for k in jax.random.split(KEY, 4):
+        np.testing.assert_allclose(scg.scg_grad(f)(theta, k), jax.grad(hand)(theta, k), rtol=1e-6)
+
+
+def test_split_passes_through_mean_scaling_and_inner_jit():
+    @jax.jit
+    def cost_a(t, k):
+        return jnp.stack([bern(k, t[0]), 1.0]).mean() * 2.0
+
+    def f(theta, key):
+        k1, k2 = jax.random.split(key)
+        return cost_a(theta, k1) - (-bern(k2, theta[1]) / 4.0) + 7.0
+
+    def hand(theta, key):
+        k1, k2 = jax.random.split(key)
+        z1 = dist.Bernoulli(logits=theta[0]).sample(k1)
+        z2 = dist.Bernoulli(logits=theta[1]).sample(k2)
+        lp1 = z1 * theta[0] - jax.nn.softplus(theta[0])
+        lp2 = z2 * theta[1] - jax.nn.softplus(theta[1])
+        return box(lp1) * z1 + box(lp2) * z2 / 4.0
+
+    theta = jnp.array([0.3, -0.7])
+    for k in jax.random.split(KEY, 4):
+        np.testing.assert_allclose(scg.scg_grad(f)(theta, k), jax.grad(hand)(theta, k), rtol=1e-6)
+
+
+def test_nonlinear_combination_weights_both_nodes():
+    def f(theta, key):
+        k1, k2 = jax.random.split(key)
+        return bern(k1, theta[0]) * bern(k2, theta[1])
+
+    def hand(theta, key):
+        k1, k2 = jax.random.split(key)
+        z1 = dist.Bernoulli(logits=theta[0]).sample(k1)
+        z2 = dist.Bernoulli(logits=theta[1]).sample(k2)
+        lp = (z1 * theta[0] - jax.nn.softplus(theta[0])) + (z2 * theta[1] - jax.nn.softplus(theta[1]))
+        return box(lp) * z1 * z2
+
+    theta = jnp.array([0.3, -0.7])
+    for k in jax.random.split(KEY, 4):
+        np.testing.assert_allclose(scg.scg_grad(f)(theta, k), jax.grad(hand)(theta, k), rtol=1e-6)
+
+
+def test_split_passes_through_scan_stacked_outputs_and_cond_branches():
+    def f(theta, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        _, ys = lax.scan(lambda c, k: (c, 2.0 * bern(k, theta[0]) + 1.0), 0.0,
+                         jax.random.split(k1, 3))
+        side = lax.cond(theta[1] > 0, lambda: bern(k2, theta[1]), lambda: 0.0)
+        return ys.sum() + 5.0 * side + 0.0 * bern(k3, theta[0])
+
+    graph = graph_of(f, jnp.array([0.2, 0.4]), KEY)
+    assert len(graph.nodes) == 3
+    from scgjax._surrogate import _evaluate
+    cost, _, _ = _evaluate(f, (jnp.array([0.2, 0.4]), KEY), {}, False)
+    # scan's node, cond's node, the top-level node and the constant each get a term.
+    assert len(cost.terms) == 4
+    assert all(len(d) <= 1 for d in cost.terms)
+
+
+# -- Every control-flow rule fires ---------------------------------------------------------
+
+def _node_paths(f, *args):
+    return sorted(graph_of(f, *args).nodes)
+
+
+def test_scan_rule_records_stacked_node():
+    def f(t, key):
+        c, _ = lax.scan(lambda c, k: (c + bern(k, t), None), 0.0, jax.random.split(key, 4))
+        return c
+    (node,) = graph_of(f, 0.1, KEY).nodes.values()
+    assert node.log_prob_shape == (4,) and len(node.id) == 2
+
+
+def test_nested_scan_stacks_both_axes():
+    def f(t, key):
+        def outer(c, k):
+            inner, _ = lax.scan(lambda c2, k2: (c2 + bern(k2, t), None), 0.0,
+                                jax.random.split(k, 2))
+            return c + inner, None
+        c, _ = lax.scan(outer, 0.0, jax.random.split(key, 3))
+        return c
+    (node,) = graph_of(f, 0.1, KEY).nodes.values()
+    assert node.log_prob_shape == (3, 2) and len(node.id) == 3
+
+
+def test_fori_loop_static_bounds_records_node():
+    def f(t, key):
+        return lax.fori_loop(0, 3, lambda i, c: c + bern(jax.random.fold_in(key, i), t), 0.0)
+    (node,) = graph_of(f, 0.1, KEY).nodes.values()
+    assert node.log_prob_shape == (3,)
+
+
+def test_cond_rule_records_one_node_per_branch():
+    def f(t, key):
+        z = bern(key, t)
+        return lax.switch(z.astype(jnp.int32), [lambda: bern(key, 2 * t), lambda: 3.0 * bern(key, -t)])
+    assert len(graph_of(f, 0.1, KEY).nodes) == 3
+
+
+def test_untaken_branch_contributes_no_log_prob():
+    key = jax.random.key(1)
+
+    def f(t, key):
+        return lax.cond(t > 0, lambda: bern(key, t), lambda: bern(key, -3.0 * t))
+
+    g = graph_of(f, 0.5, key)
+    lps = [graph_of(f, 0.5, key).log_probs[n] for n in sorted(g.nodes)]
+    z = dist.Bernoulli(logits=0.5).sample(key)
+    assert float(lps[0]) == 0.0 or float(lps[1]) == 0.0
+    np.testing.assert_allclose(lps[1], dist.Bernoulli(logits=0.5).log_prob(z), rtol=1e-6)
+    assert float(lps[0]) == 0.0
+
+
+def test_jit_and_checkpoint_rules_keep_their_structure():
+    def f(t, key):
+        k1, k2 = jax.random.split(key)
+        a = jax.jit(lambda t, k: bern(k, t))(t, k1)
+        b = jax.checkpoint(lambda t, k: bern(k, t) * 2.0)(t, k2)
+        return a + b
+
+    jaxpr = jax.make_jaxpr(scg.scg_grad(f))(0.3, KEY)
+    names = {p.name for p in _all_primitives(jaxpr.jaxpr)}
+    assert {"jit", "remat2", "checkpoint"} & names
+    assert "jit" in names
+    assert len(graph_of(f, 0.3, KEY).nodes) == 2
+
+
+def test_vmap_inside_f_records_batched_node():
+    def f(t, key):
+        z = jax.vmap(lambda k: bern(k, t))(jax.random.split(key, 5))
+        return z.sum()
+    (node,) = graph_of(f, 0.1, KEY).nodes.values()
+    assert node.log_prob_shape == (5,)
+
+
+def test_while_loop_value_and_forward_mode_work():
+    def f(t, key):
+        def body(s):
+            i, c = s
+            return i + 1, c + bern(jax.random.fold_in(key, i), t)
+        return lax.while_loop(lambda s: s[0] < 3, body, (0, 0.0))[1]
+
+    assert scg.surrogate(f)(0.3, KEY) == f(0.3, KEY)
+    (node,) = graph_of(f, 0.3, KEY).nodes.values()
+    # forward mode: d/dt of the surrogate = cost · Σ_i d/dt log p(z_i)
+    zs = [dist.Bernoulli(logits=0.3).sample(jax.random.fold_in(KEY, i)) for i in range(3)]
+    expected = f(0.3, KEY) * sum(z - jax.nn.sigmoid(0.3) for z in zs)
+    _, tangent = jax.jvp(lambda t: scg.surrogate(f)(t, KEY), (0.3,), (1.0,))
+    np.testing.assert_allclose(tangent, expected, rtol=1e-5)
+
+
+def test_while_loop_under_reverse_mode_is_a_clear_error():
+    def f(t, key):
+        def body(s):
+            i, c = s
+            return i + 1, c + bern(jax.random.fold_in(key, i), t)
+        return lax.while_loop(lambda s: s[0] < 3, body, (0, 0.0))[1]
+
+    with pytest.raises(ValueError, match="while_loop.*lax.scan.*fori_loop"):
+        scg.scg_grad(f)(0.3, KEY)
+
+
+def test_while_loop_without_samples_is_rebound_unchanged():
+    def f(t, key):
+        n = lax.while_loop(lambda i: i < 3, lambda i: i + 1, 0)
+        return bern(key, t) * n
+    g = scg.scg_grad(f)(0.3, KEY)
+    z = dist.Bernoulli(logits=0.3).sample(KEY)
+    np.testing.assert_allclose(g, 3 * z * (z - jax.nn.sigmoid(0.3)), rtol=1e-6)
+
+
+def test_custom_jvp_next_to_a_sample_keeps_its_rule():
+    @jax.custom_jvp
+    def clipped(x):
+        return x
+
+    clipped.defjvp(lambda p, t: (p[0], 10.0 * t[0]))   # a deliberately unusual rule
+
+    def f(t, key):
+        return clipped(t) + bern(key, 0.0)
+
+    assert scg.scg_grad(f)(0.3, KEY) == 10.0
+
+
+def test_custom_vjp_next_to_a_sample_keeps_its_rule():
+    @jax.custom_vjp
+    def scaled(x):
+        return x
+
+    scaled.defvjp(lambda x: (x, None), lambda _, g: (7.0 * g,))
+
+    def f(t, key):
+        return scaled(t) + bern(key, 0.0)
+
+    assert scg.scg_grad(f)(0.3, KEY) == 7.0
+
+
+def test_custom_jvp_of_a_multi_term_cost_is_rebound():
+    def f(t, key):
+        k1, k2 = jax.random.split(key)
+        return jax.nn.relu(bern(k1, t) + 2.0 * bern(k2, t))   # relu is a custom_jvp
+
+    g = scg.scg_grad(f)(0.3, KEY)
+    k1, k2 = jax.random.split(KEY)
+    z1, z2 = (dist.Bernoulli(logits=0.3).sample(k) for k in (k1, k2))
+    p = jax.nn.sigmoid(0.3)
+    np.testing.assert_allclose(g, (z1 + 2.0 * z2) * (z1 - p + z2 - p), rtol=1e-5)
+
+
+def test_sample_inside_custom_jvp_is_not_implemented():
+    @jax.custom_jvp
+    def g(t, key):
+        return bern(key, t)
+
+    g.defjvp(lambda p, t: (g(*p), 0.0))
+    with pytest.raises(NotImplementedError, match="custom_jvp"):
+        scg.scg_grad(lambda t, k: g(t, k))(0.3, KEY)
+
+
+def test_sample_inside_unknown_higher_order_primitive_is_not_implemented():
+    def f(t, key):
+        def matvec(x):
+            return x
+        def solve(mv, b):
+            return b * bern(key, t)
+        return lax.custom_linear_solve(matvec, t, solve)
+
+    with pytest.raises(NotImplementedError, match="custom_linear_solve"):
+        scg.scg_grad(f)(0.3, KEY)
+
+
+# -- Composition ---------------------------------------------------------------------------
+
+def f_mixed(theta, key):
+    k1, k2 = jax.random.split(key)
+    z = scg.sample(k1, dist.Bernoulli(logits=theta[0]))
+    x = scg.sample(k2, dist.Normal(theta[1] * z, 1.0))
+    return (x - 2.0) ** 2 + 0.5 * z
+
+
+def test_no_sample_primitive_is_left_behind():
+    theta = jnp.array([0.1, 0.2])
+    cases = [(scg.scg_grad(f_mixed), KEY), (scg.surrogate(f_mixed), KEY),
+             (jax.hessian(scg.surrogate(f_mixed)), KEY),
+             (jax.vmap(scg.scg_grad(f_mixed), (None, 0)), jax.random.split(KEY, 2))]
+    for fn, key in cases:
+        jaxpr = jax.make_jaxpr(fn)(theta, key)
+        assert sample_p not in set(_all_primitives(jaxpr.jaxpr))
+
+
+def test_surrogate_value_equals_cost(any_key):
+    theta = jnp.array([0.1, 1.5])
+    assert scg.surrogate(f_mixed)(theta, any_key) == f_mixed(theta, any_key)
+    v, _ = scg.scg_value_and_grad(f_mixed)(theta, any_key)
+    assert v == f_mixed(theta, any_key)
+
+
+def test_jit_and_vmap_of_scg_grad_agree_with_eager():
+    theta = jnp.array([0.1, 1.5])
+    keys = jax.random.split(KEY, 4)
+    eager = jnp.stack([scg.scg_grad(f_mixed)(theta, k) for k in keys])
+    np.testing.assert_allclose(jax.jit(jax.vmap(scg.scg_grad(f_mixed), (None, 0)))(theta, keys),
+                               eager, rtol=1e-5)
+    thetas = jnp.stack([theta, theta + 1.0])
+    by_theta = jax.vmap(scg.scg_grad(f_mixed), (0, None))(thetas, KEY)
+    np.testing.assert_allclose(by_theta[1], scg.scg_grad(f_mixed)(thetas[1], KEY), rtol=1e-5)
+
+
+def test_legacy_keys_batched_under_vmap():
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    g = jax.vmap(scg.scg_grad(f_mixed), (None, 0))(jnp.array([0.1, 1.5]), keys)
+    assert g.shape == (3, 2) and jnp.all(jnp.isfinite(g))
+
+
+def test_pytrees_argnums_and_has_aux():
+    def f(params, scale, key):
+        z = scg.sample(key, dist.Bernoulli(logits=params["w"] @ params["x"]))
+        cost = scale * z.astype(jnp.float32).sum()
+        return cost, {"z": z}
+
+    params = {"w": jnp.ones((2, 3)) * 0.1, "x": jnp.arange(3.0)}
+    (g_params, g_scale), aux = scg.scg_grad(f, argnums=(0, 1), has_aux=True)(params, 2.0, KEY)
+    assert jax.tree.structure(g_params) == jax.tree.structure(params)
+    assert g_params["w"].shape == (2, 3) and g_scale.shape == ()
+    np.testing.assert_array_equal(aux["z"], f(params, 2.0, KEY)[1]["z"])
+    (v, aux2), g = scg.scg_value_and_grad(f, has_aux=True)(params, 2.0, KEY)
+    assert v == f(params, 2.0, KEY)[0]
+
+
+def test_static_non_array_arguments_and_keywords():
+    def f(theta, key, *, mode="sum", scale=1.0):
+        z = scg.sample(key, dist.Bernoulli(logits=theta))
+        return scale * (z.sum() if mode == "sum" else z.mean()).astype(jnp.float32)
+
+    g = scg.scg_grad(f)(jnp.zeros(3), KEY, mode="mean", scale=3.0)
+    z = dist.Bernoulli(logits=jnp.zeros(3)).sample(KEY)
+    np.testing.assert_allclose(g, 3.0 * z.mean() * (z - 0.5), rtol=1e-6)
+
+
+def test_second_derivatives_of_surrogate_compose():
+    theta = jnp.array([0.1, 1.5])
+    h1 = jax.hessian(scg.surrogate(f_mixed))(theta, KEY)
+    h2 = jax.jacfwd(jax.grad(scg.surrogate(f_mixed)))(theta, KEY)
+    np.testing.assert_allclose(h1, h2, rtol=1e-5)
+    assert h1.shape == (2, 2)
+
+
+# -- Errors ----------------------------------------------------------------------------------
+
+def test_non_scalar_cost_names_scalar_and_shape():
+    def f(t, key):
+        return scg.sample(key, dist.Normal(t, 1.0), (3,))
+    with pytest.raises(ValueError, match=r"scalar.*\(3,\)"):
+        scg.scg_grad(f)(0.0, KEY)
+
+
+def test_integer_cost_is_a_type_error():
+    def f(t, key):
+        return scg.sample(key, dist.Bernoulli(logits=t))
+    with pytest.raises(TypeError, match="floating-point"):
+        scg.surrogate(f)(0.0, KEY)
+
+
+def test_has_aux_requires_a_pair():
+    with pytest.raises(TypeError, match=r"\(cost, aux\)"):
+        scg.scg_grad(lambda t, k: t * 1.0, has_aux=True)(0.0, KEY)
