@@ -5,11 +5,18 @@ the gradient of `E[f]` (Schulman et al. 2015), and `surrogate(f)` the DiCE objec
 derivatives of every order are unbiased (Foerster et al. 2018).
 """
 
-from ._sample import sample as sample
+import os as _os
+
+from . import _compat
+
+_compat.hide_frames_of(_os.path.dirname(__file__))
+
+from ._sample import sample as sample  # noqa: E402
 from ._surrogate import scg_grad as scg_grad
 from ._surrogate import scg_value_and_grad as scg_value_and_grad
+from ._surrogate import describe as describe
 from ._surrogate import surrogate as surrogate
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["sample", "scg_grad", "scg_value_and_grad", "surrogate"]
+__all__ = ["describe", "sample", "scg_grad", "scg_value_and_grad", "surrogate"]

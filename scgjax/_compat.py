@@ -91,3 +91,15 @@ def source_info(eqn: Any) -> str:
         return source_info_util.summarize(eqn.source_info)
     except Exception:  # pragma: no cover - best effort only
         return ""
+
+
+def hide_frames_of(path: str) -> None:
+    """Makes JAX's source info (and filtered tracebacks) skip frames under `path`, so a
+    node's `source` is the user's `scg.sample` call, not scgjax's own code."""
+    try:
+        from jax._src import source_info_util, traceback_util
+
+        source_info_util.register_exclusion(path)
+        traceback_util.register_exclusion(path)
+    except Exception:  # pragma: no cover - best effort only
+        pass

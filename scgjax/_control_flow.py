@@ -73,8 +73,7 @@ def _run(ctx: Context, jaxpr, consts, args: list[Val], meta: dict) -> tuple[list
 
 
 def _stacked(nodes, shape_prefix: tuple[int, ...]):
-    return [dataclasses.replace(n, log_prob_shape=shape_prefix + n.log_prob_shape)
-            for n in nodes]
+    return [dataclasses.replace(n, shape=shape_prefix + n.shape) for n in nodes]
 
 
 def _shape_struct(x) -> jax.ShapeDtypeStruct:
@@ -192,7 +191,8 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     n_out = len(metas[0]["struct"])
     out_keys = [sorted({k for m in metas for k in _keys(m["struct"][j])}, key=_order)
                 for j in range(n_out)]
-    all_nodes = [(b, i, node) for b, m in enumerate(metas) for i, node in enumerate(m["nodes"])]
+    score_nodes = [(b, i, node) for b, m in enumerate(metas)
+                   for i, node in enumerate(n for n in m["nodes"] if n.estimator == "score")]
 
     def unified(b):
         meta: dict = {}
@@ -207,7 +207,7 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
                 result.extend(terms[k] if k in terms else jnp.zeros_like(v.value)
                               for k in out_keys[j])
             result.extend(log_probs[i] if bb == b else jnp.zeros(shapes[bb][i].shape, shapes[bb][i].dtype)
-                          for bb, i, _ in all_nodes)
+                          for bb, i, _ in score_nodes)
             return result
         return out
 
@@ -219,7 +219,7 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         terms_j, rest = rest[:len(out_keys[j])], rest[len(out_keys[j]):]
         terms = _graph.add_terms([(k | which.deps, t) for k, t in zip(out_keys[j], terms_j)])
         outs.append(_graph.make_val(values[j], terms))
-    ctx.graph.merge([node for _, _, node in all_nodes], rest)
+    ctx.graph.merge([node for m in metas for node in m["nodes"]], rest)
     return outs
 
 

@@ -40,20 +40,25 @@ def union(deps: Iterable[Deps]) -> Deps:
 
 @dataclasses.dataclass(frozen=True)
 class StochasticNode:
-    """A score-function node of the graph (pathwise draws are differentiated through and
-    need no node).
+    """A `sample` site of the graph.
+
+    Score-function nodes carry a log-probability and weight their downstream costs;
+    pathwise nodes are differentiated through and are recorded only to be described.
 
     Attributes:
       id: where its `sample` equation sits.
       distribution: the distribution's class name.
-      log_prob_shape: shape of its log-probability as seen at the top level (draws inside
-        a `scan` are stacked along a leading axis per loop).
+      estimator: `"score"` or `"pathwise"`.
+      shape: for a score node the shape of its log-probability, for a pathwise node the
+        shape of its value, as seen at the top level (draws inside a `scan` are stacked
+        along a leading axis per loop).
       source: file and line of the `scg.sample` call, where JAX records it.
     """
 
     id: NodeId
     distribution: str
-    log_prob_shape: tuple[int, ...]
+    estimator: str
+    shape: tuple[int, ...]
     source: str = ""
 
 
@@ -96,20 +101,28 @@ def add_terms(*term_lists: Iterable[tuple[Deps, Any]], shape=None) -> dict[Deps,
 
 
 class Graph:
-    """The score-function nodes met while evaluating one (sub-)jaxpr, with log-probs."""
+    """The sample sites met while evaluating one (sub-)jaxpr, with the score nodes'
+    log-probabilities (in the order of `score_nodes`)."""
 
     def __init__(self):
         self.nodes: dict[NodeId, StochasticNode] = {}
         self.log_probs: dict[NodeId, Any] = {}
 
-    def add(self, node: StochasticNode, log_prob: Any) -> None:
+    def add(self, node: StochasticNode, log_prob: Any = None) -> None:
         assert node.id not in self.nodes, node.id
         self.nodes[node.id] = node
-        self.log_probs[node.id] = log_prob
+        if node.estimator == "score":
+            self.log_probs[node.id] = log_prob
+
+    @property
+    def score_nodes(self) -> list[StochasticNode]:
+        return [n for n in self.nodes.values() if n.estimator == "score"]
 
     def merge(self, nodes: Iterable[StochasticNode], log_probs: Iterable[Any]) -> None:
-        for node, lp in zip(nodes, log_probs):
-            self.add(node, lp)
+        """Adds `nodes`; `log_probs` holds one entry per score node among them."""
+        log_probs = iter(log_probs)
+        for node in nodes:
+            self.add(node, next(log_probs) if node.estimator == "score" else None)
 
 
 def magic_box(tau: jax.Array) -> jax.Array:

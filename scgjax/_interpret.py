@@ -29,8 +29,10 @@ from ._graph import NO_DEPS, Graph, NodeId, StochasticNode, Val
 
 higher_order_rules: dict[Any, Callable] = {}
 term_rules: dict[str, Callable] = {}
-# Call-like primitives whose rule carries cost terms through even without samples inside.
-TERM_FORWARDING_CALLS = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint"})
+# Higher-order primitives whose rule also runs without samples inside, whenever an input
+# depends on a node: it tracks dependencies per output and carries cost terms through.
+DATAFLOW_RULES = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint", "scan",
+                            "cond"})
 
 
 @dataclasses.dataclass
@@ -90,8 +92,7 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
     prim = eqn.primitive
     if prim is _sample.sample_p:
         return [sample_rule(ctx, index, eqn, invals)]
-    if eqn_has_sample(eqn) or (prim.name in TERM_FORWARDING_CALLS
-                               and any(v.has_terms for v in invals)):
+    if eqn_has_sample(eqn) or (prim.name in DATAFLOW_RULES and any(v.deps for v in invals)):
         rule = higher_order_rules.get(prim)
         if rule is None:
             raise NotImplementedError(
@@ -130,13 +131,14 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     pathwise = params["estimator"] == "pathwise"
     value = _sample.draw(key, leaves, spec=spec, sample_shape=params["sample_shape"],
                          n_batch=n_batch, reparameterized=pathwise)
+    node_id, source = ctx.path + (index,), _compat.source_info(eqn)
     if pathwise:
+        ctx.graph.add(StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value), source))
         return Val(value, deps)
     value = lax.stop_gradient(value)
     log_prob = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
                                 score_log_prob=_logprob.score_log_prob)
-    node = StochasticNode(ctx.path + (index,), spec.name, tuple(jnp.shape(log_prob)),
-                          _compat.source_info(eqn))
+    node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source)
     ctx.graph.add(node, log_prob)
     return Val(value, deps | {node.id})
 

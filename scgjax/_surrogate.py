@@ -138,3 +138,40 @@ def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
       >>> g = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(theta, keys).mean(0)
     """
     return jax.grad(surrogate(f, has_aux=has_aux), argnums=argnums, has_aux=has_aux)
+
+
+def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
+    """A table of the sample sites of `f`: estimator, shape, and the cost terms each
+    score node weights. Traces `f` abstractly; nothing is computed.
+
+    Example:
+      >>> print(scg.describe(f)(theta, key))
+      node  distribution     estimator  shape  weights  source
+      0     BernoulliLogits  score      ()     1 of 2   quickstart.py:20 (f)
+      ...
+    """
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs) -> str:
+        box: dict = {}
+
+        def run(*args, **kwargs):
+            cost, _, graph = _evaluate(f, args, kwargs, has_aux)
+            box["cost"], box["graph"] = cost, graph
+            return cost.value
+
+        jax.eval_shape(run, *args, **kwargs)
+        cost, graph = box["cost"], box["graph"]
+        weights = _graph.downstream_costs(cost)
+        n_terms = len(cost.term_items())
+        rows = [("node", "distribution", "estimator", "shape", "weights", "source")]
+        for i, node in enumerate(graph.nodes.values()):
+            weighted = (f"{len(weights.get(node.id, []))} of {n_terms} cost terms"
+                        if node.estimator == "score" else "-")
+            rows.append((str(i), node.distribution, node.estimator, str(node.shape),
+                         weighted, node.source))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
+                         for r in rows)
+
+    return wrapped

@@ -124,7 +124,7 @@ def test_scan_rule_records_stacked_node():
         c, _ = lax.scan(lambda c, k: (c + bern(k, t), None), 0.0, jax.random.split(key, 4))
         return c
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
-    assert node.log_prob_shape == (4,) and len(node.id) == 2
+    assert node.shape == (4,) and len(node.id) == 2
 
 
 def test_nested_scan_stacks_both_axes():
@@ -136,14 +136,14 @@ def test_nested_scan_stacks_both_axes():
         c, _ = lax.scan(outer, 0.0, jax.random.split(key, 3))
         return c
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
-    assert node.log_prob_shape == (3, 2) and len(node.id) == 3
+    assert node.shape == (3, 2) and len(node.id) == 3
 
 
 def test_fori_loop_static_bounds_records_node():
     def f(t, key):
         return lax.fori_loop(0, 3, lambda i, c: c + bern(jax.random.fold_in(key, i), t), 0.0)
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
-    assert node.log_prob_shape == (3,)
+    assert node.shape == (3,)
 
 
 def test_cond_rule_records_one_node_per_branch():
@@ -186,7 +186,7 @@ def test_vmap_inside_f_records_batched_node():
         z = jax.vmap(lambda k: bern(k, t))(jax.random.split(key, 5))
         return z.sum()
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
-    assert node.log_prob_shape == (5,)
+    assert node.shape == (5,)
 
 
 def test_while_loop_value_and_forward_mode_work():
