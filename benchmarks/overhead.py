@@ -20,13 +20,16 @@ times them interleaved in one process (median run time, block_until_ready after
 every call) and times trace+lower+compile with fresh function objects.
 
 The hand-written surrogates come in several Rao-Blackwellization levels; the
-script uses the one whose gradient matches the library's and says which:
+script tries them in turn and uses the first whose gradient matches the
+library's, and says which:
 
-* ``whole``       -- one box of all the log-probs times the whole cost
-                     (what scgjax does without plates / causality);
-* ``per-example`` / ``per-element`` (vae) -- automatic plates;
-* ``causal`` (rl) -- causality inside ``scan`` (cost at step t is boxed with
-                     the log-probs of steps <= t).
+* ``whole`` -- one box of all the log-probs times the whole cost (what scgjax
+  does without plates / causality);
+* vae: ``log q: G1, log p: G2, recon: G3`` -- automatic plates, each piece of
+  the cost boxed at its own granularity G (``element``: element (b, j) with
+  log q(z_bj); ``example``: example b with sum_j log q(z_bj); ``whole``);
+* rl: ``causal`` -- causality inside ``scan`` (the reward of step t is boxed
+  with the log-probs of steps <= t).
 
 Run:  python benchmarks/overhead.py            (about a minute on 2 CPU cores)
       python benchmarks/overhead.py --quick    (a few seconds, rough numbers)
@@ -106,43 +109,59 @@ def _vae_parts(params, key, x):
     q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
     z = lax.stop_gradient(q.sample(key))  # what scg.sample draws for this key
     lq = q.log_prob(z)  # [B, L]
+    lp = dist.Bernoulli(probs=0.5).log_prob(z)  # [B, L]
     px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
     recon = jnp.sum(px.log_prob(x), axis=-1)  # [B]
-    ratio = lq - dist.Bernoulli(probs=0.5).log_prob(z)  # [B, L]
-    return lq, recon, ratio
+    return lq, lp, recon
 
 
-def make_vae_hand_whole():
-    # One score node (z, all B*L elements); every cost term depends on z, so
-    # the whole cost is boxed with the node's summed log-prob.
+# Box granularity of each of the three cost pieces, finest (best) first:
+#   "element": element (b, j) of the piece is boxed with log q(z_bj) alone;
+#   "example": example b's part is boxed with sum_j log q(z_bj) (plate over b);
+#   "whole":   the piece is boxed with the sum of all B*L log-probs.
+# The recon term of example b reads all of z_b, so "element" is not valid for it.
+GRANULARITY = ("element", "example", "whole")
+
+
+def make_vae_hand(lq_box="element", lp_box="element", recon_box="example"):
+    """Hand-written DiCE surrogate of vae_cost.
+
+    cost = (1/B) [ sum_bj log q(z_bj) - sum_bj log p(z_bj) - sum_b recon_b ],
+    every piece depends on z, each boxed at the granularity given.
+    """
+
     def hand(params, key, x):
-        lq, recon, ratio = _vae_parts(params, key, x)
-        cost = jnp.mean(jnp.sum(ratio, axis=-1) - recon)
-        return magic_box(jnp.sum(lq)) * cost
+        lq, lp, recon = _vae_parts(params, key, x)
+        boxes = {
+            "element": magic_box(lq),  # [B, L]
+            "example": magic_box(jnp.sum(lq, axis=-1)),  # [B]
+            "whole": magic_box(jnp.sum(lq)),  # []
+        }
+
+        def boxed(term, how):  # term: [B, L]
+            if how == "element":
+                return jnp.sum(boxes["element"] * term)
+            if how == "example":
+                return jnp.sum(boxes["example"] * jnp.sum(term, axis=-1))
+            return boxes["whole"] * jnp.sum(term)
+
+        recon_part = (jnp.sum(boxes["example"] * -recon) if recon_box == "example"
+                      else boxes["whole"] * -jnp.sum(recon))
+        return (boxed(lq, lq_box) + boxed(-lp, lp_box) + recon_part) / lq.shape[0]
 
     return hand
 
 
-def make_vae_hand_per_example():
-    # Plates over the batch axis: example b's cost is boxed with log q(z_b).
-    def hand(params, key, x):
-        lq, recon, ratio = _vae_parts(params, key, x)
-        cost_b = jnp.sum(ratio, axis=-1) - recon
-        return jnp.mean(magic_box(jnp.sum(lq, axis=-1)) * cost_b)
-
-    return hand
-
-
-def make_vae_hand_per_element():
-    # Plates over both axes: the log-ratio element (b, j) depends on z_bj only.
-    def hand(params, key, x):
-        lq, recon, ratio = _vae_parts(params, key, x)
-        per_b = magic_box(jnp.sum(lq, axis=-1)) * (-recon) + jnp.sum(
-            magic_box(lq) * ratio, axis=-1
-        )
-        return jnp.mean(per_b)
-
-    return hand
+def _vae_variants():
+    out = {}
+    for lq_box in GRANULARITY:
+        for lp_box in GRANULARITY:
+            for recon_box in GRANULARITY[1:]:
+                name = f"log q: {lq_box}, log p: {lp_box}, recon: {recon_box}"
+                out[name] = (lambda a=lq_box, b=lp_box, c=recon_box: make_vae_hand(a, b, c))
+    # Without plates, every piece is boxed whole.
+    out = {"whole": out.pop("log q: whole, log p: whole, recon: whole"), **out}
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -225,11 +244,7 @@ CASES = {
         title=f"discrete VAE (B={VAE_BATCH}, {VAE_PIXELS} px, {VAE_LATENTS} Bernoulli latents)",
         problem=vae_problem,
         make_cost=make_vae_cost,
-        hands={
-            "whole": make_vae_hand_whole,
-            "per-example": make_vae_hand_per_example,
-            "per-element": make_vae_hand_per_element,
-        },
+        hands=_vae_variants(),
     ),
     "rl": dict(
         title=f"scan rollout (T={RL_HORIZON}, state {RL_STATE}, {RL_ACTIONS} actions)",
@@ -254,15 +269,23 @@ def _max_rel_err(a, b):
 
 
 def match_estimator(case, args_for_key, keys, rtol):
-    """Which hand-written variant has the library's gradient, for every key."""
-    scg_fn = jax.jit(make_scg(case))
-    g_scg = [scg_fn(*args_for_key(k)) for k in keys]
-    report = {}
+    """The first hand-written variant with the library's gradient for every key.
+
+    Returns (variant, its max relative error, {variant tried: error}).
+    """
+    # Full-precision matmuls (no TF32 on GPUs): the score-function samples are
+    # thresholds of logits, so a last-bit difference between the two compiled
+    # programs could flip a sample and make identical estimators disagree.
+    with jax.default_matmul_precision("highest"):
+        scg_fn = jax.jit(make_scg(case))
+        g_scg = [scg_fn(*args_for_key(k)) for k in keys]
+    errors = {}
     for variant in CASES[case]["hands"]:
-        hand_fn = jax.jit(make_hand(case, variant))
+        with jax.default_matmul_precision("highest"):
+            hand_fn = jax.jit(make_hand(case, variant))
+            g_hand = [hand_fn(*args_for_key(k)) for k in keys]
         ok, worst = True, 0.0
-        for k, gs in zip(keys, g_scg):
-            gh = hand_fn(*args_for_key(k))
+        for gs, gh in zip(g_scg, g_hand):
             for name in gs:
                 worst = max(worst, _max_rel_err(gs[name], gh[name]))
                 try:
@@ -276,11 +299,11 @@ def match_estimator(case, args_for_key, keys, rtol):
                     )
                 except AssertionError:
                     ok = False
-        report[variant] = worst
+        errors[variant] = worst
         if ok:
-            return variant, worst, report
+            return variant, worst, errors
     lines = "\n".join(f"  hand[{v}]: max |scg - hand| / max|hand| = {e:.3e}"
-                      for v, e in report.items())
+                      for v, e in errors.items())
     raise AssertionError(
         f"{case}: scg.scg_grad matches none of the hand-written estimators "
         f"(rtol={rtol}):\n{lines}"
@@ -355,9 +378,9 @@ def _fmt_t(s):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="vae,rl", help="comma-separated subset of: vae,rl")
-    p.add_argument("--reps", type=int, default=40, help="interleaved timing repetitions")
+    p.add_argument("--reps", type=int, default=100, help="interleaved timing repetitions")
     p.add_argument("--inner", type=int, default=25, help="calls per repetition")
-    p.add_argument("--compile-reps", type=int, default=5, help="trace+compile repetitions")
+    p.add_argument("--compile-reps", type=int, default=7, help="trace+compile repetitions")
     p.add_argument("--rtol", type=float, default=1e-4, help="gradient agreement tolerance")
     p.add_argument("--quick", action="store_true", help="reps=5, inner=5, compile-reps=2")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -400,10 +423,10 @@ def main(argv=None):
         check_keys = [jax.random.PRNGKey(i) for i in (42, 7)]
         variant, err, report = match_estimator(
             case, lambda k: (params, k, data), check_keys, a.rtol)
+        tried = [f"{v} ({e:.1e})" for v, e in report.items() if v != variant]
         print(f"[{case}] scg gradient == hand[{variant}] gradient "
-              f"(max rel err {err:.1e}; others: "
-              + ", ".join(f"{v} {e:.1e}" for v, e in report.items() if v != variant)
-              + ")", flush=True)
+              f"(max rel err {err:.1e}"
+              + (f"; ruled out: {'; '.join(tried)}" if tried else "") + ")", flush=True)
 
         fns = {"scg": jax.jit(make_scg(case)), "hand": jax.jit(make_hand(case, variant))}
         run = time_runs(fns, args, a.reps, a.inner)

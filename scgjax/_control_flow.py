@@ -1,15 +1,18 @@
-"""One small rule per higher-order primitive whose sub-jaxpr draws samples.
+"""One small rule per higher-order primitive whose sub-jaxpr draws samples (or whose
+inputs depend on samples, so that dependencies are tracked per output).
 
 Each rule re-enters JAX through the public combinator (`jax.jit`, `lax.scan`,
 `lax.switch`, `lax.while_loop`, `jax.checkpoint`) with a body that runs the interpreter
 on the sub-jaxpr, so the emitted program keeps the user's structure. Dependencies and
 node metadata are static Python values; they leave the traced body through `meta`, a
-dict the body fills while it is traced. Arrays (values, cost terms, log-probabilities)
-leave it as ordinary outputs.
+dict the body fills while it is traced. Arrays (values, cost terms, log-probabilities,
+baseline terms) leave it as ordinary outputs.
 
-Across a loop boundary a value's additive terms are collapsed into one term: inside
-`scan` bodies, every output (carry and stacked) depends on the nodes drawn in the loop
-that reach it, in any iteration (step-level causality is on the roadmap).
+`scan` gives causality: inside the body, a node's stacked axis is `Loop(level)`; values
+from earlier iterations reach the body through the carry as `Loop(level, "le")`. Lifted
+out, a stacked output at step `t` depends on node elements at steps `== t` or `<= t`
+(`"ge"` for `reverse=True`), and a carry that accumulates `c = c + r_t` is split into its
+per-step increments, so a cost summed in the carry gets reward-to-go weights too.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from . import _compat, _graph
+from . import _compat, _deps, _graph
+from ._deps import ALL, Axis, Deps, Loop
 from ._graph import Graph, Val
 from ._interpret import Context, eval_jaxpr, higher_order_rules, jaxpr_has_sample
 
@@ -44,36 +49,45 @@ def pack(vals: list[Val]) -> tuple[list[Any], list[tuple]]:
     return arrays, struct
 
 
-def unpack(arrays: list[Any], struct: list[tuple]) -> list[Val]:
+def unpack(arrays: list[Any], struct: list[tuple], lift=None) -> list[Val]:
+    """The inverse of `pack`; `lift(deps)` maps dependencies on the way out."""
+    lift = lift or (lambda d: d)
     vals, i = [], 0
     for deps, keys in struct:
         value = arrays[i]
         i += 1
         if keys is None:
-            vals.append(Val(value, deps))
+            vals.append(Val(value, lift(deps)))
         else:
-            terms = dict(zip(keys, arrays[i:i + len(keys)]))
+            items = [(lift(k[0]), t) for k, t in zip(keys, arrays[i:i + len(keys)])]
             i += len(keys)
-            vals.append(Val(value, deps, terms))
+            vals.append(_graph.make_val(value, lift(deps), items))
     return vals
 
 
-def _const_vals(consts) -> list[Val]:
-    return [Val(c) for c in consts]
+def _n_arrays(struct) -> int:
+    return sum(1 if k is None else 1 + len(k) for _, k in struct)
 
 
-def _run(ctx: Context, jaxpr, consts, args: list[Val], meta: dict) -> tuple[list, list]:
-    """Evaluates a sub-jaxpr; returns packed outputs and log-probs, fills `meta`."""
+def _run(ctx: Context, jaxpr, consts, args: list[Val], meta: dict, extra_outvars=()):
+    """Evaluates a sub-jaxpr in a fresh graph. Returns packed outputs, the score nodes'
+    log-probs and the sum of baseline terms; fills `meta` with the static structure."""
     graph = Graph()
-    outs = eval_jaxpr(Context(ctx.path, graph), jaxpr, _const_vals(consts), args)
+    sub = dataclasses.replace(ctx, graph=graph)
+    outs = eval_jaxpr(sub, jaxpr, [Val(c) for c in consts], args, extra_outvars)
     arrays, struct = pack(outs)
     meta["struct"] = struct
+    meta["out_shapes"] = [tuple(np.shape(o.value)) for o in outs]
     meta["nodes"] = list(graph.nodes.values())
-    return arrays, list(graph.log_probs.values())
+    meta["has_baseline"] = bool(graph.baseline_terms)
+    return arrays, list(graph.log_probs.values()), graph.baseline_total()
 
 
-def _stacked(nodes, shape_prefix: tuple[int, ...]):
-    return [dataclasses.replace(n, shape=shape_prefix + n.shape) for n in nodes]
+def _adopt(ctx: Context, meta: dict, log_probs, baseline_total, nodes=None) -> None:
+    """Adds a sub-jaxpr's nodes and baseline terms to the enclosing graph."""
+    ctx.graph.merge(meta["nodes"] if nodes is None else nodes, log_probs)
+    if meta["has_baseline"]:
+        ctx.graph.baseline_terms.append(jnp.sum(baseline_total))
 
 
 def _shape_struct(x) -> jax.ShapeDtypeStruct:
@@ -100,8 +114,8 @@ def _call_rule(wrap):
             return _run(sub, jaxpr, consts, unpack(list(arrays), in_struct), meta)
 
         inner.__name__ = str(eqn.params.get("name", eqn.primitive.name))
-        out_arrays, log_probs = wrap(inner, eqn.params)(*in_arrays)
-        ctx.graph.merge(meta["nodes"], log_probs)
+        out_arrays, log_probs, baseline_total = wrap(inner, eqn.params)(*in_arrays)
+        _adopt(ctx, meta, log_probs, baseline_total)
         return unpack(list(out_arrays), meta["struct"])
 
     return rule
@@ -112,53 +126,107 @@ higher_order_rules[P.remat_p] = _call_rule(
     lambda fn, params: jax.checkpoint(fn, prevent_cse=params.get("prevent_cse", True),
                                       policy=params.get("policy")))
 higher_order_rules[P.closed_call_p] = _call_rule(lambda fn, params: fn)
-if hasattr(P, "core_call_p"):  # pragma: no cover - older JAX only
-    higher_order_rules[P.core_call_p] = _call_rule(lambda fn, params: fn)
 
 
 # -- scan ----------------------------------------------------------------------------------
+
+def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, Any]:
+    """Carries updated as `c = c + x` (or `x + c`): carry index → the variable `x`."""
+    producer = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            producer[v] = eqn
+    out = {}
+    for j in range(num_carry):
+        c_in, c_out = jaxpr.invars[num_consts + j], jaxpr.outvars[j]
+        eqn = producer.get(c_out) if not isinstance(c_out, _compat.Literal) else None
+        if eqn is None or eqn.primitive.name not in ("add", "add_any"):
+            continue
+        a, b = eqn.invars
+        if a is c_in and b is not c_in and not isinstance(b, _compat.Literal):
+            out[j] = b
+        elif b is c_in and a is not c_in and not isinstance(a, _compat.Literal):
+            out[j] = a
+    return out
+
 
 def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     params = eqn.params
     num_consts, num_carry = _compat.scan_layout(params)
     jaxpr, jconsts = _compat.open_jaxpr(params["jaxpr"])
+    sub = ctx.child(index, new_loop=True)
+    level, reverse, length = sub.level, params["reverse"], params["length"]
+    accumulators = _accumulators(jaxpr, num_consts, num_carry)
+    acc_index = sorted(accumulators)
+    init_terms = {j: invals[num_consts + j] for j in acc_index}
     invals = [v.collapsed() for v in invals]
     consts = invals[:num_consts]
     init = invals[num_consts:num_consts + num_carry]
     xs = invals[num_consts + num_carry:]
-    sub = ctx.child(index)
+    past = "ge" if reverse else "le"
+
+    def slice_deps(d: Deps) -> Deps:  # xs[t] inside the body
+        return d.map_entries(lambda e: (Loop(level, e.kind) if e.axis == 0 else Axis(e.axis - 1, e.kind))
+                             if isinstance(e, Axis) else e)
+
+    def carry_in(d: Deps) -> Deps:  # what the previous iterations left in the carry
+        return d.map_entries(lambda e: (Loop(level, past) if e.kind in ("eq", past) else ALL)
+                             if isinstance(e, Loop) and e.level == level else e)
+
+    def lift_stacked(d: Deps) -> Deps:  # a per-step output, stacked on axis 0
+        return d.map_entries(lambda e: Axis(0, e.kind) if isinstance(e, Loop) and e.level == level
+                             else (Axis(e.axis + 1, e.kind) if isinstance(e, Axis) else e))
+
+    def lift_final(d: Deps) -> Deps:  # the final carry: every iteration
+        return d.map_entries(lambda e: ALL if isinstance(e, Loop) and e.level == level else e)
+
+    xs_body = [Val(None, slice_deps(v.deps)) for v in xs]
+    extra = [accumulators[j] for j in acc_index]
 
     def body_fn(carry_deps, meta):
         def body(carry, x):
             args = (consts + [Val(c, d) for c, d in zip(carry, carry_deps)]
-                    + [Val(a, v.deps) for a, v in zip(x, xs)])
-            arrays, log_probs = _run(sub, jaxpr, jconsts, args, meta)
-            carry_out = unpack(arrays, meta["struct"])[:num_carry]
-            meta["carry_deps"] = [v.deps for v in carry_out]
-            n_carry_arrays = sum(1 if k is None else 1 + len(k)
-                                 for _, k in meta["struct"][:num_carry])
-            return [v.value for v in carry_out], (arrays[n_carry_arrays:], log_probs)
+                    + [Val(a, v.deps) for a, v in zip(x, xs_body)])
+            arrays, log_probs, baseline_total = _run(sub, jaxpr, jconsts, args, meta, extra)
+            outs = unpack(arrays, meta["struct"])
+            meta["carry_deps"] = [v.deps for v in outs[:num_carry]]
+            n_carry_arrays = _n_arrays(meta["struct"][:num_carry])
+            return ([v.value for v in outs[:num_carry]],
+                    (arrays[n_carry_arrays:], log_probs, baseline_total))
         return body
 
     # The carries' dependencies: the least fixpoint over one iteration.
-    carry_deps = [v.deps for v in init]
+    carry_deps = [carry_in(v.deps) for v in init]
     while True:
         meta: dict = {}
         jax.eval_shape(body_fn(carry_deps, meta), [_shape_struct(v.value) for v in init],
                        [_slice_struct(v.value) for v in xs])
-        grown = [a | b for a, b in zip(carry_deps, meta["carry_deps"])]
+        grown = [carry_in(_deps.join([a, b])) for a, b in zip(carry_deps, meta["carry_deps"])]
         if grown == carry_deps:
             break
         carry_deps = grown
 
     meta = {}
-    carry, (ys_arrays, log_probs) = lax.scan(
+    carry, (ys_arrays, log_probs, baseline_total) = lax.scan(
         body_fn(carry_deps, meta), [v.value for v in init], [v.value for v in xs],
-        length=params["length"], reverse=params["reverse"], unroll=params["unroll"])
-    assert all(a >= b for a, b in zip(carry_deps, meta["carry_deps"]))
-    ctx.graph.merge(_stacked(meta["nodes"], (params["length"],)), log_probs)
-    ys = unpack(list(ys_arrays), meta["struct"][num_carry:])
-    return [Val(c, d) for c, d in zip(carry, carry_deps)] + ys
+        length=length, reverse=reverse, unroll=params["unroll"])
+    nodes = [dataclasses.replace(n, shape=(length,) + n.shape) for n in meta["nodes"]]
+    _adopt(ctx, meta, log_probs, baseline_total, nodes)
+    ys_and_increments = unpack(list(ys_arrays), meta["struct"][num_carry:], lift_stacked)
+    n_ys = len(ys_and_increments) - len(extra)
+    ys, increments = ys_and_increments[:n_ys], ys_and_increments[n_ys:]
+    final_deps = [lift_final(_deps.join([a, b])) for a, b in zip(carry_deps, meta["carry_deps"])]
+    final = [Val(c, d) for c, d in zip(carry, final_deps)]
+    for j, inc in zip(acc_index, increments):
+        # c_T = c_0 + Σ_t x_t: each step's increment keeps its causal weight, with the
+        # step axis moved to the pending axes.
+        items = list(init_terms[j].term_items())
+        for d, t in inc.term_items():
+            n = np.ndim(t)
+            moved = d.map_axes(lambda a, n=n: n - 1 if a == 0 else a - 1)
+            items.append((moved, jnp.moveaxis(t, 0, -1)))
+        final[j] = _graph.make_val(final[j].value, final[j].deps, items)
+    return final + ys
 
 
 higher_order_rules[P.scan_p] = _scan_rule
@@ -185,29 +253,30 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     metas, shapes = [], []
     for b in range(len(branches)):
         meta: dict = {}
-        _, lp_shapes = jax.eval_shape(branch_fn(b, meta), *op_structs)
+        _, lp_shapes, _ = jax.eval_shape(branch_fn(b, meta), *op_structs)
         metas.append(meta)
         shapes.append(lp_shapes)
     n_out = len(metas[0]["struct"])
-    out_keys = [sorted({k for m in metas for k in _keys(m["struct"][j])}, key=_order)
+    out_keys = [_union_keys((m["struct"][j], m["out_shapes"][j]) for m in metas)
                 for j in range(n_out)]
-    score_nodes = [(b, i, node) for b, m in enumerate(metas)
-                   for i, node in enumerate(n for n in m["nodes"] if n.estimator == "score")]
+    score = [(b, i) for b, m in enumerate(metas)
+             for i, _ in enumerate(n for n in m["nodes"] if n.estimator == "score")]
 
     def unified(b):
         meta: dict = {}
         fn = branch_fn(b, meta)
 
         def out(*values):
-            arrays, log_probs = fn(*values)
+            arrays, log_probs, baseline_total = fn(*values)
             vals = unpack(arrays, meta["struct"])
             result = [v.value for v in vals]
             for j, v in enumerate(vals):
-                terms = dict(v.term_items())
-                result.extend(terms[k] if k in terms else jnp.zeros_like(v.value)
+                terms = {(d, tuple(np.shape(t))): t for d, t in v.term_items()}
+                result.extend(terms[k] if k in terms else jnp.zeros(k[1], jnp.result_type(v.value))
                               for k in out_keys[j])
             result.extend(log_probs[i] if bb == b else jnp.zeros(shapes[bb][i].shape, shapes[bb][i].dtype)
-                          for bb, i, _ in score_nodes)
+                          for bb, i in score)
+            result.append(jnp.asarray(baseline_total, jnp.float32))
             return result
         return out
 
@@ -217,19 +286,23 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     outs = []
     for j in range(n_out):
         terms_j, rest = rest[:len(out_keys[j])], rest[len(out_keys[j]):]
-        terms = _graph.add_terms([(k | which.deps, t) for k, t in zip(out_keys[j], terms_j)])
-        outs.append(_graph.make_val(values[j], terms))
-    ctx.graph.merge([node for m in metas for node in m["nodes"]], rest)
+        deps_j = _deps.join([which.deps] + [m["struct"][j][0] for m in metas])
+        items = [(_deps.join([k[0], which.deps]), t) for k, t in zip(out_keys[j], terms_j)]
+        outs.append(_graph.make_val(values[j], deps_j, items))
+    log_probs, baseline_total = rest[:-1], rest[-1]
+    meta = {"nodes": [node for m in metas for node in m["nodes"]],
+            "has_baseline": any(m["has_baseline"] for m in metas)}
+    _adopt(ctx, meta, log_probs, baseline_total)
     return outs
 
 
-def _keys(struct_entry) -> tuple:
-    deps, keys = struct_entry
-    return (deps,) if keys is None else keys
-
-
-def _order(deps) -> tuple:
-    return (len(deps), sorted(deps))
+def _union_keys(entries) -> list:
+    """Every term key `(deps, shape)` that a branch gives output `j`, in a fixed order."""
+    keys: dict = {}
+    for (deps, ks), shape in entries:
+        for k in (ks if ks is not None else [(deps, shape)]):
+            keys.setdefault(k, None)
+    return list(keys)
 
 
 higher_order_rules[P.cond_p] = _cond_rule
@@ -256,55 +329,52 @@ def _while_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
             "Use lax.scan, or lax.fori_loop with static (Python int) bounds, which "
             "lowers to scan. Forward mode (jax.jvp, jax.jacfwd) and the value work.")
     sub = ctx.child(index)
+    init_structs = [_shape_struct(v.value) for v in init]
 
-    def pred_deps(carry_deps) -> _graph.Deps:
-        """What the loop's trip count depends on, given the carries' dependencies."""
+    def run_cond(carry_deps, carry):
+        args = cconsts + [Val(c, d) for c, d in zip(carry, carry_deps)]
+        return eval_jaxpr(dataclasses.replace(sub, graph=Graph()), cond_jaxpr,
+                          [Val(c) for c in cond_jconsts], args)[0]
+
+    def trip_deps(carry_deps) -> Deps:
+        """What the number of iterations depends on."""
         box: dict = {}
 
         def pred(*carry):
-            args = cconsts + [Val(c, d) for c, d in zip(carry, carry_deps)]
-            out = eval_jaxpr(Context(sub.path, Graph()), cond_jaxpr,
-                             _const_vals(cond_jconsts), args)[0]
+            out = run_cond(carry_deps, carry)
             box["deps"] = out.deps
             return out.value
 
         jax.eval_shape(pred, *init_structs)
-        return box["deps"]
+        return box["deps"].coarsened()
 
     def body_fn(carry_deps, meta):
         def body(state):
-            carry, totals = state
+            carry, totals, baseline_total = state
             args = bconsts + [Val(c, d) for c, d in zip(carry, carry_deps)]
-            arrays, log_probs = _run(sub, body_jaxpr, body_jconsts, args, meta)
+            arrays, log_probs, bt = _run(sub, body_jaxpr, body_jconsts, args, meta)
             outs = unpack(arrays, meta["struct"])
             meta["carry_deps"] = [v.deps for v in outs]
             totals = [t + lp for t, lp in zip(totals, log_probs)] if totals else log_probs
-            return [v.value for v in outs], totals
+            return [v.value for v in outs], totals, baseline_total + bt
         return body
 
-    init_structs = [_shape_struct(v.value) for v in init]
     carry_deps = [v.deps for v in init]
     while True:
         meta: dict = {}
-        _, lp_structs = jax.eval_shape(body_fn(carry_deps, meta), (init_structs, []))
-        trip = pred_deps(carry_deps)
-        grown = [a | b | trip for a, b in zip(carry_deps, meta["carry_deps"])]
+        _, lp_structs, _ = jax.eval_shape(body_fn(carry_deps, meta), (init_structs, [], 0.0))
+        trip = trip_deps(carry_deps)
+        grown = [_deps.join([a, b, trip]) for a, b in zip(carry_deps, meta["carry_deps"])]
         if grown == carry_deps:
             break
         carry_deps = grown
 
     zeros = [jnp.zeros(s.shape, s.dtype) for s in lp_structs]
     meta = {}
-    body = body_fn(carry_deps, meta)
-
-    def cond(state):
-        carry, _ = state
-        out = eval_jaxpr(Context(sub.path, Graph()), cond_jaxpr, _const_vals(cond_jconsts),
-                         cconsts + [Val(c) for c in carry])
-        return out[0].value
-
-    carry, totals = lax.while_loop(cond, body, ([v.value for v in init], zeros))
-    ctx.graph.merge(meta["nodes"], totals)
+    carry, totals, baseline_total = lax.while_loop(
+        lambda s: run_cond(carry_deps, s[0]).value, body_fn(carry_deps, meta),
+        ([v.value for v in init], zeros, jnp.zeros((), jnp.float32)))
+    _adopt(ctx, meta, totals, baseline_total)
     return [Val(c, d) for c, d in zip(carry, carry_deps)]
 
 

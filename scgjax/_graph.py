@@ -1,18 +1,18 @@
-"""The stochastic computation graph: stochastic nodes, dependencies and cost terms.
+"""The stochastic computation graph: stochastic nodes, cost terms and the DiCE objective.
 
-While the interpreter (`_interpret.py`) evaluates a program, every value carries
+While the interpreter (`_interpret.py`) evaluates a program, every value is a `Val`:
 
-* `deps`: the score-function nodes it depends on (the nodes *upstream* of it), and
-* `terms`: an additive decomposition of the value, `value = Σ_k terms[k]`, keyed by the
-  dependencies of each term. A value on the additive tail of the cost (add, sub, neg,
-  reduce_sum, scaling by sample-independent factors, ...) keeps one term per distinct
-  dependency set, so that at the end each score node is weighted only by the cost terms
-  that depend on it (Rao-Blackwellization by dataflow, Schulman et al. 2015, §3).
+* `deps`: which elements of which score nodes it depends on (`_deps.Deps`), and
+* `terms`: an additive decomposition of the value along the cost's additive tail
+  (add, sub, neg, reduce_sum, scaling by sample-independent factors, ...). Each term is
+  an array with the value's axes followed by *pending* axes that the value has already
+  summed over, and its own `Deps` over all those axes. A `reduce_sum` over an axis that
+  a node is aligned with moves that axis to the pending ones instead of summing it, so
+  cost element `i` keeps its alignment with sample element `i` (automatic plates).
 
-A dependency set is a `frozenset` of `NodeId`s: a node's log-probability is taken whole
-(summed over all its elements). This is the safe over-approximation; the roadmap refines
-it with per-axis alignment (plates) and per-iteration causality, which only has to change
-how dependencies are represented and combined here.
+At the end, each term `c` gets `⊡(τ)·c` elementwise, where `τ` gathers, for each element
+of `c`, the log-probabilities of exactly the node elements upstream of it
+(Rao-Blackwellization by dataflow, Schulman et al. 2015; DiCE, Foerster et al. 2018).
 """
 
 from __future__ import annotations
@@ -22,20 +22,13 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from ._deps import ALL, EMPTY, Axis, Deps, join
 
 NodeId = tuple[int, ...]
 """Where a `sample` equation sits: its index in each enclosing jaxpr, outermost first."""
-
-Deps = frozenset
-NO_DEPS: Deps = frozenset()
-
-
-def union(deps: Iterable[Deps]) -> Deps:
-    out = NO_DEPS
-    for d in deps:
-        out = out | d
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +46,7 @@ class StochasticNode:
         shape of its value, as seen at the top level (draws inside a `scan` are stacked
         along a leading axis per loop).
       source: file and line of the `scg.sample` call, where JAX records it.
+      name: the `name=` given to `scg.sample`, if any.
     """
 
     id: NodeId
@@ -60,6 +54,10 @@ class StochasticNode:
     estimator: str
     shape: tuple[int, ...]
     source: str = ""
+    name: str | None = None
+
+
+TermKey = tuple  # (Deps, shape)
 
 
 @dataclasses.dataclass
@@ -67,46 +65,44 @@ class Val:
     """A value in the interpreter, with its dependencies and additive cost terms."""
 
     value: Any
-    deps: Deps = NO_DEPS
-    terms: dict[Deps, Any] | None = None  # None: one term, the value itself
+    deps: Deps = EMPTY
+    terms: dict[TermKey, Any] | None = None  # None: one term, the value itself
 
     def term_items(self) -> list[tuple[Deps, Any]]:
-        return list(self.terms.items()) if self.terms else [(self.deps, self.value)]
+        if self.terms is None:
+            return [(self.deps, self.value)]
+        return [(k[0], t) for k, t in self.terms.items()]
 
     @property
     def has_terms(self) -> bool:
-        return bool(self.terms) and len(self.terms) > 1
+        return self.terms is not None
 
     def collapsed(self) -> Val:
-        return Val(self.value, self.deps) if self.terms else self
+        return Val(self.value, self.deps) if self.terms is not None else self
 
 
-def make_val(value: Any, terms: dict[Deps, Any]) -> Val:
-    """A value whose additive decomposition is `terms` (merged to one when possible)."""
-    deps = union(terms)
-    if len(terms) <= 1:
-        return Val(value, deps)
+def make_val(value: Any, deps: Deps, items: Iterable[tuple[Deps, Any]]) -> Val:
+    """A value whose additive decomposition is `items`, merged by (deps, shape)."""
+    terms: dict[TermKey, Any] = {}
+    for d, t in items:
+        key = (d, tuple(np.shape(t)))
+        terms[key] = t if key not in terms else terms[key] + t
+    if len(terms) == 1:
+        ((d, shape),) = terms
+        if shape == tuple(np.shape(value)):
+            return Val(value, deps)
     return Val(value, deps, terms)
 
 
-def add_terms(*term_lists: Iterable[tuple[Deps, Any]], shape=None) -> dict[Deps, Any]:
-    """Sums term lists, merging terms with the same dependencies."""
-    out: dict[Deps, Any] = {}
-    for items in term_lists:
-        for deps, t in items:
-            if shape is not None and jnp.shape(t) != tuple(shape):
-                t = jnp.broadcast_to(t, shape)
-            out[deps] = t if deps not in out else out[deps] + t
-    return out
-
-
 class Graph:
-    """The sample sites met while evaluating one (sub-)jaxpr, with the score nodes'
-    log-probabilities (in the order of `score_nodes`)."""
+    """The sample sites met while evaluating one (sub-)jaxpr, the score nodes'
+    log-probabilities (in the order of `score_nodes`), and the baseline terms
+    `Σ (1 − ⊡(log p(w)))·b_w` of the nodes drawn with a baseline."""
 
     def __init__(self):
         self.nodes: dict[NodeId, StochasticNode] = {}
         self.log_probs: dict[NodeId, Any] = {}
+        self.baseline_terms: list[Any] = []
 
     def add(self, node: StochasticNode, log_prob: Any = None) -> None:
         assert node.id not in self.nodes, node.id
@@ -124,39 +120,90 @@ class Graph:
         for node in nodes:
             self.add(node, next(log_probs) if node.estimator == "score" else None)
 
+    def baseline_total(self) -> Any:
+        """The sum of the baseline terms (0.0 when there are none)."""
+        return sum(self.baseline_terms[1:], self.baseline_terms[0]) if self.baseline_terms else 0.0
+
 
 def magic_box(tau: jax.Array) -> jax.Array:
     """DiCE's ⊡(τ) = exp(τ − ⊥τ): value 1, derivative ⊡(τ)·∇τ (Foerster et al. 2018)."""
     return jnp.exp(tau - lax.stop_gradient(tau))
 
 
+def baseline_term(log_prob: jax.Array, baseline: jax.Array) -> jax.Array:
+    """Σ (1 − ⊡(log p))·b: value 0; subtracts `b` from the node's downstream cost in the
+    first derivative and keeps every order unbiased (Mao et al. 2019)."""
+    b = jnp.broadcast_to(baseline, jnp.shape(log_prob)).astype(jnp.result_type(log_prob))
+    return jnp.sum((1.0 - magic_box(log_prob)) * b)
+
+
+def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
+    """For each element of a term of `shape`, the sum of the log-probabilities of the
+    node elements it depends on."""
+    total = None
+    for node_id, rel in deps.items():
+        x = log_probs[node_id]
+        kept = []  # (node axis, term axis)
+        for k, entry in enumerate(rel):
+            if isinstance(entry, Axis) and entry.axis < len(shape) \
+                    and np.shape(x)[k] == shape[entry.axis] \
+                    and entry.axis not in {a for _, a in kept}:
+                if entry.kind == "le":
+                    x = jnp.cumsum(x, axis=k)
+                elif entry.kind == "ge":
+                    x = jnp.flip(jnp.cumsum(jnp.flip(x, k), axis=k), k)
+                kept.append((k, entry.axis))
+        summed = tuple(k for k in range(np.ndim(x)) if k not in {k for k, _ in kept})
+        x = jnp.sum(x, axis=summed) if summed else x
+        # Remaining node axes are in node order; put them in term-axis order.
+        order = sorted(range(len(kept)), key=lambda i: kept[i][1])
+        x = jnp.transpose(x, order) if kept else x
+        x = lax.broadcast_in_dim(x, shape, tuple(sorted(a for _, a in kept)))
+        total = x if total is None else total + x
+    return total
+
+
+def surrogate_sum(items: Iterable[tuple[Deps, Any]], log_probs: dict[NodeId, Any],
+                  boxed: bool = True) -> Any:
+    """Σ_terms Σ_elements ⊡(τ)·c (or τ·c with `boxed=False`, linear in the log-probs)."""
+    pieces = []
+    for deps, term in items:
+        if deps:
+            t = tau(deps, tuple(np.shape(term)), log_probs).astype(jnp.result_type(term))
+            term = (magic_box(t) if boxed else t) * term
+        pieces.append(jnp.sum(term))
+    return sum(pieces[1:], pieces[0])
+
+
 def dice_objective(cost: Val, graph: Graph) -> jax.Array:
-    """Σ_c ⊡(Σ_{w upstream of c} log p(w)) · c over the cost terms c of `cost`.
+    """Σ_c Σ_i ⊡(τ_ci)·c_i + Σ_w (1 − ⊡(log p(w)))·b_w over the cost terms `c`.
 
     The value is exactly `cost.value` (the rounding of a re-associated sum is cancelled
     by a stop-gradient), and derivatives of every order are unbiased.
     """
-    totals: dict[NodeId, Any] = {}
-
-    def total(node_id):
-        if node_id not in totals:
-            totals[node_id] = jnp.sum(graph.log_probs[node_id])
-        return totals[node_id]
-
-    pieces = []
-    for deps, term in cost.term_items():
-        if deps:
-            tau = sum(total(n) for n in sorted(deps))
-            term = magic_box(tau).astype(jnp.result_type(term)) * term
-        pieces.append(term)
-    surrogate = sum(pieces[1:], pieces[0])
+    surrogate = surrogate_sum(cost.term_items(), graph.log_probs) + graph.baseline_total()
     return lax.stop_gradient(cost.value) + (surrogate - lax.stop_gradient(surrogate))
 
 
-def downstream_costs(cost: Val) -> dict[NodeId, list[Deps]]:
-    """For each score node, the dependency keys of the cost terms that weight it."""
-    out: dict[NodeId, list[Deps]] = {}
+def downstream_costs(cost: Val, graph: Graph) -> dict[NodeId, Any]:
+    """Q̂_w for every score node: for each element of its log-probability, the sum of the
+    cost elements that depend on it (the regression target of a baseline for `w`).
+
+    It is the gradient of the linear map `log_probs ↦ Σ_c Σ_i τ_ci·c_i` (costs held fixed),
+    so plates and causality give each element exactly its downstream costs.
+    """
+    items = [(d, lax.stop_gradient(t)) for d, t in cost.term_items()]
+    lps = {n: lax.stop_gradient(lp) for n, lp in graph.log_probs.items()}
+    if not lps:
+        return {}
+    zeros = jax.tree.map(jnp.zeros_like, lps)
+    return jax.grad(lambda l: surrogate_sum(items, l, boxed=False))(zeros)
+
+
+def node_weights(cost: Val) -> dict[NodeId, int]:
+    """How many cost terms each score node weights."""
+    out: dict[NodeId, int] = {}
     for deps, _ in cost.term_items():
         for n in deps:
-            out.setdefault(n, []).append(deps)
+            out[n] = out.get(n, 0) + 1
     return out

@@ -2,16 +2,18 @@
 
 `eval_jaxpr` walks a jaxpr once. Every value is a `Val` (value, dependencies, additive
 terms). At a `sample` equation it draws the value (stop-gradient for score nodes),
-computes the node's log-probability and records the node; every other equation is
-re-bound unchanged on the values, and its output depends on what its inputs depend on.
-Linear equations on the cost's additive tail also map the terms of their inputs.
+computes the node's log-probability and records the node. Every other equation is
+re-bound unchanged on the values, and its output's dependencies follow from its inputs'
+through the per-primitive axis rules of `_deps` (automatic plates). Linear equations on
+the cost's additive tail also carry the terms of their inputs along.
 
-Rules live in registries keyed by primitive:
+Rules live in registries:
 
-* `higher_order_rules[prim](ctx, index, eqn, invals) -> outvals` for primitives with sub-jaxprs
-  that contain samples (`_control_flow.py` registers one small rule per primitive);
-* `term_rules[name](eqn, invals, out_value) -> terms | None` for the linear primitives
-  that split costs into terms (keyed by primitive name).
+* `higher_order_rules[prim](ctx, index, eqn, invals) -> outvals` for primitives with
+  sub-jaxprs that contain samples (`_control_flow.py` registers one small rule per
+  primitive);
+* `term_rules[name](eqn, invals, out_value) -> [(deps, term)] | None` for the linear
+  primitives that carry cost terms (keyed by primitive name).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from . import _compat, _graph, _logprob, _sample
-from ._graph import NO_DEPS, Graph, NodeId, StochasticNode, Val
+from . import _compat, _deps, _graph, _logprob, _sample
+from ._deps import EMPTY, Axis, Deps
+from ._graph import Graph, NodeId, StochasticNode, Val
 
 higher_order_rules: dict[Any, Callable] = {}
 term_rules: dict[str, Callable] = {}
@@ -33,18 +37,29 @@ term_rules: dict[str, Callable] = {}
 # depends on a node: it tracks dependencies per output and carries cost terms through.
 DATAFLOW_RULES = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint", "scan",
                             "cond"})
+# Call-like primitives without samples whose dependencies are read off their jaxpr.
+STATIC_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+                "custom_vjp_call_jaxpr": "fun_jaxpr"}
 
 
 @dataclasses.dataclass
 class Context:
-    """Where the interpreter is: the node-id prefix and the graph being filled."""
+    """Where the interpreter is: node-id prefix, graph being filled, enclosing scans."""
 
     path: NodeId
     graph: Graph
+    loop_levels: tuple[int, ...] = ()
 
-    def child(self, *indices: int) -> Context:
-        """A context for a sub-jaxpr of the equation at `indices`, with a graph of its own."""
-        return Context(self.path + indices, Graph())
+    def child(self, *indices: int, new_loop: bool = False) -> Context:
+        """A context for a sub-jaxpr of the equation at `indices`, with a graph of its own
+        (and one more loop level when the sub-jaxpr is a `scan` body)."""
+        levels = self.loop_levels + ((len(self.loop_levels),) if new_loop else ())
+        return Context(self.path + indices, Graph(), levels)
+
+    @property
+    def level(self) -> int:
+        """The level of the innermost enclosing scan."""
+        return self.loop_levels[-1]
 
 
 # -- Does a jaxpr draw samples? ----------------------------------------------------------
@@ -66,8 +81,10 @@ def jaxpr_has_sample(jaxpr) -> bool:
 
 # -- The evaluation loop -----------------------------------------------------------------
 
-def eval_jaxpr(ctx: Context, jaxpr: _compat.Jaxpr, consts: list[Val], args: list[Val]) -> list[Val]:
-    """Evaluates `jaxpr` on `Val`s, recording score nodes in `ctx.graph`."""
+def eval_jaxpr(ctx: Context, jaxpr: _compat.Jaxpr, consts: list[Val], args: list[Val],
+               extra_outvars=()) -> list[Val]:
+    """Evaluates `jaxpr` on `Val`s, recording stochastic nodes in `ctx.graph`; returns the
+    outputs, then the values of `extra_outvars` (inner variables a rule asks for)."""
     env: dict[Any, Val] = {}
 
     def read(v) -> Val:
@@ -85,7 +102,7 @@ def eval_jaxpr(ctx: Context, jaxpr: _compat.Jaxpr, consts: list[Val], args: list
         for v, out in zip(eqn.outvars, outvals):
             if not isinstance(v, _compat.DropVar):
                 env[v] = out
-    return [read(v) for v in jaxpr.outvars]
+    return [read(v) for v in (*jaxpr.outvars, *extra_outvars)]
 
 
 def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
@@ -97,22 +114,59 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
         if rule is None:
             raise NotImplementedError(
                 f"scgjax: scg.sample inside `{prim.name}` is not supported"
-                f"{_at(eqn)}. Draw the sample outside the `{prim.name}` and pass it in."
-            )
+                f"{_at(eqn)}. Draw the sample outside the `{prim.name}` and pass it in.")
         return rule(ctx, index, eqn, invals)
     return default_rule(eqn, invals)
 
 
 def default_rule(eqn, invals: list[Val]) -> list[Val]:
-    """Re-binds the equation unchanged; outputs depend on everything the inputs do."""
+    """Re-binds the equation unchanged; outputs depend on what the axis rules say."""
     outs = _compat.bind_equation(eqn, [v.value for v in invals])
-    deps = _graph.union(v.deps for v in invals)
-    rule = term_rules.get(eqn.primitive.name)
-    if deps and len(outs) == 1 and rule is not None:
-        terms = rule(eqn, invals, outs[0])
-        if terms is not None:
-            return [_graph.make_val(outs[0], terms)]
-    return [Val(o, deps) for o in outs]
+    in_deps = [v.deps for v in invals]
+    if not any(in_deps):
+        return [Val(o) for o in outs]
+    out_deps = output_deps(eqn, in_deps)
+    if len(outs) == 1:
+        rule = term_rules.get(eqn.primitive.name)
+        items = rule(eqn, invals, outs[0]) if rule is not None else None
+        if items is not None:
+            return [_graph.make_val(outs[0], out_deps[0], items)]
+    return [Val(o, d) for o, d in zip(outs, out_deps)]
+
+
+def output_deps(eqn, in_deps: list[Deps]) -> list[Deps]:
+    """Dependencies of each output of a sample-free equation."""
+    name = eqn.primitive.name
+    if name in STATIC_CALLS and STATIC_CALLS[name] in eqn.params:
+        jaxpr, consts = _compat.open_jaxpr(eqn.params[STATIC_CALLS[name]])
+        if len(jaxpr.invars) == len(in_deps):
+            return static_deps(jaxpr, [EMPTY] * len(consts), in_deps)
+    in_shapes = [_aval_shape(v) for v in eqn.invars]
+    if len(eqn.outvars) == 1:
+        return [_deps.through(eqn, in_deps, in_shapes, _aval_shape(eqn.outvars[0]))]
+    coarse = _deps.join(d.coarsened() for d in in_deps)
+    return [coarse] * len(eqn.outvars)
+
+
+def static_deps(jaxpr, const_deps: list[Deps], in_deps: list[Deps]) -> list[Deps]:
+    """The outputs' dependencies of a sample-free jaxpr, read off its equations."""
+    env: dict[Any, Deps] = dict(zip(jaxpr.constvars, const_deps))
+    env.update(zip(jaxpr.invars, in_deps))
+
+    def read(v) -> Deps:
+        return EMPTY if isinstance(v, _compat.Literal) else env.get(v, EMPTY)
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        outs = output_deps(eqn, ins) if any(ins) else [EMPTY] * len(eqn.outvars)
+        for v, d in zip(eqn.outvars, outs):
+            if not isinstance(v, _compat.DropVar):
+                env[v] = d
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _aval_shape(v) -> tuple:
+    return tuple(v.aval.shape) if hasattr(v.aval, "shape") else ()
 
 
 def _at(eqn) -> str:
@@ -125,72 +179,135 @@ def _at(eqn) -> str:
 def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     """Draws the value; for a score node also records its log-probability."""
     params = eqn.params
-    key, *leaves = (v.value for v in invals)
-    deps = _graph.union(v.deps for v in invals)
+    n_leaves = params["spec"].treedef.num_leaves
+    key = invals[0].value
+    leaves = [v.value for v in invals[1:1 + n_leaves]]
+    baseline = invals[1 + n_leaves] if params.get("has_baseline") else None
     spec, n_batch = params["spec"], params["n_batch"]
     pathwise = params["estimator"] == "pathwise"
     value = _sample.draw(key, leaves, spec=spec, sample_shape=params["sample_shape"],
                          n_batch=n_batch, reparameterized=pathwise)
+    deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
     node_id, source = ctx.path + (index,), _compat.source_info(eqn)
+    name = params.get("name")
     if pathwise:
-        ctx.graph.add(StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value), source))
+        ctx.graph.add(StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value),
+                                     source, name))
         return Val(value, deps)
     value = lax.stop_gradient(value)
     log_prob = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
                                 score_log_prob=_logprob.score_log_prob)
-    node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source)
+    node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source, name)
     ctx.graph.add(node, log_prob)
-    return Val(value, deps | {node.id})
+    if baseline is not None:
+        ctx.graph.baseline_terms.append(_graph.baseline_term(log_prob, baseline.value))
+    own = Deps({node_id: _deps.node_rel(ctx.loop_levels, jnp.ndim(log_prob))})
+    return Val(value, _deps.join([deps, own]))
+
+
+def _parent_deps(eqn, invals: list[Val], value) -> Deps:
+    """What a draw depends on through its key and parameters: elementwise along the
+    vmapped axes, and along the batch axes of a distribution with no event shape whose
+    parameter has exactly its batch shape; every element otherwise."""
+    params = eqn.params
+    n_batch, sample_shape = params["n_batch"], params["sample_shape"]
+    d = params["spec"].unflatten([v.value for v in invals[1:]])  # shapes are static aux data
+    batch_shape, event_shape = tuple(d.batch_shape), tuple(d.event_shape)
+    parts = []
+    for i, v in enumerate(invals):
+        if not v.deps:
+            continue
+        shape = np.shape(v.value)
+        elementwise = i > 0 and not event_shape and tuple(shape[n_batch:]) == batch_shape
+
+        def axis_map(a, elementwise=elementwise):
+            if a < n_batch:
+                return a
+            return a + len(sample_shape) if elementwise else None
+
+        parts.append(v.deps.map_axes(axis_map))
+    return _deps.join(parts)
 
 
 # -- Linear equations: how cost terms pass through them ----------------------------------
 
-def _map_terms(eqn, invals: list[Val], position: int) -> dict | None:
-    """Terms of `invals[position]` pushed through `eqn`, the other operands fixed; None
-    when that operand is a single term (then the output is one term too)."""
-    if not invals[position].has_terms:
-        return None
-    others = [v.value for v in invals]
-    out = {}
+def _term_items_through(eqn, invals: list[Val], out, position: int,
+                        others: list | None = None) -> list[tuple[Deps, Any]]:
+    """The terms of `invals[position]` pushed through `eqn` (the other operands fixed to
+    `others`, default their values), vmapped over each term's pending axes."""
+    values = [v.value for v in invals] if others is None else list(others)
+    in_shapes = [np.shape(v.value) for v in invals]
+    n_in, n_out = len(in_shapes[position]), np.ndim(out)
+    axis_map = _deps.axis_rule(eqn, in_shapes, np.shape(out))[position]
+    items = []
     for deps, t in invals[position].term_items():
-        args = list(others)
-        args[position] = t
-        out[deps] = _compat.bind_equation(eqn, args)[0]
-    return out
+
+        def fn(x):
+            args = list(values)
+            args[position] = x
+            return _compat.bind_equation(eqn, args)[0]
+
+        for _ in range(np.ndim(t) - n_in):
+            fn = jax.vmap(fn, in_axes=-1, out_axes=-1)
+        items.append((_deps.move(eqn, deps, axis_map, n_in, n_out), fn(t)))
+    return items
 
 
 def _unary_linear(eqn, invals, out):
-    if len(invals) != 1:
+    if not invals[0].has_terms:
         return None
-    return _map_terms(eqn, invals, 0)
+    if any(v.deps for v in invals[1:]):
+        return None
+    return _term_items_through(eqn, invals, out, 0)
+
+
+def _sum_of_operands(eqn, invals, out, positions, sign=None):
+    """Operands at `positions` enter linearly and jointly (add, concatenate, the cases
+    of select_n): each operand's terms with zeros in place of the others."""
+    zeros = [jnp.zeros_like(v.value) if i in positions else v.value
+             for i, v in enumerate(invals)]
+    items = []
+    for p in positions:
+        pushed = _term_items_through(eqn, invals, out, p, others=zeros)
+        if sign is not None and sign[p] < 0:
+            pushed = [(d, -t) for d, t in pushed]
+        items.extend(pushed)
+    return items
+
+
+def _needs_split(invals, positions) -> bool:
+    vals = [invals[p] for p in positions]
+    return any(v.has_terms for v in vals) or len({v.deps for v in vals}) > 1
 
 
 def _add(eqn, invals, out):
-    a, b = invals
-    if not (a.has_terms or b.has_terms) and a.deps == b.deps:
+    if not _needs_split(invals, (0, 1)):
         return None
-    return _graph.add_terms(a.term_items(), b.term_items(), shape=jnp.shape(out))
+    if all(np.shape(v.value) == np.shape(out) for v in invals):
+        # Cheaper than pushing through `add` with zeros: terms line up as they are.
+        return [it for v in invals for it in v.term_items()]
+    return _sum_of_operands(eqn, invals, out, (0, 1))
 
 
 def _sub(eqn, invals, out):
+    if not _needs_split(invals, (0, 1)):
+        return None
     a, b = invals
-    if not (a.has_terms or b.has_terms) and a.deps == b.deps:
-        return None
-    negated = [(d, -t) for d, t in b.term_items()]
-    return _graph.add_terms(a.term_items(), negated, shape=jnp.shape(out))
+    if all(np.shape(v.value) == np.shape(out) for v in invals):
+        return a.term_items() + [(d, -t) for d, t in b.term_items()]
+    return _sum_of_operands(eqn, invals, out, (0, 1), sign={0: 1, 1: -1})
 
 
-def _concatenate(eqn, invals, out):
-    """(concatenate, stack) Each operand's terms, embedded with zeros in place of the other operands."""
-    if not any(v.has_terms for v in invals) and len({v.deps for v in invals}) == 1:
-        return None
-    zeros = [jnp.zeros_like(v.value) for v in invals]
-    pieces = []
-    for i, v in enumerate(invals):
-        for deps, t in v.term_items():
-            args = zeros[:i] + [t] + zeros[i + 1:]
-            pieces.append((deps, _compat.bind_equation(eqn, args)[0]))
-    return _graph.add_terms(pieces)
+def _joint(first: int):
+    """concatenate/stack (every operand) and select_n (the cases after the predicate)."""
+
+    def rule(eqn, invals, out):
+        positions = tuple(range(first, len(invals)))
+        if any(v.deps for v in invals[:first]) or not _needs_split(invals, positions):
+            return None
+        return _sum_of_operands(eqn, invals, out, positions)
+
+    return rule
 
 
 def _linear_in_one(*positions):
@@ -198,21 +315,44 @@ def _linear_in_one(*positions):
 
     def rule(eqn, invals, out):
         for p in positions:
-            if all(not v.deps for i, v in enumerate(invals) if i != p):
-                return _map_terms(eqn, invals, p)
+            if invals[p].has_terms and all(not v.deps for i, v in enumerate(invals) if i != p):
+                return _term_items_through(eqn, invals, out, p)
         return None
 
     return rule
 
 
+def _reduce_sum(eqn, invals, out):
+    """Sums the axes no node is aligned with; moves the aligned ones to the pending axes,
+    so each cost element keeps its own weight (automatic plates)."""
+    (v,) = invals
+    axes = set(eqn.params["axes"])
+    n_in = np.ndim(v.value)
+    items, split = [], v.has_terms
+    for deps, t in v.term_items():
+        aligned = sorted({e.axis for _, rel in deps.items() for e in rel
+                          if isinstance(e, Axis) and e.axis in axes})
+        split = split or bool(aligned)
+        summed = sorted(axes - set(aligned))
+        kept = [a for a in range(n_in) if a not in axes]
+        order = kept + aligned + list(range(n_in, np.ndim(t))) + summed
+        t = jnp.transpose(t, order) if order != list(range(np.ndim(t))) else t
+        if summed:
+            t = jnp.sum(t, axis=tuple(range(np.ndim(t) - len(summed), np.ndim(t))))
+        items.append((deps.map_axes(lambda a: order.index(a) if a not in summed else None), t))
+    return items if split else None
+
+
 # Keyed by primitive name: some (e.g. `stack`) are not exported by every JAX version.
-for _name in ("neg", "reduce_sum", "convert_element_type", "broadcast_in_dim", "reshape",
-              "squeeze", "expand_dims", "transpose", "copy", "copy_p", "real",
-              "reduce_precision"):
+for _name in ("neg", "convert_element_type", "broadcast_in_dim", "reshape", "squeeze",
+              "expand_dims", "transpose", "copy", "copy_p", "real", "reduce_precision",
+              "cumsum"):
     term_rules[_name] = _unary_linear
+term_rules["reduce_sum"] = _reduce_sum
 term_rules["add"] = term_rules["add_any"] = _add
 term_rules["sub"] = _sub
-term_rules["concatenate"] = term_rules["stack"] = _concatenate
+term_rules["concatenate"] = term_rules["stack"] = _joint(0)
+term_rules["select_n"] = _joint(1)
 term_rules["mul"] = _linear_in_one(0, 1)
 term_rules["div"] = _linear_in_one(0)
 term_rules["dot_general"] = _linear_in_one(0, 1)

@@ -62,6 +62,8 @@ def sample(
     sample_shape: Sequence[int] = (),
     *,
     estimator: str = "auto",
+    baseline: jax.typing.ArrayLike | None = None,
+    name: str | None = None,
 ) -> jax.Array:
     """Draws `d.sample(key, sample_shape)` as a stochastic node of the computation graph.
 
@@ -74,6 +76,14 @@ def sample(
         differentiates the reparameterized draw (needs `d.has_rsample`); `"score"` adds a
         score-function (REINFORCE) term `log p(w) · downstream cost`; `"auto"` (default)
         is `"pathwise"` when `d.has_rsample` and `"score"` otherwise.
+      baseline: for a score node, a value broadcastable to `d.log_prob(value)`'s shape
+        that is subtracted from the node's downstream cost. It is computed before the
+        draw, so it cannot depend on it and the estimator stays unbiased; the surrogate
+        gets `Σ (1 − ⊡(log p(w)))·b` (Mao et al. 2019), which keeps the value and the
+        derivatives of every order unbiased. Only for score nodes (a `ValueError` on a
+        pathwise draw).
+      name: a name for the node, used by `describe` and as the key of the downstream
+        costs that `scg_grad(..., downstream=True)` returns.
 
     Returns:
       The draw, identical to `d.sample(key, sample_shape)` for the same key, inside and
@@ -96,16 +106,25 @@ def sample(
         raise TypeError(
             f"scgjax.sample: sample_shape must be a tuple of ints, got {sample_shape!r}."
         ) from None
+    if baseline is not None and estimator == "pathwise":
+        raise ValueError(
+            f"scgjax.sample: a baseline only applies to score-function nodes, but this "
+            f"{type(d).__name__} draw is pathwise. Drop baseline=, or pass "
+            "estimator='score'.")
     key = _check_key(key)
     leaves, treedef = jax.tree_util.tree_flatten(d)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
+    extra = [] if baseline is None else [jnp.asarray(baseline)]
     return sample_p.bind(
         key,
         *leaves,
+        *extra,
         spec=DistributionSpec(treedef, type(d).__name__),
         sample_shape=sample_shape,
         estimator=estimator,
         n_batch=0,
+        has_baseline=baseline is not None,
+        name=name,
     )
 
 
@@ -173,25 +192,26 @@ def log_prob(value, leaves, *, spec, n_batch, score_log_prob):
     return fn(value, *leaves)
 
 
-def _impl(key, *leaves, spec, sample_shape, estimator, n_batch):
-    del estimator
+def _impl(key, *operands, spec, sample_shape, estimator, n_batch, has_baseline, name):
+    del estimator, name
+    leaves = operands[:len(operands) - has_baseline]
     return draw(
         key, leaves, spec=spec, sample_shape=sample_shape, n_batch=n_batch,
         reparameterized=False,
     )
 
 
-def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch):
+def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch, has_baseline, name):
     out = jax.eval_shape(
         partial(_impl, spec=spec, sample_shape=sample_shape, estimator=estimator,
-                n_batch=n_batch),
+                n_batch=n_batch, has_baseline=has_baseline, name=name),
         jax.ShapeDtypeStruct(key.shape, key.dtype),
         *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves),
     )
     return _compat.ShapedArray(out.shape, out.dtype)
 
 
-def _batch(args, dims, *, spec, sample_shape, estimator, n_batch):
+def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
     moved = [
         jnp.broadcast_to(x, (size, *x.shape)) if d is None
@@ -199,13 +219,15 @@ def _batch(args, dims, *, spec, sample_shape, estimator, n_batch):
         for x, d in zip(args, dims)
     ]
     out = sample_p.bind(*moved, spec=spec, sample_shape=sample_shape,
-                        estimator=estimator, n_batch=n_batch + 1)
+                        estimator=estimator, n_batch=n_batch + 1,
+                        has_baseline=has_baseline, name=name)
     return out, 0
 
 
-def _jvp(primals, tangents, *, spec, sample_shape, estimator, n_batch):
-    key, *leaves = primals
-    leaf_tangents = [ad.instantiate_zeros(t) for t in tangents[1:]]
+def _jvp(primals, tangents, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
+    n = len(primals) - has_baseline
+    key, *leaves = primals[:n]
+    leaf_tangents = [ad.instantiate_zeros(t) for t in tangents[1:n]]
     reparameterized = estimator == "pathwise"
 
     def fn(*leaves):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _control_flow  # noqa: F401  (registers the higher-order rules)
-from . import _graph, _interpret
+from . import _compat, _graph, _interpret
 from ._graph import Graph, Val
 
 
@@ -79,65 +79,225 @@ def _evaluate(f, args, kwargs, has_aux):
     return outs[0], aux, graph
 
 
-def surrogate(f: Callable, *, has_aux: bool = False) -> Callable:
+BASELINES = (None, "leave_one_out")
+
+
+def _node_names(graph: Graph) -> dict:
+    """NodeId → name: the `name=` given to `scg.sample`, else `node<i>` as in `describe`
+    (repeated names get a suffix `_1`, `_2`, ...)."""
+    names, seen = {}, {}
+    for i, node in enumerate(graph.nodes.values()):
+        base = node.name or f"node{i}"
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        names[node.id] = base if k == 0 else f"{base}_{k}"
+    return names
+
+
+def _one_sample(f, has_aux, need_downstream):
+    """The surrogate of one run of `f`: (surrogate, aux, downstream costs, log-probs),
+    the last two keyed by node name."""
+
+    def run(args, kwargs):
+        cost, aux, graph = _evaluate(f, args, kwargs, has_aux)
+        value = _graph.dice_objective(cost, graph)
+        if not need_downstream:
+            return value, aux, {}, {}
+        names = _node_names(graph)
+        q = _graph.downstream_costs(cost, graph)
+        return (value, aux, {names[n]: v for n, v in q.items()},
+                {names[n]: v for n, v in graph.log_probs.items()})
+
+    return run
+
+
+def _check_options(num_samples, baseline, key_argnum, nargs):
+    if baseline not in BASELINES:
+        raise ValueError(f"scgjax: unknown baseline {baseline!r}; choose None or "
+                         "'leave_one_out' (per-node baselines go to scg.sample(..., baseline=b)).")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"scgjax: num_samples must be a positive int, got {num_samples!r}.")
+    if baseline == "leave_one_out" and num_samples < 2:
+        raise ValueError("scgjax: baseline='leave_one_out' needs num_samples >= 2 (each "
+                         f"sample's baseline is the mean of the others), got {num_samples}.")
+    if num_samples > 1 and not -nargs <= key_argnum < nargs:
+        raise ValueError(f"scgjax: key_argnum={key_argnum} does not name one of f's "
+                         f"{nargs} positional arguments.")
+
+
+def _with_key(args: tuple, key_argnum: int, key) -> tuple:
+    args = list(args)
+    args[key_argnum] = key
+    return tuple(args)
+
+
+def _split_key(key, n: int):
+    if not (_compat.is_key_array(key) or jnp.shape(key)[-1:] == (2,)):
+        raise TypeError(
+            "scgjax: the argument at key_argnum must be a PRNG key, got "
+            f"{type(key).__name__} of shape {jnp.shape(key)}. Set key_argnum to the "
+            "position of f's key argument.")
+    return jax.random.split(key, n)
+
+
+def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
+              baseline: str | None = None, key_argnum: int = -1,
+              downstream: bool = False) -> Callable:
     """The DiCE surrogate objective of a stochastic program.
 
     Args:
       f: a function of arrays (and pytrees of arrays) that draws samples with
         `scgjax.sample` and returns a scalar cost (or `(cost, aux)` with `has_aux`).
       has_aux: whether `f` returns `(cost, aux)`.
+      num_samples: run `f` this many times under `vmap`, with keys split from its key
+        argument (`key_argnum`); the value is the mean of the costs and the derivatives
+        are the mean of the single-sample ones. Aux values then have a leading axis.
+      baseline: `"leave_one_out"` (with `num_samples >= 2`): each node's downstream cost
+        in sample `k` gets the mean of the same node's downstream costs in the other
+        samples as baseline (unbiased, every order).
+      key_argnum: the position of `f`'s key argument, for `num_samples > 1`.
+      downstream: also return each score node's downstream cost `Q̂_w` (stop-gradient,
+        shaped like its log-probability, keyed by `name=` or `node<i>`), the regression
+        target of a learned or moving-average baseline.
 
     Returns:
       A function with `f`'s signature whose value equals `f`'s cost for the same
       arguments (and key), and whose derivatives of every order with respect to any
       argument (`jax.grad`, `jax.hessian`, `jax.jacfwd`) are unbiased estimates of the
-      derivatives of `E[cost]`. With `has_aux`, it returns `(surrogate, aux)`.
+      derivatives of `E[cost]`. With `has_aux` it returns `(surrogate, aux)`; with
+      `downstream`, `(surrogate, downstream)` or `(surrogate, (aux, downstream))`.
 
     Example:
       >>> L = scg.surrogate(f)(theta, key)        # == f(theta, key)
       >>> H = jax.hessian(scg.surrogate(f))(theta, key)
     """
+    loo = baseline == "leave_one_out"
+    run = _one_sample(f, has_aux, downstream or loo)
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
-        cost, aux, graph = _evaluate(f, args, kwargs, has_aux)
-        value = _graph.dice_objective(cost, graph)
+        _check_options(num_samples, baseline, key_argnum, len(args))
+        if num_samples == 1:
+            value, aux, q, _ = run(args, kwargs)
+        else:
+            keys = _split_key(args[key_argnum], num_samples)
+            values, aux, q, log_probs = jax.vmap(
+                lambda k: run(_with_key(args, key_argnum, k), kwargs))(keys)
+            value = jnp.mean(values)
+            if loo:
+                extra = 0.0
+                for name, qs in q.items():
+                    others = (jnp.sum(qs, axis=0, keepdims=True) - qs) / (num_samples - 1)
+                    extra = extra + _graph.baseline_term(log_probs[name], others)
+                value = value + extra / num_samples
+        if downstream:
+            aux = (aux, q) if has_aux else q
+            return value, aux
         return (value, aux) if has_aux else value
 
     return wrapped
 
 
-def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
+def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+                       **options) -> Callable:
     """Like `jax.value_and_grad`, with an unbiased estimate of the gradient of `E[f]`.
 
     Args:
       f: a stochastic program (see `surrogate`).
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`.
+      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, as in `surrogate`.
 
     Returns:
-      A function returning `(cost, grad)`, or `((cost, aux), grad)` with `has_aux`.
+      A function returning `(cost, grad)`, or `((cost, aux), grad)` with `has_aux`; with
+      `downstream`, the aux slot holds `downstream` or `(aux, downstream)`.
     """
-    return jax.value_and_grad(surrogate(f, has_aux=has_aux), argnums=argnums, has_aux=has_aux)
+    aux = has_aux or options.get("downstream", False)
+    return jax.value_and_grad(surrogate(f, has_aux=has_aux, **options), argnums=argnums,
+                              has_aux=aux)
 
 
-def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False) -> Callable:
+def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+             **options) -> Callable:
     """Like `jax.grad`: an unbiased estimate of the gradient of `E[f]`.
 
     Score-function (REINFORCE) terms are added for draws that are not reparameterized,
-    each weighted only by the cost terms downstream of it; reparameterized draws are
-    differentiated through.
+    each element weighted only by the cost elements downstream of it (automatic plates,
+    causality in `scan`); reparameterized draws are differentiated through.
 
     Args:
       f: a stochastic program (see `surrogate`).
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`; then this returns `(grad, aux)`.
+      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, as in
+        `surrogate`. With `downstream=True` this returns `(grad, downstream)` (or
+        `(grad, (aux, downstream))`).
 
     Example:
       >>> g = scg.scg_grad(f)(theta, key)
+      >>> g = scg.scg_grad(f, num_samples=8, baseline="leave_one_out")(theta, key)
       >>> g = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(theta, keys).mean(0)
     """
-    return jax.grad(surrogate(f, has_aux=has_aux), argnums=argnums, has_aux=has_aux)
+    aux = has_aux or options.get("downstream", False)
+    return jax.grad(surrogate(f, has_aux=has_aux, **options), argnums=argnums, has_aux=aux)
+
+
+def gradient_variance(f: Callable, argnums: int | Sequence[int] = 0, num_draws: int = 1000,
+                      *, has_aux: bool = False, key_argnum: int = -1, **options) -> Callable:
+    """The mean and variance of the gradient estimator, from `num_draws` draws.
+
+    Args:
+      f: a stochastic program (see `surrogate`).
+      argnums: as in `scg_grad`.
+      num_draws: how many independent estimates, batched with `vmap` under one `jit`,
+        with keys split from `f`'s key argument.
+      has_aux: whether `f` returns `(cost, aux)` (the aux is dropped).
+      key_argnum: the position of `f`'s key argument.
+      **options: estimator options as in `scg_grad` (`num_samples`, `baseline`).
+
+    Returns:
+      A function with `f`'s signature returning `(mean, variance)`, pytrees shaped like
+      the gradient; the variance is the per-entry variance of one estimate (ddof=0).
+
+    Example:
+      >>> mean, var = scg.gradient_variance(f, num_draws=10_000)(theta, key)
+      >>> _, var_loo = scg.gradient_variance(f, num_draws=10_000, num_samples=4,
+      ...                                    baseline="leave_one_out")(theta, key)
+    """
+    if not isinstance(num_draws, int) or num_draws < 2:
+        raise ValueError(f"scgjax: num_draws must be an int >= 2, got {num_draws!r}.")
+    grad = scg_grad(f, argnums, has_aux=has_aux, key_argnum=key_argnum, **options)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        def stats(*args):
+            keys = _split_key(args[key_argnum], num_draws)
+            draws = jax.vmap(lambda k: grad(*_with_key(args, key_argnum, k), **kwargs))(keys)
+            if has_aux:
+                draws = draws[0]
+            return (jax.tree.map(lambda d: jnp.mean(d, axis=0), draws),
+                    jax.tree.map(lambda d: jnp.var(d, axis=0), draws))
+
+        return _jit_array_args(stats)(*args)
+
+    return wrapped
+
+
+def _jit_array_args(fn: Callable) -> Callable:
+    """`jax.jit(fn)` with every non-array leaf of the arguments held static."""
+
+    def call(*args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        dynamic = [_is_array_like(x) for x in leaves]
+
+        def inner(*dyn):
+            it = iter(dyn)
+            full = [next(it) if d else x for x, d in zip(leaves, dynamic)]
+            return fn(*jax.tree_util.tree_unflatten(tree, full))
+
+        return jax.jit(inner)(*[x for x, d in zip(leaves, dynamic) if d])
+
+    return call
 
 
 def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
@@ -162,13 +322,13 @@ def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
 
         jax.eval_shape(run, *args, **kwargs)
         cost, graph = box["cost"], box["graph"]
-        weights = _graph.downstream_costs(cost)
+        weights = _graph.node_weights(cost)
         n_terms = len(cost.term_items())
         rows = [("node", "distribution", "estimator", "shape", "weights", "source")]
         for i, node in enumerate(graph.nodes.values()):
-            weighted = (f"{len(weights.get(node.id, []))} of {n_terms} cost terms"
+            weighted = (f"{weights.get(node.id, 0)} of {n_terms} cost terms"
                         if node.estimator == "score" else "-")
-            rows.append((str(i), node.distribution, node.estimator, str(node.shape),
+            rows.append((node.name or f"node{i}", node.distribution, node.estimator, str(node.shape),
                          weighted, node.source))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()

@@ -128,3 +128,70 @@ def enumerate_expectation(
     for config in itertools.product(*supports):
         total = total + weighted_cost(*config)
     return total
+
+
+# ---------------------------------------------------------------------------------------
+# Hand-written estimators and exact moments (variance-reduction tests).
+# ---------------------------------------------------------------------------------------
+
+
+def magic_box(tau):
+    """DiCE's ⊡(τ) = exp(τ − ⊥τ): value 1, derivative ⊡(τ)·∇τ (Foerster et al. 2018)."""
+    return jnp.exp(tau - jax.lax.stop_gradient(tau))
+
+
+def bernoulli_logits_log_prob(v, logits):
+    """log q(v) for Bernoulli(logits=l), written out by hand: v·l − softplus(l)."""
+    return v * logits - jax.nn.softplus(logits)
+
+
+def binary_configs(n: int) -> np.ndarray:
+    """Every configuration of ``n`` binary variables, as a float32 ``(2**n, n)`` array."""
+    return np.array(list(itertools.product((0, 1), repeat=n)), dtype=np.float32)
+
+
+def discrete_moments(values, probs):
+    """Mean, variance and fourth central moment (float64, per component) of a random
+    vector that takes ``values[j]`` with probability ``probs[j]`` (leading axis j)."""
+    v = _as_f64(values)
+    p = _as_f64(probs)
+    assert abs(p.sum() - 1.0) < 1e-6, f"probabilities sum to {p.sum()}"
+    p = p.reshape(p.shape + (1,) * (v.ndim - 1))
+    mean = (p * v).sum(0)
+    centred = v - mean
+    return mean, (p * centred**2).sum(0), (p * centred**4).sum(0)
+
+
+def assert_trees_allclose(got, want, rtol: float = 1e-4, atol: float = 1e-5,
+                          err_msg: str = "") -> None:
+    """Leaf-by-leaf ``np.testing.assert_allclose`` of two pytrees of the same structure."""
+    got_def = jax.tree_util.tree_structure(got)
+    want_def = jax.tree_util.tree_structure(want)
+    assert got_def == want_def, f"pytree mismatch: {got_def} vs {want_def}"
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                            jax.tree_util.tree_leaves(want)):
+        g, w = _as_f64(g), _as_f64(w)
+        assert g.shape == w.shape, f"{jax.tree_util.keystr(path)}: {g.shape} vs {w.shape}"
+        np.testing.assert_allclose(
+            g, w, rtol=rtol, atol=atol,
+            err_msg=f"{jax.tree_util.keystr(path) or '<root>'} {err_msg}")
+
+
+def assert_variance_ratio_below(draws_a, draws_b, ratio: float,
+                                n_sigma: float = 5.0) -> None:
+    """Assert ``Var[a] < ratio · Var[b]``, significant at ``n_sigma`` standard errors.
+
+    ``draws_a`` and ``draws_b`` are 1-D with the same length, paired (same keys) or
+    independent. The statistic is the mean of ``(a − ā)² − ratio·(b − b̄)²`` per draw, whose
+    standard error the draws give; it must lie more than ``n_sigma`` standard errors
+    below zero.
+    """
+    a, b = _as_f64(draws_a), _as_f64(draws_b)
+    assert a.ndim == b.ndim == 1 and a.shape == b.shape
+    d = (a - a.mean()) ** 2 - ratio * (b - b.mean()) ** 2
+    se = d.std(ddof=1) / np.sqrt(d.shape[0])
+    assert d.mean() + n_sigma * se < 0.0, (
+        f"variance {a.var():.6g} is not below {ratio} x {b.var():.6g} = "
+        f"{ratio * b.var():.6g} by {n_sigma} standard errors (statistic "
+        f"{d.mean():.4g}, se {se:.3g}, N={a.shape[0]})"
+    )

@@ -1,0 +1,780 @@
+"""Gradient variance and time per step of scgjax's estimators, against hand-written
+surrogates and NumPyro's ``TraceGraph_ELBO``.
+
+Two workloads:
+
+* ``vae`` -- a discrete VAE: batch 128 of 8x8 binary "digit" images (procedurally
+  drawn from a 5x7 digit font with random shifts, stroke thickening and pixel noise;
+  deterministic, no data set download), 256 Bernoulli latents
+  ``z ~ Bernoulli(logits = x @ W_enc + b_enc)`` drawn with ``scg.sample`` (score
+  function), decoder ``x ~ Bernoulli(logits = z @ W_dec + b_dec)``, prior
+  Bernoulli(0.5), cost = mean over the batch of the single-sample negative ELBO.
+* ``rl`` -- a 200-step ``lax.scan`` rollout of a linear categorical policy
+  (state dim 8, 4 actions) with ``scg.sample`` inside the scan body, a deterministic
+  action-dependent transition and a state-dependent reward per step,
+  cost = -(total reward).
+
+For each estimator the script draws ``--draws`` independent gradient estimates at fixed
+parameters and reports, per parameter group, the mean over the group's entries of the
+per-entry variance across draws, and the median wall time of one jitted gradient step.
+Estimators (rows):
+
+* ``REINFORCE (whole, hand)``  -- ⊡(Σ all log-probs)·total cost: no Rao-Blackwellization;
+* ``hand per-row`` / ``hand per-element`` / ``hand causal`` -- hand-written DiCE
+  surrogates with plates (vae) or reward-to-go (rl); the one that gives the same
+  gradient as the scgjax default is the time reference (target: ≤ 1.05×);
+* ``scgjax default``  -- ``scg.scg_grad(f)`` (automatic plates, causality in scan);
+* ``scgjax LOO K=4/8`` -- ``scg_grad(f, num_samples=K, baseline="leave_one_out")``:
+  the mean of K estimates, so it costs about K× a plain step;
+* ``scgjax moving avg`` -- ``scg.sample(..., baseline=b, name=...)`` with ``b`` an
+  exponential moving average of the node's downstream cost (from
+  ``scg_grad(..., downstream=True)``), averaged over the batch axis, kept as explicit
+  state and warmed up before measuring; its step includes the state update;
+* ``NumPyro TraceGraph_ELBO`` (vae only) -- the same model and guide written with
+  ``numpyro.plate`` (over the batch, and over batch × latents), gradient of
+  ``TraceGraph_ELBO().loss`` (whose value is the loss and whose gradient is NumPyro's
+  surrogate) with the parameters substituted through ``param_map``.
+
+``z²`` column: a bias check. For every entry, (mean − reference mean)² / (s.e.² + s.e.²
+of the reference), averaged over all entries; the reference is an independent run of
+the lowest-variance hand-written estimator. About 1 means "no detectable bias"; values
+far above 1 mean the estimator's mean differs from the reference's.
+
+Run:  python benchmarks/variance.py            (about 1-2 minutes on 2 CPU cores)
+      python benchmarks/variance.py --quick    (rough numbers, ~30 s)
+      python benchmarks/variance.py --help
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+# Let the script run from a checkout without installing the package.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import numpyro  # noqa: E402
+import numpyro.distributions as dist  # noqa: E402
+from jax import lax  # noqa: E402
+from numpyro.infer import TraceGraph_ELBO  # noqa: E402
+
+import scgjax as scg  # noqa: E402
+
+RUN_TARGET = 1.05
+
+
+def magic_box(tau):
+    """DiCE's magic box: value 1, d/dtau box(tau) = box(tau)."""
+    return jnp.exp(tau - lax.stop_gradient(tau))
+
+
+# --------------------------------------------------------------------------
+# (a) discrete VAE on digit-like 8x8 binary images
+# --------------------------------------------------------------------------
+VAE_BATCH, VAE_SIDE, VAE_LATENTS = 128, 8, 256
+VAE_PIXELS = VAE_SIDE * VAE_SIDE
+
+_FONT = [  # 5x7 bitmaps of 0..9
+    ["01110", "10001", "10011", "10101", "11001", "10001", "01110"],
+    ["00100", "01100", "00100", "00100", "00100", "00100", "01110"],
+    ["01110", "10001", "00001", "00010", "00100", "01000", "11111"],
+    ["11111", "00010", "00100", "00010", "00001", "10001", "01110"],
+    ["00010", "00110", "01010", "10010", "11111", "00010", "00010"],
+    ["11111", "10000", "11110", "00001", "00001", "10001", "01110"],
+    ["00110", "01000", "10000", "11110", "10001", "10001", "01110"],
+    ["11111", "00001", "00010", "00100", "01000", "01000", "01000"],
+    ["01110", "10001", "10001", "01110", "10001", "10001", "01110"],
+    ["01110", "10001", "10001", "01111", "00001", "00010", "01100"],
+]
+
+
+def digit_images(n=VAE_BATCH, seed=0, flip=0.03):
+    """n deterministic 8x8 binary digit-like images, float32 [n, 64].
+
+    Digit i % 10 from a 5x7 font, shifted by a random offset inside the 8x8 frame,
+    thickened horizontally with probability 0.3, then each pixel flipped w.p. `flip`.
+    """
+    rng = np.random.RandomState(seed)
+    out = np.zeros((n, VAE_SIDE, VAE_SIDE), np.float32)
+    for i in range(n):
+        glyph = np.array([[c == "1" for c in row] for row in _FONT[i % 10]], np.float32)
+        if rng.rand() < 0.3:  # a bolder stroke
+            glyph = np.maximum(glyph, np.pad(glyph, ((0, 0), (1, 0)))[:, :-1])
+        r, c = rng.randint(0, VAE_SIDE - 7 + 1), rng.randint(0, VAE_SIDE - 5 + 1)
+        out[i, r:r + 7, c:c + 5] = glyph
+    noise = rng.rand(*out.shape) < flip
+    out = np.where(noise, 1.0 - out, out)
+    return jnp.asarray(out.reshape(n, VAE_PIXELS))
+
+
+def vae_problem(seed=0):
+    x = digit_images(VAE_BATCH, seed)
+    ks = jax.random.split(jax.random.PRNGKey(seed + 100), 4)
+    # Random (nonzero) init: numpyro 0.22's Bernoulli(logits).log_prob has a wrong
+    # derivative at exactly logits == 0 (DESIGN.md, sharp edges); NumPyro's own
+    # surrogate and the hand-written ones use that log_prob.
+    params = {
+        "enc_w": 0.1 * jax.random.normal(ks[0], (VAE_PIXELS, VAE_LATENTS)),
+        "enc_b": 0.1 * jax.random.normal(ks[1], (VAE_LATENTS,)),
+        "dec_w": 0.1 * jax.random.normal(ks[2], (VAE_LATENTS, VAE_PIXELS)),
+        "dec_b": 0.1 * jax.random.normal(ks[3], (VAE_PIXELS,)),
+    }
+    return params, x
+
+
+VAE_GROUPS = [("enc W", "enc_w"), ("enc b", "enc_b"), ("dec W", "dec_w"), ("dec b", "dec_b")]
+
+
+def _vae_neg_elbo(params, x, q, z):
+    px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
+    prior = dist.Bernoulli(probs=0.5)
+    log_ratio = jnp.sum(q.log_prob(z) - prior.log_prob(z), axis=-1)
+    recon = jnp.sum(px.log_prob(x), axis=-1)
+    return jnp.mean(log_ratio - recon)
+
+
+def vae_cost(params, x, key):
+    """The stochastic program: single-sample negative ELBO, mean over the batch."""
+    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
+    z = scg.sample(key, q)
+    return _vae_neg_elbo(params, x, q, z)
+
+
+def vae_cost_ma(params, state, x, key):
+    """Same program, with a per-latent baseline for z taken from `state`."""
+    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
+    z = scg.sample(key, q, baseline=state["z"], name="z")
+    return _vae_neg_elbo(params, x, q, z)
+
+
+def vae_ma_init(params, x):
+    return {"z": jnp.zeros((VAE_LATENTS,), jnp.float32)}
+
+
+def _vae_parts(params, x, key):
+    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
+    z = lax.stop_gradient(q.sample(key))  # what scg.sample draws for this key
+    lq = q.log_prob(z)  # [B, L]
+    px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
+    recon = jnp.sum(px.log_prob(x), axis=-1)  # [B]
+    ratio = lq - dist.Bernoulli(probs=0.5).log_prob(z)  # [B, L]
+    return lq, recon, ratio
+
+
+def vae_hand_whole(params, x, key):
+    # REINFORCE on the whole program: one box of every log-prob times the whole cost.
+    lq, recon, ratio = _vae_parts(params, x, key)
+    cost = jnp.mean(jnp.sum(ratio, axis=-1) - recon)
+    return magic_box(jnp.sum(lq)) * cost
+
+
+def vae_hand_row(params, x, key):
+    # Plates over the batch axis: example b's cost is boxed with log q(z_b).
+    lq, recon, ratio = _vae_parts(params, x, key)
+    cost_b = jnp.sum(ratio, axis=-1) - recon
+    return jnp.mean(magic_box(jnp.sum(lq, axis=-1)) * cost_b)
+
+
+def vae_hand_element(params, x, key):
+    # Plates over both axes: the log-ratio element (b, j) depends on z_bj only.
+    lq, recon, ratio = _vae_parts(params, x, key)
+    per_b = magic_box(jnp.sum(lq, axis=-1)) * (-recon) + jnp.sum(magic_box(lq) * ratio, axis=-1)
+    return jnp.mean(per_b)
+
+
+# NumPyro: the same model and guide, with plates declared.
+def _np_model_batch(x):
+    dec_w, dec_b = numpyro.param("dec_w"), numpyro.param("dec_b")
+    with numpyro.plate("batch", x.shape[0]):
+        z = numpyro.sample("z", dist.Bernoulli(probs=jnp.full((VAE_LATENTS,), 0.5)).to_event(1))
+        numpyro.sample("x", dist.Bernoulli(logits=z @ dec_w + dec_b).to_event(1), obs=x)
+
+
+def _np_guide_batch(x):
+    enc_w, enc_b = numpyro.param("enc_w"), numpyro.param("enc_b")
+    with numpyro.plate("batch", x.shape[0]):
+        numpyro.sample("z", dist.Bernoulli(logits=x @ enc_w + enc_b).to_event(1))
+
+
+def _np_model_nested(x):
+    dec_w, dec_b = numpyro.param("dec_w"), numpyro.param("dec_b")
+    with numpyro.plate("batch", x.shape[0], dim=-2):
+        with numpyro.plate("latent", VAE_LATENTS, dim=-1):
+            z = numpyro.sample("z", dist.Bernoulli(probs=0.5))  # [B, L]
+        logits = (z @ dec_w + dec_b)[:, None, :]  # batch shape [B, 1]
+        numpyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x[:, None, :])
+
+
+def _np_guide_nested(x):
+    enc_w, enc_b = numpyro.param("enc_w"), numpyro.param("enc_b")
+    with numpyro.plate("batch", x.shape[0], dim=-2):
+        with numpyro.plate("latent", VAE_LATENTS, dim=-1):
+            numpyro.sample("z", dist.Bernoulli(logits=x @ enc_w + enc_b))
+
+
+def make_numpyro_grad(model, guide):
+    """jax.grad of TraceGraph_ELBO().loss / B w.r.t. the substituted params.
+
+    TraceGraph_ELBO.loss returns -ELBO + Σ_w (log q(w)·⊥Q̂_w − ⊥(...)): its value is the
+    loss and its gradient is NumPyro's Rao-Blackwellized surrogate gradient (this is
+    what numpyro.infer.SVI differentiates). NumPyro's loss sums over the batch; the
+    scgjax cost is a mean, hence the 1/B.
+    """
+    elbo = TraceGraph_ELBO()
+
+    def loss(params, x, key):
+        return elbo.loss(key, params, model, guide, x) / x.shape[0]
+
+    return jax.grad(loss)
+
+
+# --------------------------------------------------------------------------
+# (b) policy gradient: 200-step lax.scan rollout
+# --------------------------------------------------------------------------
+RL_HORIZON, RL_STATE, RL_ACTIONS = 200, 8, 4
+RL_GROUPS = [("policy W", "w"), ("policy b", "b")]
+
+
+def rl_problem(seed=1):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    # An orthogonal matrix scaled below 1: stable, mixing linear dynamics.
+    a_mat = 0.9 * jnp.linalg.qr(jax.random.normal(ks[0], (RL_STATE, RL_STATE)))[0]
+    env = {
+        "A": a_mat,
+        "B": jax.random.normal(ks[1], (RL_ACTIONS, RL_STATE)),  # effect of each action
+        "goal": 0.5 * jax.random.normal(ks[2], (RL_STATE,)),
+        "s0": jax.random.normal(ks[3], (RL_STATE,)),
+    }
+    params = {
+        "w": 0.3 * jax.random.normal(ks[4], (RL_ACTIONS, RL_STATE)),
+        "b": 0.1 * jax.random.normal(ks[5], (RL_ACTIONS,)),
+    }
+    return params, env
+
+
+def _rl_transition(env, s, a):
+    s_next = jnp.tanh(env["A"] @ s + env["B"][a])
+    reward = -jnp.sum((s_next - env["goal"]) ** 2)  # state-dependent reward
+    return s_next, reward
+
+
+def rl_cost(params, env, key):
+    def step(s, k):
+        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
+        a = scg.sample(k, pi)
+        return _rl_transition(env, s, a)
+
+    _, rewards = lax.scan(step, env["s0"], jax.random.split(key, RL_HORIZON))
+    return -jnp.sum(rewards)
+
+
+def rl_cost_ma(params, state, env, key):
+    """Same rollout; step t's action gets the baseline state["a"][t]."""
+
+    def step(s, inp):
+        k, b_t = inp
+        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
+        a = scg.sample(k, pi, baseline=b_t, name="a")
+        return _rl_transition(env, s, a)
+
+    xs = (jax.random.split(key, RL_HORIZON), state["a"])
+    _, rewards = lax.scan(step, env["s0"], xs)
+    return -jnp.sum(rewards)
+
+
+def rl_ma_init(params, env):
+    return {"a": jnp.zeros((RL_HORIZON,), jnp.float32)}
+
+
+def _rl_parts(params, env, key):
+    def step(s, k):
+        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
+        a = lax.stop_gradient(pi.sample(k))  # what scg.sample draws for this key
+        s_next, reward = _rl_transition(env, s, a)
+        return s_next, (pi.log_prob(a), reward)
+
+    _, (logp, rewards) = lax.scan(step, env["s0"], jax.random.split(key, RL_HORIZON))
+    return logp, rewards
+
+
+def rl_hand_whole(params, env, key):
+    # REINFORCE on the whole program: Σ_t log π(a_t) times the total cost.
+    logp, rewards = _rl_parts(params, env, key)
+    return magic_box(jnp.sum(logp)) * (-jnp.sum(rewards))
+
+
+def rl_hand_causal(params, env, key):
+    # Causality: the reward of step t is boxed with the log-probs of steps <= t.
+    logp, rewards = _rl_parts(params, env, key)
+    return jnp.sum(magic_box(jnp.cumsum(logp)) * (-rewards))
+
+
+# --------------------------------------------------------------------------
+# estimator rows
+# --------------------------------------------------------------------------
+class Row:
+    """One estimator: a jittable step and a jittable single gradient draw.
+
+    grad_draw(params, data, key) -> gradient pytree (one estimate; MA rows close over
+    their warmed-up state). step(params, data, key) -> what one training step computes.
+    """
+
+    def __init__(self, name, grad_draw, step=None, *, kind="own", scg_f=None,
+                 scg_opts=None, scg_extra=(), note=""):
+        self.name = name
+        self.grad_draw = grad_draw
+        self.step = step or grad_draw
+        self.kind = kind  # "own": vmapped draws here; "scg": may use scg.gradient_variance
+        self.scg_f, self.scg_opts, self.scg_extra = scg_f, scg_opts or {}, scg_extra
+        self.note = note
+
+
+def _batch_mean_to(x, shape):
+    """Averages leading axes of `x` until it has `shape` (the batch axis of Q̂)."""
+    x = jnp.asarray(x)
+    while x.ndim > len(shape):
+        x = x.mean(0)
+    return jnp.broadcast_to(x, shape)
+
+
+def make_ma(cost_ma, init_state, params, data, decay, warmup, key):
+    """A moving-average baseline with explicit state.
+
+    state ← decay·state + (1 − decay)·batch-mean(Q̂), Q̂ from scg_grad(downstream=True).
+    Warmed up for `warmup` steps at the fixed parameters; returns (warm state, step).
+    """
+    grad_ds = scg.scg_grad(cost_ma, downstream=True)
+
+    def step(params, state, data, key):
+        g, ds = grad_ds(params, state, data, key)
+        new_state = {n: decay * s + (1.0 - decay) * _batch_mean_to(ds[n], s.shape)
+                     for n, s in state.items()}
+        return g, new_state
+
+    step = jax.jit(step)
+    state = init_state(params, data)
+    for k in jax.random.split(key, warmup):
+        _, state = step(params, state, data, k)
+    return jax.block_until_ready(state), step
+
+
+def vae_rows(params, x, a):
+    rows = [
+        Row("REINFORCE (whole, hand)", jax.grad(vae_hand_whole)),
+        Row("hand per-row", jax.grad(vae_hand_row)),
+        Row("hand per-element", jax.grad(vae_hand_element)),
+        Row("scgjax default", scg.scg_grad(vae_cost), kind="scg", scg_f=vae_cost),
+    ]
+    rows += _common_scg_rows(vae_cost, vae_cost_ma, vae_ma_init, params, x, a)
+    rows += [
+        Row("NumPyro TraceGraph (plate batch)",
+            make_numpyro_grad(_np_model_batch, _np_guide_batch)),
+        Row("NumPyro TraceGraph (plates batch×latent)",
+            make_numpyro_grad(_np_model_nested, _np_guide_nested)),
+    ]
+    return rows
+
+
+def rl_rows(params, env, a):
+    rows = [
+        Row("REINFORCE (whole, hand)", jax.grad(rl_hand_whole)),
+        Row("hand causal (reward-to-go)", jax.grad(rl_hand_causal)),
+        Row("scgjax default", scg.scg_grad(rl_cost), kind="scg", scg_f=rl_cost),
+    ]
+    rows += _common_scg_rows(rl_cost, rl_cost_ma, rl_ma_init, params, env, a)
+    return rows
+
+
+def _common_scg_rows(cost, cost_ma, ma_init, params, data, a):
+    rows = []
+    for k in a.loo:
+        opts = dict(num_samples=k, baseline="leave_one_out", key_argnum=-1)
+        rows.append(_lazy_row(f"scgjax LOO K={k}",
+                              lambda opts=opts: scg.scg_grad(cost, **opts),
+                              kind="scg", scg_f=cost, scg_opts=opts,
+                              note=f"{k} samples per step"))
+
+    def build_ma():
+        state, step = make_ma(cost_ma, ma_init, params, data, a.ma_decay, a.ma_warmup,
+                              jax.random.PRNGKey(12345))
+        draw = scg.scg_grad(cost_ma)  # the same estimator, state held fixed
+        return state, step, draw
+
+    rows.append(_MARow(f"scgjax moving avg (decay {a.ma_decay:g})", build_ma, cost_ma))
+    return rows
+
+
+class _LazyRow(Row):
+    """A row whose gradient function is built on first use (the API may be missing)."""
+
+    def __init__(self, name, build, **kw):
+        super().__init__(name, None, **kw)
+        self._build = build
+
+    def prepare(self, params, data):
+        self.grad_draw = self.step = self._build()
+
+
+def _lazy_row(name, build, **kw):
+    return _LazyRow(name, build, **kw)
+
+
+class _MARow(Row):
+    def __init__(self, name, build, cost_ma):
+        super().__init__(name, None, kind="scg", scg_f=cost_ma,
+                         note="step includes the EMA update")
+        self._build = build
+
+    def prepare(self, params, data):
+        state, step, draw = self._build()
+        self.state = state
+        self.scg_extra = (state,)
+        self.grad_draw = lambda p, d, k: draw(p, state, d, k)
+        self.step = lambda p, d, k: step(p, state, d, k)
+
+
+# --------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------
+def _combine(means, variances, chunk):
+    """Pooled mean and (ddof=1) variance of equal-size chunks, in float64."""
+    means = np.asarray(means, np.float64)
+    variances = np.asarray(variances, np.float64)
+    c = means.shape[0]
+    n = c * chunk
+    mean = means.mean(0)
+    ss = (chunk - 1) * variances.sum(0) + chunk * ((means - mean) ** 2).sum(0)
+    return mean, ss / (n - 1)
+
+
+def own_stats(row, params, data, key, num_draws, chunk):
+    """(mean, variance) pytrees over num_draws independent draws of row.grad_draw."""
+    n_chunks = num_draws // chunk
+    keys = jax.random.split(key, n_chunks * chunk).reshape((n_chunks, chunk) + key.shape)
+
+    @jax.jit
+    def stats(params, data, keys):
+        def one_chunk(ks):
+            g = jax.vmap(lambda k: row.grad_draw(params, data, k))(ks)
+            return (jax.tree.map(lambda v: v.mean(0), g),
+                    jax.tree.map(lambda v: v.var(0, ddof=1), g))
+
+        return lax.map(one_chunk, keys)
+
+    means, variances = stats(params, data, keys)
+    return _tree_combine(means, variances, chunk)
+
+
+def scg_stats(row, params, data, key, num_draws, chunk):
+    """Same, through scg.gradient_variance, chunk draws per call."""
+    n_chunks = num_draws // chunk
+    gv = scg.gradient_variance(row.scg_f, argnums=0, num_draws=chunk, key_argnum=-1,
+                               **{k: v for k, v in row.scg_opts.items() if k != "key_argnum"})
+    keys = jax.random.split(key, n_chunks)
+
+    @jax.jit
+    def stats(params, data, keys):
+        return lax.map(lambda k: gv(params, *row.scg_extra, data, k), keys)
+
+    means, variances = stats(params, data, keys)
+    return _tree_combine(means, variances, chunk)
+
+
+def _tree_combine(means, variances, chunk):
+    leaves_m, tree = jax.tree.flatten(means)
+    leaves_v = jax.tree.leaves(variances)
+    out = [_combine(m, v, chunk) for m, v in zip(leaves_m, leaves_v)]
+    return (jax.tree.unflatten(tree, [o[0] for o in out]),
+            jax.tree.unflatten(tree, [o[1] for o in out]))
+
+
+def time_runs(fns, args, reps, inner):
+    """Median seconds per call; the functions alternate, order flipped every rep."""
+    for fn in fns.values():  # compile + warm up
+        for _ in range(3):
+            jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(reps):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            fn = fns[name]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                jax.block_until_ready(fn(*args))
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def same_gradient(fn_a, fn_b, params, data, keys, rtol):
+    """Max relative error between two gradient functions over keys, and whether they
+    agree to rtol (np.testing.assert_allclose per leaf, atol = rtol·1e-2·max|leaf|)."""
+    fa, fb = jax.jit(fn_a), jax.jit(fn_b)
+    ok, worst = True, 0.0
+    for k in keys:
+        ga, gb = fa(params, data, k), fb(params, data, k)
+        for name in ga:
+            a_, b_ = np.asarray(ga[name], np.float64), np.asarray(gb[name], np.float64)
+            scale = float(np.max(np.abs(b_)))
+            worst = max(worst, float(np.max(np.abs(a_ - b_)) / max(scale, 1e-30)))
+            try:
+                np.testing.assert_allclose(a_, b_, rtol=rtol, atol=rtol * 1e-2 * scale)
+            except AssertionError:
+                ok = False
+    return ok, worst
+
+
+CASES = {
+    "vae": dict(
+        title=(f"discrete VAE (B={VAE_BATCH}, {VAE_PIXELS} px digit-like, "
+               f"{VAE_LATENTS} Bernoulli latents)"),
+        problem=vae_problem, rows=vae_rows, groups=VAE_GROUPS, cost=vae_cost,
+        hands=["hand per-element", "hand per-row", "REINFORCE (whole, hand)"],
+        reference="hand per-element", numpyro=True,
+    ),
+    "rl": dict(
+        title=f"policy gradient, lax.scan T={RL_HORIZON} (state {RL_STATE}, {RL_ACTIONS} actions)",
+        problem=rl_problem, rows=rl_rows, groups=RL_GROUPS, cost=rl_cost,
+        hands=["hand causal (reward-to-go)", "REINFORCE (whole, hand)"],
+        reference="hand causal (reward-to-go)", numpyro=False,
+    ),
+}
+
+
+def _fmt_t(s):
+    if s is None:
+        return "—"
+    if s >= 1.0:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def _fmt_v(v):
+    return "—" if v is None else f"{v:.3g}"
+
+
+def _short_error(e):
+    msg = f"{type(e).__name__}: {e}".strip().splitlines()
+    return msg[0][:200] if msg else type(e).__name__
+
+
+def run_case(case, a, log):
+    spec = CASES[case]
+    params, data = spec["problem"]()
+    rows = spec["rows"](params, data, a)
+    base_key = jax.random.PRNGKey(2024)
+    results = []
+    stats_of = {}
+    for i, row in enumerate(rows):
+        res = {"name": row.name, "note": row.note, "error": None, "via": None}
+        results.append(res)
+        t0 = time.perf_counter()
+        try:
+            if hasattr(row, "prepare"):
+                row.prepare(params, data)
+            key = jax.random.fold_in(base_key, i)  # every row gets independent draws
+            use_gv = (row.kind == "scg" and a.variance_impl != "own"
+                      and hasattr(scg, "gradient_variance"))
+            if use_gv:
+                try:
+                    mean, var = scg_stats(row, params, data, key, a.draws, a.chunk)
+                    res["via"] = "scg.gradient_variance"
+                except Exception as e:  # noqa: BLE001 - report, fall back
+                    if a.variance_impl == "scg":
+                        raise
+                    log(f"  [{case}] {row.name}: scg.gradient_variance failed "
+                        f"({_short_error(e)}); using own vmapped draws")
+                    use_gv = False
+            if not use_gv:
+                mean, var = own_stats(row, params, data, key, a.draws, a.chunk)
+                res["via"] = "own vmap"
+            stats_of[row.name] = (mean, var)
+            res["var"] = {g: float(np.mean(var[leaf])) for g, leaf in spec["groups"]}
+        except Exception as e:  # noqa: BLE001 - a missing feature is a row, not a crash
+            res["error"] = _short_error(e)
+            if a.verbose:
+                traceback.print_exc()
+        log(f"  [{case}] {row.name}: "
+            + (f"variance done ({res['via']}, {time.perf_counter() - t0:.1f} s)"
+               if res["error"] is None else f"unavailable: {res['error']}"))
+
+    # Bias check against an independent run of the reference hand-written estimator.
+    ref = stats_of.get(spec["reference"])
+    n = a.draws
+    for res in results:
+        if res["error"] is not None or ref is None or res["name"] == spec["reference"]:
+            res["z2"] = None
+            continue
+        m, v = stats_of[res["name"]]
+        z2 = []
+        for _, leaf in spec["groups"]:
+            se2 = np.asarray(v[leaf]) / n + np.asarray(ref[1][leaf]) / n
+            z2.append(((np.asarray(m[leaf]) - np.asarray(ref[0][leaf])) ** 2
+                       / np.maximum(se2, 1e-300)).ravel())
+        res["z2"] = float(np.mean(np.concatenate(z2)))
+
+    # Which hand-written surrogate is the scgjax default's estimator?
+    scg_fn = scg.scg_grad(spec["cost"])
+    by_name = {r.name: r for r in rows}
+    check_keys = [jax.random.PRNGKey(k) for k in (42, 7)]
+    match, match_err = None, {}
+    for hand in spec["hands"]:
+        try:
+            ok, err = same_gradient(scg_fn, by_name[hand].grad_draw, params, data,
+                                    check_keys, a.rtol)
+        except Exception as e:  # noqa: BLE001
+            ok, err = False, float("nan")
+            log(f"  [{case}] comparing with {hand} failed: {_short_error(e)}")
+        match_err[hand] = err
+        if ok and match is None:
+            match = hand
+    if match:
+        log(f"  [{case}] scgjax default == {match} (assert_allclose rtol={a.rtol}, "
+            f"max rel err {match_err[match]:.1e})")
+    else:
+        log(f"  [{case}] WARNING: scgjax default matches no hand-written estimator: "
+            + ", ".join(f"{h} {e:.1e}" for h, e in match_err.items()))
+
+    # Time per gradient step, all rows interleaved in one process.
+    key = jax.random.PRNGKey(42)
+    fns = {r.name: jax.jit(r.step) for r, res in zip(rows, results) if res["error"] is None}
+    times = time_runs(fns, (params, data, key), a.reps, a.inner)
+    for res in results:
+        res["time"] = times.get(res["name"])
+    return {"case": case, "title": spec["title"], "groups": [g for g, _ in spec["groups"]],
+            "rows": results, "match": match, "match_err": match_err,
+            "time_ref": match or spec["reference"]}
+
+
+def print_case(out, print_=print):
+    groups = out["groups"]
+    by = {r["name"]: r for r in out["rows"]}
+    ref_t = by.get(out["time_ref"], {}).get("time")
+    print_(f"\n### {out['title']}\n")
+    print_("| estimator | " + " | ".join(f"var {g}" for g in groups)
+           + f" | time/step | × {out['time_ref']} | z² (≈1) |")
+    print_("|---|" + "---|" * len(groups) + "---|---|---|")
+    for r in out["rows"]:
+        if r["error"] is not None:
+            print_(f"| {r['name']} | " + " | ".join("n/a" for _ in groups)
+                   + f" | n/a | | unavailable: {r['error'][:80]} |")
+            continue
+        ratio = (f"{r['time'] / ref_t:.3f}" if (r["time"] and ref_t) else "—")
+        z2 = "ref" if r["name"] == out["time_ref"] or r["z2"] is None else f"{r['z2']:.2f}"
+        print_(f"| {r['name']} | " + " | ".join(_fmt_v(r["var"][g]) for g in groups)
+               + f" | {_fmt_t(r['time'])} | {ratio} | {z2} |")
+
+
+def check_targets(out, print_=print):
+    by = {r["name"]: r for r in out["rows"]}
+    default = by.get("scgjax default")
+    missed = []
+    if default is None or default["error"] is not None:
+        print_(f"- [{out['case']}] scgjax default unavailable")
+        return ["default"]
+    ref = by.get(out["time_ref"])
+    if ref and ref.get("time") and default.get("time"):
+        ratio = default["time"] / ref["time"]
+        ok = ratio <= RUN_TARGET
+        print_(f"- [{out['case']}] time/step scgjax default / {out['time_ref']} = "
+               f"{ratio:.3f} (target ≤ {RUN_TARGET}): {'ok' if ok else 'MISSED'}")
+        if not ok:
+            missed.append("time")
+    if out["match"] is None:
+        print_(f"- [{out['case']}] scgjax default is not the same estimator as any "
+               "hand-written surrogate (see the log above)")
+    for name, r in by.items():
+        if not name.startswith("NumPyro") or r["error"] is not None:
+            continue
+        worse = [g for g in out["groups"] if default["var"][g] > r["var"][g]]
+        ratios = ", ".join(f"{g} {default['var'][g] / r['var'][g]:.3g}" for g in out["groups"])
+        print_(f"- [{out['case']}] variance scgjax default / {name}: {ratios} "
+               f"(target ≤ 1): {'ok' if not worse else 'MISSED for ' + ', '.join(worse)}")
+        if worse:
+            missed.append(name)
+    return missed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="vae,rl", help="comma-separated subset of: vae,rl")
+    p.add_argument("--draws", type=int, default=1000,
+                   help="gradient draws per estimator for the variance (default 1000)")
+    p.add_argument("--chunk", type=int, default=50, help="draws vmapped at once")
+    p.add_argument("--loo", default="4,8", help="K values for the leave-one-out rows")
+    p.add_argument("--ma-decay", type=float, default=0.9, help="moving-average decay")
+    p.add_argument("--ma-warmup", type=int, default=50, help="moving-average warm-up steps")
+    p.add_argument("--reps", type=int, default=15, help="interleaved timing repetitions")
+    p.add_argument("--inner", type=int, default=10, help="calls per timing repetition")
+    p.add_argument("--rtol", type=float, default=1e-4, help="same-estimator tolerance")
+    p.add_argument("--variance-impl", choices=["auto", "scg", "own"], default="auto",
+                   help="scgjax rows: scg.gradient_variance if available (auto), always "
+                        "(scg), or vmapped draws here (own)")
+    p.add_argument("--quick", action="store_true",
+                   help="draws=200, reps=5, inner=5, ma-warmup=20")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    p.add_argument("--verbose", action="store_true", help="tracebacks for failed rows")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.draws, a.reps, a.inner, a.ma_warmup = 200, 5, 5, 20
+    a.chunk = max(2, min(a.chunk, a.draws))
+    a.draws = max(a.chunk, (a.draws // a.chunk) * a.chunk)
+    a.loo = [int(k) for k in a.loo.split(",") if k.strip()]
+    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    for c in cases:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; choose from {sorted(CASES)}")
+
+    dev = jax.devices()[0]
+    env = {
+        "jax": jax.__version__, "numpyro": numpyro.__version__,
+        "python": platform.python_version(), "platform": dev.platform,
+        "device_kind": dev.device_kind, "host_cpus": os.cpu_count(),
+        "draws": a.draws, "reps": a.reps, "inner": a.inner,
+        "gradient_variance": hasattr(scg, "gradient_variance"),
+    }
+    print("# scgjax gradient-variance benchmark\n")
+    print(f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} device(s)), "
+          f"host CPUs: {os.cpu_count()}; jax {jax.__version__}, numpyro "
+          f"{numpyro.__version__}, python {env['python']}")
+    print(f"{a.draws} gradient draws per estimator (chunks of {a.chunk}); timing "
+          f"{a.reps} reps x {a.inner} calls; moving average decay {a.ma_decay:g}, "
+          f"warm-up {a.ma_warmup} steps\n", flush=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    t_start = time.perf_counter()
+    outs = [run_case(c, a, log) for c in cases]
+    print(f"\nDevice: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
+          f"numpyro {numpyro.__version__}; host CPUs {os.cpu_count()}; {a.draws} draws")
+    print("var X = mean over the group's entries of the per-entry variance of one "
+          "gradient step's estimate (LOO K: the step averages K samples, ≈K× compute).")
+    for out in outs:
+        print_case(out)
+    print("\nTargets:")
+    missed = []
+    for out in outs:
+        missed += check_targets(out)
+    print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.1f} s")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"env": env, "cases": outs}, fh, indent=2, default=str)
+    return 1 if (a.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

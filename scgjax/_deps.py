@@ -1,0 +1,289 @@
+"""Dependencies: which elements of which score nodes a value depends on.
+
+A value's `Deps` maps each score node it depends on to a *relation*: one entry per axis
+of the node's log-probability (as stacked at the top level), saying which elements along
+that node axis reach a given element of the value:
+
+* `ALL` (`None`): every element along that node axis (the safe fallback);
+* `Axis(a, kind)`: along value axis `a`, value element `i` depends on node elements
+  `j == i` (`"eq"`: an automatic plate), `j <= i` (`"le"`) or `j >= i` (`"ge"`) (causality
+  along a stacked loop axis or a cumulative op);
+* `Loop(level, kind)`: inside a `scan` body, the node axis that the loop at `level`
+  stacks: the current iteration (`"eq"`) or the current and earlier ones (`"le"`/`"ge"`).
+
+Per-primitive rules say how each operand's value axes move to the output's (`axis_rule`);
+what they cannot prove becomes `ALL`. Over-approximating costs variance only;
+under-approximating would bias the estimator, so every rule errs towards `ALL`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+ALL = None
+KINDS = ("eq", "le", "ge")
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    axis: int
+    kind: str = "eq"
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    level: int
+    kind: str = "eq"
+
+
+Entry = Optional[object]  # ALL | Axis | Loop
+Rel = tuple  # tuple[Entry, ...]
+
+
+def _meet_kind(k1: str, k2: str) -> str | None:
+    if k1 == k2:
+        return k1
+    if "eq" in (k1, k2):
+        return k2 if k1 == "eq" else k1
+    return None  # "le" with "ge": every element
+
+
+def meet(e1: Entry, e2: Entry) -> Entry:
+    """The coarsest entry that covers both."""
+    if e1 == e2:
+        return e1
+    if type(e1) is type(e2) and e1 is not None:
+        same = e1.axis == e2.axis if isinstance(e1, Axis) else e1.level == e2.level
+        if same:
+            kind = _meet_kind(e1.kind, e2.kind)
+            if kind is not None:
+                return dataclasses.replace(e1, kind=kind)
+    return ALL
+
+
+class Deps:
+    """An immutable map node id → relation; hashable, so it can key cost terms."""
+
+    __slots__ = ("_map", "_hash")
+
+    def __init__(self, mapping: dict | None = None):
+        self._map = dict(mapping or {})
+        self._hash = hash(tuple(sorted(self._map.items(), key=lambda kv: kv[0])))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, Deps) and self._map == other._map
+
+    def __bool__(self):
+        return bool(self._map)
+
+    def __iter__(self) -> Iterator:
+        return iter(self._map)
+
+    def __len__(self):
+        return len(self._map)
+
+    def __contains__(self, node_id):
+        return node_id in self._map
+
+    def __repr__(self):
+        return f"Deps({self._map})"
+
+    def items(self):
+        return self._map.items()
+
+    def rel(self, node_id) -> Rel:
+        return self._map[node_id]
+
+    def nodes(self) -> frozenset:
+        return frozenset(self._map)
+
+    def covers(self, other: Deps) -> bool:
+        """Whether `self` is at least as coarse as `other` (every dependency included)."""
+        for n, rel in other.items():
+            if n not in self._map:
+                return False
+            if any(meet(a, b) != a for a, b in zip(self._map[n], rel)):
+                return False
+        return True
+
+    def map_entries(self, fn: Callable[[Entry], Entry]) -> Deps:
+        return Deps({n: tuple(fn(e) for e in rel) for n, rel in self._map.items()})
+
+    def map_axes(self, axis_map: Callable[[int], Optional[int]]) -> Deps:
+        """Moves value-axis entries with `axis_map` (None: that entry becomes ALL)."""
+
+        def fn(e):
+            if isinstance(e, Axis):
+                a = axis_map(e.axis)
+                return ALL if a is None else Axis(a, e.kind)
+            return e
+
+        return self.map_entries(fn)
+
+    def coarsened(self) -> Deps:
+        """Every value axis entry becomes ALL; loop entries stay (they do not involve the
+        value's axes)."""
+        return self.map_axes(lambda a: None)
+
+
+EMPTY = Deps()
+
+
+def join(deps: Iterable[Deps]) -> Deps:
+    """The dependencies of a value computed elementwise from values with `deps`."""
+    out: dict = {}
+    for d in deps:
+        for n, rel in d.items():
+            out[n] = rel if n not in out else tuple(meet(a, b) for a, b in zip(out[n], rel))
+    return Deps(out)
+
+
+# -- How operand axes move to output axes --------------------------------------------------
+
+AxisMap = Callable[[int], Optional[int]]
+
+
+def _identity(a):
+    return a
+
+
+def _nothing(a):
+    return None
+
+
+ELEMENTWISE = frozenset("""
+    neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos tan
+    asin acos atan sinh cosh asinh acosh atanh lgamma digamma erf erfc erf_inv abs sqrt
+    rsqrt cbrt integer_pow pow add add_any sub mul div rem max min atan2 nextafter and or
+    not xor eq ne lt le gt ge select_n convert_element_type stop_gradient clamp square
+    imag real conj population_count shift_left shift_right_logical shift_right_arithmetic
+    copy copy_p reduce_precision igamma igammac random_gamma_grad bessel_i0e bessel_i1e
+    polygamma zeta regularized_incomplete_beta square logaddexp
+""".split())
+
+
+def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
+    """For each operand, a map from its axes to the output's (None: not aligned)."""
+    name = eqn.primitive.name
+    params = eqn.params
+    n_out = len(out_shape)
+    if name in ELEMENTWISE:
+        return [_identity if tuple(s) == tuple(out_shape) else _nothing for s in in_shapes]
+    if name == "broadcast_in_dim":
+        dims = params["broadcast_dimensions"]
+        (shape,) = in_shapes[:1]
+        return [lambda a: dims[a] if shape[a] == out_shape[dims[a]] else None] + \
+            [_nothing] * (len(in_shapes) - 1)
+    if name == "transpose":
+        perm = list(params["permutation"])
+        return [lambda a: perm.index(a)]
+    if name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+                "reduce_or", "argmax", "argmin", "reduce_xor"):
+        axes = set(params["axes"])
+        kept = [a for a in range(len(in_shapes[0])) if a not in axes]
+        return [lambda a: kept.index(a) if a in kept else None] + \
+            [_nothing] * (len(in_shapes) - 1)
+    if name == "squeeze":
+        dims = set(d % len(in_shapes[0]) for d in params["dimensions"])
+        kept = [a for a in range(len(in_shapes[0])) if a not in dims]
+        return [lambda a: kept.index(a) if a in kept else None]
+    if name == "expand_dims":
+        dims = sorted(d % n_out for d in params["dimensions"])
+        kept = [a for a in range(n_out) if a not in dims]
+        return [lambda a: kept[a]]
+    if name == "reshape":
+        return [_unit_reshape(in_shapes[0], out_shape)] + [_nothing] * (len(in_shapes) - 1)
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        maps = []
+        n_batch = len(lb)
+        lhs_free = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
+        rhs_free = [a for a in range(len(in_shapes[1])) if a not in rc and a not in rb]
+        for contract, batch, free, offset in ((lc, lb, lhs_free, n_batch),
+                                              (rc, rb, rhs_free, n_batch + len(lhs_free))):
+            maps.append(_dot_map(list(batch), free, offset))
+        return maps
+    if name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
+        return [_identity]
+    if name in ("concatenate", "pad"):
+        dim = params.get("dimension")
+        if name == "pad":
+            changed = {a for a, (lo, hi, inner) in enumerate(params["padding_config"])
+                       if (lo, hi, inner) != (0, 0, 0)}
+            return [lambda a: None if a in changed else a, _nothing]
+        return [lambda a: None if a == dim else a] * len(in_shapes)
+    if name == "slice":
+        shape = in_shapes[0]
+        strides = params["strides"] or (1,) * len(shape)
+        full = {a for a in range(len(shape))
+                if params["start_indices"][a] == 0 and params["limit_indices"][a] == shape[a]
+                and strides[a] == 1}
+        return [lambda a: a if a in full else None]
+    return [_nothing] * len(in_shapes)
+
+
+def _dot_map(batch, free, offset) -> AxisMap:
+    def m(a):
+        if a in batch:
+            return batch.index(a)
+        if a in free:
+            return offset + free.index(a)
+        return None
+    return m
+
+
+def _unit_reshape(in_shape, out_shape) -> AxisMap:
+    """Aligns axes when a reshape only inserts or removes size-1 axes."""
+    src = [a for a, s in enumerate(in_shape) if s != 1]
+    dst = [a for a, s in enumerate(out_shape) if s != 1]
+    if [in_shape[a] for a in src] != [out_shape[a] for a in dst]:
+        return _nothing
+    table = dict(zip(src, dst))
+    return lambda a: table.get(a)
+
+
+def cumulative_kind(eqn) -> tuple[int, str] | None:
+    """For a cumulative op, (axis, kind) of the causal relation it creates."""
+    if eqn.primitive.name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
+        return eqn.params["axis"], "ge" if eqn.params.get("reverse") else "le"
+    return None
+
+
+def move(eqn, deps: Deps, axis_map: AxisMap, n_in: int, n_out: int) -> Deps:
+    """`deps` of an operand with `n_in` value axes, moved to an output with `n_out`;
+    axes from `n_in` on are a term's pending axes and shift along unchanged."""
+    moved = deps.map_axes(lambda a: axis_map(a) if a < n_in else a - n_in + n_out)
+    cum = cumulative_kind(eqn)
+    if cum is None:
+        return moved
+    axis, kind = cum
+
+    def adjust(e):
+        if isinstance(e, Axis) and e.axis == axis:
+            k = _meet_kind(e.kind, kind)
+            return ALL if k is None else Axis(axis, k)
+        return e
+
+    return moved.map_entries(adjust)
+
+
+def through(eqn, in_deps: list[Deps], in_shapes, out_shape) -> Deps:
+    """The output's dependencies for a single-output equation without samples."""
+    maps = axis_rule(eqn, in_shapes, out_shape)
+    return join(move(eqn, d, m, len(s), len(out_shape))
+                for d, m, s in zip(in_deps, maps, in_shapes) if d)
+
+
+def node_rel(loop_levels: tuple[int, ...], ndim: int) -> Rel:
+    """The relation of a freshly drawn node's value to itself."""
+    return tuple(Loop(l) for l in loop_levels) + tuple(Axis(a) for a in range(ndim))
+
+
+def shapes_of(xs) -> list[tuple]:
+    return [tuple(np.shape(x)) for x in xs]
