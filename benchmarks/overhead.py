@@ -268,10 +268,19 @@ def _max_rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def match_estimator(case, args_for_key, keys, rtol):
-    """The first hand-written variant with the library's gradient for every key.
+def _norm_err(g_scg, g_hand):
+    """max over keys and leaves of max|scg - hand| / max|hand| (normwise)."""
+    return max(_max_rel_err(gs[name], gh[name])
+               for gs, gh in zip(g_scg, g_hand) for name in gs)
 
-    Returns (variant, its max relative error, {variant tried: error}).
+
+def match_estimator(case, args_for_key, keys, rtol):
+    """The hand-written variant whose gradient is the library's, for every key.
+
+    Every variant is tried; the closest one must agree to `rtol` normwise (per
+    leaf, |scg - hand| <= rtol * max|hand|: float32 sums of thousands of terms
+    cancel, so elementwise relative error is meaningless near zero entries).
+    Returns (variant, its error, {variant: error}).
     """
     # Full-precision matmuls (no TF32 on GPUs): the score-function samples are
     # thresholds of logits, so a last-bit difference between the two compiled
@@ -279,35 +288,25 @@ def match_estimator(case, args_for_key, keys, rtol):
     with jax.default_matmul_precision("highest"):
         scg_fn = jax.jit(make_scg(case))
         g_scg = [scg_fn(*args_for_key(k)) for k in keys]
-    errors = {}
-    for variant in CASES[case]["hands"]:
-        with jax.default_matmul_precision("highest"):
+        g_hands, errors = {}, {}
+        for variant in CASES[case]["hands"]:
             hand_fn = jax.jit(make_hand(case, variant))
-            g_hand = [hand_fn(*args_for_key(k)) for k in keys]
-        ok, worst = True, 0.0
-        for gs, gh in zip(g_scg, g_hand):
-            for name in gs:
-                worst = max(worst, _max_rel_err(gs[name], gh[name]))
-                try:
-                    # atol relative to the leaf's scale: float32 sums of
-                    # hundreds of terms cancel to ~1e-7 * scale at some entries.
-                    scale = float(np.max(np.abs(np.asarray(gh[name]))))
-                    np.testing.assert_allclose(
-                        np.asarray(gs[name]), np.asarray(gh[name]),
-                        rtol=rtol, atol=rtol * 1e-2 * scale,
-                        err_msg=f"{case}: scg vs hand[{variant}], leaf {name!r}",
-                    )
-                except AssertionError:
-                    ok = False
-        errors[variant] = worst
-        if ok:
-            return variant, worst, errors
-    lines = "\n".join(f"  hand[{v}]: max |scg - hand| / max|hand| = {e:.3e}"
-                      for v, e in errors.items())
-    raise AssertionError(
-        f"{case}: scg.scg_grad matches none of the hand-written estimators "
-        f"(rtol={rtol}):\n{lines}"
-    )
+            g_hands[variant] = [hand_fn(*args_for_key(k)) for k in keys]
+            errors[variant] = _norm_err(g_scg, g_hands[variant])
+    best = min(errors, key=errors.get)
+    if errors[best] > rtol:
+        lines = "\n".join(f"  hand[{v}]: max |scg - hand| / max|hand| = {e:.3e}"
+                          for v, e in sorted(errors.items(), key=lambda kv: kv[1]))
+        raise AssertionError(
+            f"{case}: scg.scg_grad matches none of the hand-written estimators "
+            f"(rtol={rtol}):\n{lines}")
+    for gs, gh in zip(g_scg, g_hands[best]):
+        for name in gs:
+            scale = float(np.max(np.abs(np.asarray(gh[name]))))
+            np.testing.assert_allclose(
+                np.asarray(gs[name]), np.asarray(gh[name]), rtol=rtol, atol=rtol * scale,
+                err_msg=f"{case}: scg vs hand[{best}], leaf {name!r}")
+    return best, errors[best], errors
 
 
 def time_runs(fns, args, reps, inner):
@@ -423,10 +422,11 @@ def main(argv=None):
         check_keys = [jax.random.PRNGKey(i) for i in (42, 7)]
         variant, err, report = match_estimator(
             case, lambda k: (params, k, data), check_keys, a.rtol)
-        tried = [f"{v} ({e:.1e})" for v, e in report.items() if v != variant]
+        others = sorted((e, v) for v, e in report.items() if v != variant)
         print(f"[{case}] scg gradient == hand[{variant}] gradient "
-              f"(max rel err {err:.1e}"
-              + (f"; ruled out: {'; '.join(tried)}" if tried else "") + ")", flush=True)
+              f"(normwise rel err {err:.1e}"
+              + (f"; next closest: hand[{others[0][1]}] at {others[0][0]:.1e}" if others else "")
+              + ")", flush=True)
 
         fns = {"scg": jax.jit(make_scg(case)), "hand": jax.jit(make_hand(case, variant))}
         run = time_runs(fns, args, a.reps, a.inner)
@@ -435,6 +435,7 @@ def main(argv=None):
             args, a.compile_reps)
         row = {
             "case": case, "title": spec["title"], "estimator": variant, "grad_rel_err": err,
+            "estimator_errors": report,
             "run_scg": run["scg"], "run_hand": run["hand"],
             "run_ratio": run["scg"] / run["hand"],
             "compile_scg": comp["scg"]["total"], "compile_hand": comp["hand"]["total"],

@@ -488,6 +488,8 @@ def scg_stats(row, params, data, key, num_draws, chunk):
         return lax.map(lambda k: gv(params, *row.scg_extra, data, k), keys)
 
     means, variances = stats(params, data, keys)
+    # gradient_variance returns the ddof=0 variance of its draws; pool as ddof=1.
+    variances = jax.tree.map(lambda v: v * (chunk / (chunk - 1)), variances)
     return _tree_combine(means, variances, chunk)
 
 

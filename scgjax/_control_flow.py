@@ -136,6 +136,13 @@ def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, Any]:
     for eqn in jaxpr.eqns:
         for v in eqn.outvars:
             producer[v] = eqn
+
+    def source(v):  # looks through dtype conversions (e.g. of a weakly typed carry)
+        while not isinstance(v, _compat.Literal) and v in producer \
+                and producer[v].primitive.name in ("convert_element_type", "copy", "copy_p"):
+            v = producer[v].invars[0]
+        return v
+
     out = {}
     for j in range(num_carry):
         c_in, c_out = jaxpr.invars[num_consts + j], jaxpr.outvars[j]
@@ -143,10 +150,11 @@ def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, Any]:
         if eqn is None or eqn.primitive.name not in ("add", "add_any"):
             continue
         a, b = eqn.invars
-        if a is c_in and b is not c_in and not isinstance(b, _compat.Literal):
-            out[j] = b
-        elif b is c_in and a is not c_in and not isinstance(a, _compat.Literal):
-            out[j] = a
+        for mine, other in ((a, b), (b, a)):
+            if source(mine) is c_in and not isinstance(other, _compat.Literal) \
+                    and source(other) is not c_in:
+                out[j] = other
+                break
     return out
 
 
