@@ -20,8 +20,8 @@ times them interleaved in one process (median run time, block_until_ready after
 every call) and times trace+lower+compile with fresh function objects.
 
 The hand-written surrogates come in several Rao-Blackwellization levels; the
-script tries them in turn and uses the first whose gradient matches the
-library's, and says which:
+script compares the library's gradient with each of them and uses the closest,
+which must agree to rtol (normwise), and says which:
 
 * ``whole`` -- one box of all the log-probs times the whole cost (what scgjax
   does without plates / causality);
@@ -31,8 +31,8 @@ library's, and says which:
 * rl: ``causal`` -- causality inside ``scan`` (the reward of step t is boxed
   with the log-probs of steps <= t).
 
-Run:  python benchmarks/overhead.py            (about a minute on 2 CPU cores)
-      python benchmarks/overhead.py --quick    (a few seconds, rough numbers)
+Run:  python benchmarks/overhead.py            (30-60 s on 2 CPU cores)
+      python benchmarks/overhead.py --quick    (~15 s, rough numbers)
       python benchmarks/overhead.py --help
 """
 from __future__ import annotations

@@ -39,7 +39,8 @@ DATAFLOW_RULES = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint"
                             "cond"})
 # Call-like primitives without samples whose dependencies are read off their jaxpr.
 STATIC_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-                "custom_vjp_call_jaxpr": "fun_jaxpr"}
+                "custom_vjp_call_jaxpr": "fun_jaxpr", "jit": "jaxpr", "pjit": "jaxpr",
+                "closed_call": "call_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
 
 
 @dataclasses.dataclass

@@ -4,9 +4,12 @@ A score-function term needs the *derivative* of `log p(w | θ)` to be right, not
 value. numpyro 0.22 computes `Bernoulli(logits=l).log_prob` and
 `Binomial(logits=l).log_prob` through `binary_cross_entropy_with_logits`, whose
 `max`/`abs` kinks give the derivative 0 (or 1) instead of `v - 1/2` at exactly `l = 0`:
-the most common initialisation of a logit layer gets a biased gradient. Here those
-log-probabilities are rewritten in a form that is smooth everywhere; every other
-distribution uses its own `log_prob`.
+the most common initialisation of a logit layer gets a biased gradient.
+
+The guard keeps numpyro's own value (so XLA can share it with a cost that computes the
+same log-probability, as an ELBO does) and replaces its derivative with the smooth, exact
+one, `d/dl log p = v − n·σ(l)`, through a `jax.custom_jvp`; that derivative is itself
+differentiable, so every order is right. Other distributions use their own `log_prob`.
 
 A new guard is one small function registered with `register_score_log_prob`.
 """
@@ -17,7 +20,6 @@ from typing import Callable
 
 import jax
 import numpyro.distributions as dist
-from jax.scipy.special import gammaln
 
 _GUARDS: dict[type, Callable[[dist.Distribution, jax.Array], jax.Array]] = {}
 
@@ -38,15 +40,34 @@ def score_log_prob(d: dist.Distribution, value: jax.Array) -> jax.Array:
     return d.log_prob(value) if guard is None else guard(d, value)
 
 
+def _logit_family(make, count):
+    """A log-prob in the logits `l`, with numpyro's value and the derivative
+    `(v − count·σ(l))·dl`."""
+
+    @jax.custom_jvp
+    def log_prob(logits, value, *static):
+        return make(logits, *static).log_prob(value)
+
+    @log_prob.defjvp
+    def log_prob_jvp(primals, tangents):
+        logits, value, *static = primals
+        dlogits = tangents[0]
+        out = log_prob(logits, value, *static)
+        score = value - count(*static) * jax.nn.sigmoid(logits)
+        return out, (score * dlogits).astype(out.dtype)
+
+    return log_prob
+
+
+_bernoulli = _logit_family(lambda l: dist.BernoulliLogits(l), lambda: 1.0)
+_binomial = _logit_family(lambda l, n: dist.BinomialLogits(l, total_count=n), lambda n: n)
+
+
 @register_score_log_prob(dist.BernoulliLogits)
 def _bernoulli_logits(d, value):
-    # log σ(l)^v (1-σ(l))^(1-v) = v·l − softplus(l); softplus is smooth at 0.
-    logits = d.logits
-    return value * logits - jax.nn.softplus(logits)
+    return _bernoulli(d.logits, value)
 
 
 @register_score_log_prob(dist.BinomialLogits)
 def _binomial_logits(d, value):
-    logits, n = d.logits, d.total_count
-    log_comb = gammaln(n + 1.0) - gammaln(value + 1.0) - gammaln(n - value + 1.0)
-    return log_comb + value * logits - n * jax.nn.softplus(logits)
+    return _binomial(d.logits, value, d.total_count)
