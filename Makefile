@@ -1,6 +1,8 @@
 # Two commands on a fresh machine: `make demo`, then `make test`.
 PYTHON ?= python3
-PYTHON_NEWEST ?= $(shell command -v python3.12 || echo $$HOME/.pyenv/versions/3.12.1/bin/python)
+# The first Python 3.12 that really runs (pyenv's shim for python3.12 may exist and fail).
+PYTHON_NEWEST ?= $(shell for p in $$HOME/.pyenv/versions/3.12*/bin/python3 python3.12; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 VENV := .venv
 VENV_NEWEST := .venv-newest
 PY := $(VENV)/bin/python
@@ -17,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The newest JAX release, on Python 3.12 (pyenv's), for `.ci/run`.
 $(VENV_NEWEST)/.installed: pyproject.toml
+	@test -n "$(PYTHON_NEWEST)" || { echo "make test-newest needs Python 3.12 (pyenv install 3.12, or PYTHON_NEWEST=...)"; exit 1; }
 	$(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
 	$(PY_NEWEST) -m pip install --quiet --upgrade pip
 	$(PY_NEWEST) -m pip install --quiet --upgrade -e '.[test]' jax jaxlib

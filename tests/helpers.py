@@ -195,3 +195,19 @@ def assert_variance_ratio_below(draws_a, draws_b, ratio: float,
         f"{ratio * b.var():.6g} by {n_sigma} standard errors (statistic "
         f"{d.mean():.4g}, se {se:.3g}, N={a.shape[0]})"
     )
+
+
+def assert_variance_below(draws, bound: float, n_sigma: float = 5.0) -> None:
+    """Assert that the variance of 1-D ``draws`` is below ``bound`` (an exact number, e.g.
+    a coarser estimator's enumerated variance) by ``n_sigma`` standard errors of the
+    sample variance (estimated from the draws' fourth central moment)."""
+    d = _as_f64(draws)
+    assert d.ndim == 1
+    n = d.shape[0]
+    c = d - d.mean()
+    var = (c**2).mean()
+    se = np.sqrt(max((c**4).mean() - var**2, 0.0) / n)
+    assert var + n_sigma * se < bound, (
+        f"variance {var:.6g} (se {se:.3g}, N={n}) is not below {bound:.6g} by "
+        f"{n_sigma} standard errors"
+    )

@@ -19,6 +19,8 @@ Three kinds of checks:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,7 @@ try:
     from .helpers import (
         assert_mc_close,
         assert_trees_allclose,
+        assert_variance_below,
         assert_variance_close,
         assert_variance_ratio_below,
         bernoulli_logits_log_prob,
@@ -45,6 +48,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     from helpers import (
         assert_mc_close,
         assert_trees_allclose,
+        assert_variance_below,
         assert_variance_close,
         assert_variance_ratio_below,
         bernoulli_logits_log_prob,
@@ -66,9 +70,9 @@ def bern(key, logits):
     return dist.Bernoulli(logits=logits).sample(key).astype(F32)
 
 
-def per_key(fn, keys):
-    """`fn(key)` for each key, stacked (jitted, vmapped)."""
-    return jax.jit(jax.vmap(fn))(keys)
+def same_key(keys, **fns):
+    """`{name: fn(key)}` for each key, stacked, in one jitted, vmapped computation."""
+    return jax.jit(jax.vmap(lambda k: {n: fn(k) for n, fn in fns.items()}))(keys)
 
 
 def fixed_keys(seed, n=16):
@@ -140,31 +144,32 @@ def plate_expectation(params):
 @pytest.mark.parametrize("vmapped", [False, True], ids=["vectorized", "vmapped"])
 def test_plates_same_key_equal_per_row_hand_written_estimator(vmapped):
     program = plate_vmapped if vmapped else plate_vectorized
-    keys = fixed_keys(1)
-    got = per_key(lambda k: scg.scg_grad(program)(P_PARAMS, k), keys)
-    want = per_key(lambda k: jax.grad(plate_hand)(P_PARAMS, k, vmapped=vmapped), keys)
-    whole = per_key(
-        lambda k: jax.grad(plate_hand)(P_PARAMS, k, vmapped=vmapped, whole=True), keys)
-    assert_not_close(want, whole, "per-row and whole-node estimators")
-    assert_trees_allclose(got, want)
-    # The value is the program's.
-    values = per_key(lambda k: scg.surrogate(program)(P_PARAMS, k), keys)
-    np.testing.assert_allclose(values, per_key(lambda k: program(P_PARAMS, k), keys),
-                               rtol=1e-5)
+    out = same_key(
+        fixed_keys(1),
+        got=lambda k: scg.scg_value_and_grad(program)(P_PARAMS, k),
+        value=lambda k: program(P_PARAMS, k),
+        rows=lambda k: jax.grad(plate_hand)(P_PARAMS, k, vmapped=vmapped),
+        whole=lambda k: jax.grad(plate_hand)(P_PARAMS, k, vmapped=vmapped, whole=True),
+    )
+    assert_not_close(out["rows"], out["whole"], "per-row and whole-node estimators")
+    assert_trees_allclose(out["got"][1], out["rows"])
+    np.testing.assert_allclose(out["got"][0], out["value"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("vmapped", [False, True], ids=["vectorized", "vmapped"])
 def test_plates_are_unbiased(vmapped):
     program = plate_vmapped if vmapped else plate_vectorized
     draws = mc_draws(lambda k: scg.scg_grad(program)(P_PARAMS, k), N, 2 + vmapped)
-    assert_mc_close(draws, jax.grad(plate_expectation)(P_PARAMS))
+    assert_mc_close(draws, jax.jit(jax.grad(plate_expectation))(P_PARAMS))
 
 
 PM = jnp.array([[1.5, -2.0], [0.5, 3.0], [-1.0, 1.0], [2.5, -0.5]])
+PQ = jnp.array([[0.9, -1.3, 0.4], [1.7, 0.6, -0.8]])
 
 
 def plate_split_program(params, key):
-    """c = Σ_i tanh(z_i @ v)² + Σ_ih M_ih z_ih: the second sum splits per element."""
+    """c = Σ_i tanh(z_i @ v)² + Σ_ih M_ih z_ih: rows through a dot, elements through a
+    product; the second sum splits per element."""
     W1, W2 = params
     z = scg.sample(key, dist.Bernoulli(logits=PX @ W1)).astype(F32)
     return jnp.sum(jnp.tanh(z @ W2[:, 0]) ** 2) + jnp.sum(PM * z)
@@ -180,11 +185,38 @@ def plate_split_hand(params, key):
     return jnp.sum(rows) + jnp.sum(elems)
 
 
+def plate_broadcast_program(params, key):
+    """numpy-style broadcasting (size-1 axes in elementwise ops):
+    c = Σ_ihp sin(z_ih Q_hp) + Σ_id tanh((Σ_h z_ih)·x_id)."""
+    W1, _ = params
+    z = scg.sample(key, dist.Bernoulli(logits=PX @ W1)).astype(F32)
+    return (jnp.sum(jnp.sin(z[:, :, None] * PQ[None]))
+            + jnp.sum(jnp.tanh(jnp.sum(z, axis=-1, keepdims=True) * PX)))
+
+
+def plate_broadcast_hand(params, key):
+    W1, _ = params
+    logits = PX @ W1
+    z = sg(bern(key, logits))
+    lp = lq(z, logits)
+    elems = magic_box(lp) * jnp.sum(jnp.sin(z[:, :, None] * PQ[None]), -1)
+    rows = magic_box(jnp.sum(lp, -1)) * jnp.sum(
+        jnp.tanh(jnp.sum(z, -1, keepdims=True) * PX), -1)
+    return jnp.sum(elems) + jnp.sum(rows)
+
+
 def test_plates_split_additive_tail_at_the_finest_grain():
-    keys = fixed_keys(4)
-    got = per_key(lambda k: scg.scg_grad(plate_split_program)(P_PARAMS, k), keys)
-    want = per_key(lambda k: jax.grad(plate_split_hand)(P_PARAMS, k), keys)
-    assert_trees_allclose(got, want)
+    out = same_key(fixed_keys(4),
+                   got=lambda k: scg.scg_grad(plate_split_program)(P_PARAMS, k),
+                   want=lambda k: jax.grad(plate_split_hand)(P_PARAMS, k))
+    assert_trees_allclose(out["got"], out["want"])
+
+
+def test_plates_through_numpy_broadcasting():
+    out = same_key(fixed_keys(41),
+                   got=lambda k: scg.scg_grad(plate_broadcast_program)(P_PARAMS, k),
+                   want=lambda k: jax.grad(plate_broadcast_hand)(P_PARAMS, k))
+    assert_trees_allclose(out["got"], out["want"])
 
 
 def sorted_program(params, key):
@@ -204,10 +236,10 @@ def sorted_hand_whole(params, key):
 
 
 def test_mixing_rows_falls_back_to_the_whole_node():
-    keys = fixed_keys(5)
-    got = per_key(lambda k: scg.scg_grad(sorted_program)(P_PARAMS, k), keys)
-    want = per_key(lambda k: jax.grad(sorted_hand_whole)(P_PARAMS, k), keys)
-    assert_trees_allclose(got, want)
+    out = same_key(fixed_keys(5),
+                   got=lambda k: scg.scg_grad(sorted_program)(P_PARAMS, k),
+                   want=lambda k: jax.grad(sorted_hand_whole)(P_PARAMS, k))
+    assert_trees_allclose(out["got"], out["want"])
 
 
 def test_mixing_rows_is_unbiased():
@@ -221,7 +253,35 @@ def test_mixing_rows_is_unbiased():
         return jnp.sum(prob * cost)
 
     draws = mc_draws(lambda k: scg.scg_grad(sorted_program)(P_PARAMS, k), N, 6)
-    assert_mc_close(draws, jax.grad(expectation)(P_PARAMS))
+    assert_mc_close(draws, jax.jit(jax.grad(expectation))(P_PARAMS))
+
+
+def test_transposed_plate_is_unbiased():
+    """Cost element h depends on column h of z (through z.T): aligned along H, mixing
+    along B. Either column plates or the whole node is sound; row plates would bias."""
+    Y = jnp.array([[0.3, -0.2, 0.5], [-0.6, 0.1, 0.4]])
+    V = jnp.array([[0.7, -0.4, 1.1], [0.2, 0.9, -1.3], [-0.5, 0.6, 0.8], [1.2, -0.9, 0.3]])
+
+    def cost(z, W2):
+        return jnp.sum((jnp.tanh(z.T @ V) * W2 - Y) ** 2)
+
+    def f(params, key):
+        W1, W2 = params
+        z = scg.sample(key, dist.Bernoulli(logits=PX @ W1)).astype(F32)
+        return cost(z, W2)
+
+    @jax.jit
+    def exact(params):
+        def expectation(params):
+            W1, W2 = params
+            zs = jnp.asarray(binary_configs(PB * PH)).reshape(-1, PB, PH)
+            prob = jnp.prod(bernoulli_pmf(zs, PX @ W1), axis=(1, 2))
+            return jnp.sum(prob * jax.vmap(lambda z: cost(z, W2))(zs))
+
+        return jax.grad(expectation)(params)
+
+    draws = mc_draws(lambda k: scg.scg_grad(f)(P_PARAMS, k), N, 40)
+    assert_mc_close(draws, exact(P_PARAMS))
 
 
 # Ops whose output element i depends on sample elements other than i. Assuming "aligned
@@ -263,7 +323,7 @@ def test_non_aligned_ops_are_unbiased(op):
         return jnp.sum(prob * jax.vmap(lambda z: mixing_cost(mix(z)))(zs))
 
     draws = mc_draws(lambda k: scg.scg_grad(f)(MIX_THETA, k), N, 7)
-    assert_mc_close(draws, jax.grad(expectation)(MIX_THETA))
+    assert_mc_close(draws, jax.jit(jax.grad(expectation))(MIX_THETA))
 
 
 def test_gather_with_sampled_index_is_unbiased():
@@ -284,7 +344,7 @@ def test_gather_with_sampled_index_is_unbiased():
         return jnp.sum(pz[:, None] * pj[None, :] * cost)
 
     draws = mc_draws(lambda k: scg.scg_grad(f)(theta, k), N, 8)
-    assert_mc_close(draws, jax.grad(expectation)(theta))
+    assert_mc_close(draws, jax.jit(jax.grad(expectation))(theta))
 
 
 # Eight rows, one Bernoulli and its own cost each.
@@ -342,7 +402,8 @@ def test_per_row_same_key_and_downstream_per_element():
         c = V_A * (z - V_T) ** 2
         return (z - p) * c, c
 
-    (g, ds), (g_want, c_want) = per_key(lib, keys), per_key(hand, keys)
+    out = same_key(keys, lib=lib, hand=hand)
+    (g, ds), (g_want, c_want) = out["lib"], out["hand"]
     assert_trees_allclose(g, g_want)
     assert set(ds) == {"z"}
     assert ds["z"].shape == (16, 8)
@@ -403,37 +464,39 @@ def fori_program(theta, key):
 
 
 def scan_keys(key):
-    return list(jax.random.split(key, T))
+    return jax.random.split(key, T)
 
 
 def fori_keys(key):
-    keys = []
-    for _ in range(T):
+    def step(key, _):
         key, sub = jax.random.split(key)
-        keys.append(sub)
-    return keys
+        return key, sub
+
+    return lax.scan(step, key, None, length=T)[1]
 
 
 def policy_actions(theta, keys):
-    """The actions the programs draw with these per-step keys."""
-    s, acts = jnp.float32(0.0), []
-    for k in keys:
+    """The actions the programs draw with these (stacked) per-step keys."""
+
+    def step(s, k):
         a = bern(k, policy_logits(theta, s))
-        s = 0.5 * s + a
-        acts.append(a)
-    return jnp.stack(acts)
+        return 0.5 * s + a, a
+
+    return lax.scan(step, jnp.float32(0.0), keys)[1]
 
 
 def rollout(theta, actions, w):
-    """Per-step log π(a_t), probability π(a_t) and reward r_t for fixed actions."""
-    s, lps, probs, rs = jnp.float32(0.0), [], [], []
-    for t in range(actions.shape[0]):
+    """Per-step log π(a_t), the trajectory's probability and the rewards r_t, for fixed
+    actions."""
+
+    def step(s, xs):
+        a, wt = xs
         l = policy_logits(theta, s)
-        lps.append(lq(actions[t], l))
-        probs.append(bernoulli_pmf(actions[t], l))
-        s, r = policy_step(theta, s, actions[t], w[t])
-        rs.append(r)
-    return jnp.stack(lps), jnp.prod(jnp.stack(probs)), jnp.stack(rs)
+        s, r = policy_step(theta, s, a, wt)
+        return s, (lq(a, l), bernoulli_pmf(a, l), r)
+
+    _, (lp, prob, r) = lax.scan(step, jnp.float32(0.0), (actions, w))
+    return lp, jnp.prod(prob), r
 
 
 def dice_loop(theta, actions, w, mode):
@@ -443,14 +506,20 @@ def dice_loop(theta, actions, w, mode):
     return jnp.sum(magic_box(tau) * r)
 
 
-def policy_expectation(theta, w=CW):
+@functools.partial(jax.jit, static_argnums=1)
+def policy_expectation_grad(theta, nested=False):
+    """∇ E[Σ_t r_t], enumerated over every trajectory."""
+    w = NW.reshape(-1) if nested else CW
     acts = jnp.asarray(binary_configs(w.shape[0]))
 
-    def weighted(a):
-        _, prob, r = rollout(theta, a, w)
-        return prob * jnp.sum(r)
+    def expectation(theta):
+        def weighted(a):
+            _, prob, r = rollout(theta, a, w)
+            return prob * jnp.sum(r)
 
-    return jnp.sum(jax.vmap(weighted)(acts))
+        return jnp.sum(jax.vmap(weighted)(acts))
+
+    return jax.grad(expectation)(theta)
 
 
 LOOP_PROGRAMS = {
@@ -463,41 +532,50 @@ LOOP_PROGRAMS = {
 @pytest.mark.parametrize("name", list(LOOP_PROGRAMS))
 def test_loop_same_key_equals_reward_to_go_estimator(name):
     program, keys_of = LOOP_PROGRAMS[name]
-    keys = fixed_keys(11)
 
     def hand(k, mode):
         acts = policy_actions(C_THETA, keys_of(k))
         return jax.grad(dice_loop)(C_THETA, acts, CW, mode)
 
-    got = per_key(lambda k: scg.scg_grad(program)(C_THETA, k), keys)
-    want = per_key(lambda k: hand(k, "causal"), keys)
-    assert_not_close(want, per_key(lambda k: hand(k, "whole"), keys),
-                     "reward-to-go and whole-loop estimators")
-    assert_trees_allclose(got, want)
-    np.testing.assert_allclose(
-        per_key(lambda k: scg.surrogate(program)(C_THETA, k), keys),
-        per_key(lambda k: program(C_THETA, k), keys), rtol=1e-5)
+    out = same_key(
+        fixed_keys(11),
+        got=lambda k: scg.scg_value_and_grad(program)(C_THETA, k),
+        value=lambda k: program(C_THETA, k),
+        causal=lambda k: hand(k, "causal"),
+        whole=lambda k: hand(k, "whole"),
+    )
+    assert_not_close(out["causal"], out["whole"], "reward-to-go and whole-loop estimators")
+    assert_trees_allclose(out["got"][1], out["causal"])
+    np.testing.assert_allclose(out["got"][0], out["value"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(LOOP_PROGRAMS))
 def test_loop_causal_estimator_is_unbiased(name):
     program, _ = LOOP_PROGRAMS[name]
     draws = mc_draws(lambda k: scg.scg_grad(program)(C_THETA, k), N, 12)
-    assert_mc_close(draws, jax.grad(policy_expectation)(C_THETA))
+    assert_mc_close(draws, policy_expectation_grad(C_THETA))
+
+
+@jax.jit
+def loop_estimator_moments_table():
+    """Per trajectory (all 2^T): its probability and the reward-to-go and whole-loop
+    estimates."""
+    acts = jnp.asarray(binary_configs(T))
+    probs = jax.vmap(lambda a: rollout(C_THETA, a, CW)[1])(acts)
+    causal = jax.vmap(lambda a: jax.grad(dice_loop)(C_THETA, a, CW, "causal"))(acts)
+    whole = jax.vmap(lambda a: jax.grad(dice_loop)(C_THETA, a, CW, "whole"))(acts)
+    return probs, causal, whole
 
 
 def test_loop_causal_estimator_has_its_exact_variance():
     """Its variance is the reward-to-go estimator's, enumerated over the 2^T
     trajectories, and well below the whole-loop estimator's."""
-    acts = jnp.asarray(binary_configs(T))
-    probs = jax.vmap(lambda a: rollout(C_THETA, a, CW)[1])(acts)
-    causal = jax.vmap(lambda a: jax.grad(dice_loop)(C_THETA, a, CW, "causal"))(acts)
-    whole = jax.vmap(lambda a: jax.grad(dice_loop)(C_THETA, a, CW, "whole"))(acts)
+    probs, causal, whole = loop_estimator_moments_table()
     mean_c, var_c, mu4_c = discrete_moments(causal, probs)
     mean_w, var_w, _ = discrete_moments(whole, probs)
-    np.testing.assert_allclose(mean_c, mean_w, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(mean_c, jax.grad(policy_expectation)(C_THETA), rtol=1e-4,
-                               atol=1e-5)
+    exact = policy_expectation_grad(C_THETA)
+    np.testing.assert_allclose(mean_c, exact, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mean_w, exact, rtol=1e-4, atol=1e-5)
     assert var_c[0] < 0.6 * var_w[0] and var_c[1] < 0.6 * var_w[1], (var_c, var_w)
 
     draws = np.asarray(mc_draws(lambda k: scg.scg_grad(scan_ys_program)(C_THETA, k),
@@ -507,6 +585,8 @@ def test_loop_causal_estimator_has_its_exact_variance():
 
 
 def test_loop_with_independent_steps_weights_each_reward_by_its_own_action():
+    """r_t = 2(a_t − w_t)² + c_t with a sample-free carry c_t: a_s (s ≠ t) never reaches
+    r_t, so only log π(a_t) weights it, and c_t is weighted by nothing."""
     theta = jnp.array([0.4, -0.7, 1.0, -0.2])
 
     def program(theta, key):
@@ -520,31 +600,31 @@ def test_loop_with_independent_steps_weights_each_reward_by_its_own_action():
 
     def hand(theta, key):
         a = sg(jax.vmap(bern)(jax.random.split(key, T), theta))
-        r = 2.0 * (a - CW) ** 2 + jnp.arange(T, dtype=F32)
-        return jnp.sum(magic_box(lq(a, theta)) * r)
+        own = magic_box(lq(a, theta)) * 2.0 * (a - CW) ** 2
+        return jnp.sum(own) + jnp.sum(jnp.arange(T, dtype=F32))
 
-    keys = fixed_keys(14)
-    got = per_key(lambda k: scg.scg_grad(program)(theta, k), keys)
-    assert_trees_allclose(got, per_key(lambda k: jax.grad(hand)(theta, k), keys))
+    out = same_key(fixed_keys(14), got=lambda k: scg.scg_grad(program)(theta, k),
+                   want=lambda k: jax.grad(hand)(theta, k))
+    assert_trees_allclose(out["got"], out["want"])
 
 
 def test_loop_downstream_of_in_loop_node_is_reward_to_go():
-    keys = fixed_keys(15)
-
-    def lib(k):
-        return scg.scg_grad(scan_ys_program, downstream=True)(C_THETA, k)
-
     def hand(k):
         acts = policy_actions(C_THETA, scan_keys(k))
         _, _, r = rollout(C_THETA, acts, CW)
         return jnp.cumsum(r[::-1])[::-1]
 
-    g, ds = per_key(lib, keys)
+    out = same_key(
+        fixed_keys(15),
+        got=lambda k: scg.scg_grad(scan_ys_program, downstream=True)(C_THETA, k),
+        grad=lambda k: scg.scg_grad(scan_ys_program)(C_THETA, k),
+        want=hand,
+    )
+    g, ds = out["got"]
     assert set(ds) == {"a"}
     assert ds["a"].shape == (16, T)
-    assert_trees_allclose(ds["a"], per_key(hand, keys))
-    assert_trees_allclose(g, per_key(lambda k: scg.scg_grad(scan_ys_program)(C_THETA, k),
-                                     keys))
+    assert_trees_allclose(ds["a"], out["want"])
+    assert_trees_allclose(g, out["grad"])
 
 
 E = 3
@@ -555,21 +635,19 @@ def vmapped_scan_program(theta, key):
 
 
 def test_scan_under_vmap_has_per_environment_causality():
-    keys = fixed_keys(16)
-
-    def hand(theta, key, mode):
+    def hand(theta, key):
         def env(k):
-            acts = policy_actions(theta, scan_keys(k))
-            return dice_loop(theta, acts, CW, mode)
+            return dice_loop(theta, policy_actions(theta, scan_keys(k)), CW, "causal")
 
         return jnp.mean(jax.vmap(env)(jax.random.split(key, E)))
 
-    got = per_key(lambda k: scg.scg_grad(vmapped_scan_program)(C_THETA, k), keys)
-    want = per_key(lambda k: jax.grad(hand)(C_THETA, k, "causal"), keys)
-    assert_trees_allclose(got, want)
+    out = same_key(fixed_keys(16),
+                   got=lambda k: scg.scg_grad(vmapped_scan_program)(C_THETA, k),
+                   want=lambda k: jax.grad(hand)(C_THETA, k))
+    assert_trees_allclose(out["got"], out["want"])
 
     draws = mc_draws(lambda k: scg.scg_grad(vmapped_scan_program)(C_THETA, k), N, 17)
-    assert_mc_close(draws, jax.grad(policy_expectation)(C_THETA))
+    assert_mc_close(draws, policy_expectation_grad(C_THETA))
 
 
 T2, U = 3, 2
@@ -592,39 +670,65 @@ def nested_program(theta, key):
 
 
 def nested_keys(key):
-    return [ku for k in jax.random.split(key, T2) for ku in jax.random.split(k, U)]
+    """The per-draw keys of `nested_program`, in flattened time order (t, u)."""
+    return jax.vmap(lambda k: jax.random.split(k, U))(jax.random.split(key, T2)).reshape(
+        T2 * U)
 
 
-def nested_outer_causal(theta, actions):
-    """Coarser but sound: reward (t, u) weighted by every draw at outer steps ≤ t."""
+def nested_dice(theta, actions, mode):
+    """Reward (t, u) weighted by the draws before it in flattened time order
+    ("causal"), by every draw at outer steps ≤ t ("outer", coarser but sound), or by
+    every draw ("whole")."""
+    if mode != "outer":
+        return dice_loop(theta, actions, NW.reshape(-1), mode)
     lp, _, r = rollout(theta, sg(actions), NW.reshape(-1))
     tau = jnp.repeat(jnp.cumsum(lp.reshape(T2, U).sum(1)), U)
     return jnp.sum(magic_box(tau) * r)
 
 
+NESTED_MODES = ("causal", "outer", "whole")
+
+
+@jax.jit
+def nested_estimator_table():
+    """Per trajectory (all 2^6): its probability and the three estimates."""
+    acts = jnp.asarray(binary_configs(T2 * U))
+    probs = jax.vmap(lambda a: rollout(C_THETA, a, NW.reshape(-1))[1])(acts)
+    return probs, {m: jax.vmap(lambda a: jax.grad(nested_dice)(C_THETA, a, m))(acts)
+                   for m in NESTED_MODES}
+
+
 def test_nested_scans_same_key_equal_flattened_time_order_estimator():
-    keys = fixed_keys(18)
-    w = NW.reshape(-1)
+    """Reward (t, u) is weighted by the draws at outer steps < t and, at outer step t, by
+    inner steps ≤ u (the inner scan of step t runs after all of step t − 1)."""
 
     def hand(k, mode):
-        acts = policy_actions(C_THETA, nested_keys(k))
-        if mode == "outer":
-            return jax.grad(nested_outer_causal)(C_THETA, acts)
-        return jax.grad(dice_loop)(C_THETA, acts, w, mode)
+        return jax.grad(nested_dice)(C_THETA, policy_actions(C_THETA, nested_keys(k)), mode)
 
-    got = per_key(lambda k: scg.scg_grad(nested_program)(C_THETA, k), keys)
-    want = per_key(lambda k: hand(k, "causal"), keys)
-    whole = per_key(lambda k: hand(k, "whole"), keys)
-    outer = per_key(lambda k: hand(k, "outer"), keys)
-    assert_not_close(want, outer, "flattened-causal and outer-causal estimators")
-    matches = {name: bool(np.allclose(got, x, rtol=1e-4, atol=1e-5))
-               for name, x in [("whole-loop", whole), ("outer-step causal", outer)]}
-    assert_trees_allclose(got, want, err_msg=f"(other estimators matched: {matches})")
+    out = same_key(fixed_keys(18), got=lambda k: scg.scg_grad(nested_program)(C_THETA, k),
+                   **{m: functools.partial(hand, mode=m) for m in NESTED_MODES})
+    assert_not_close(out["causal"], out["outer"], "flattened and outer-step estimators")
+    matches = {m: bool(np.allclose(out["got"], out[m], rtol=1e-4, atol=1e-5))
+               for m in NESTED_MODES}
+    assert_trees_allclose(out["got"], out["causal"],
+                          err_msg=f"(which hand-written estimator matches: {matches})")
 
 
-def test_nested_scans_are_unbiased():
-    draws = mc_draws(lambda k: scg.scg_grad(nested_program)(C_THETA, k), N, 19)
-    assert_mc_close(draws, jax.grad(policy_expectation)(C_THETA, NW.reshape(-1)))
+def test_nested_scans_are_unbiased_and_finer_than_whole_loop_weighting():
+    probs, table = nested_estimator_table()
+    moments = {m: discrete_moments(table[m], probs) for m in NESTED_MODES}
+    exact = policy_expectation_grad(C_THETA, True)
+    for m in NESTED_MODES:
+        np.testing.assert_allclose(moments[m][0], exact, rtol=1e-4, atol=1e-5)
+    var_whole = moments["whole"][1]
+    # Design: both finer estimators are well below whole-loop weighting for θ0, θ1.
+    assert np.all(moments["outer"][1][:2] < 0.8 * var_whole[:2]), moments
+
+    draws = np.asarray(mc_draws(lambda k: scg.scg_grad(nested_program)(C_THETA, k), N,
+                                19), np.float64)
+    assert_mc_close(draws, exact)
+    for i in range(2):
+        assert_variance_below(draws[:, i], var_whole[i])
 
 
 # =======================================================================================
@@ -672,18 +776,22 @@ def chain_draw(theta, key):
     return z1, z2
 
 
+def chain_downstream(theta, z1, z2):
+    """Q1 (every cost term: z2 depends on z1) and Q2 (the terms that depend on z2)."""
+    return chain_cost(theta, z1, z2), 3.0 * (z1 - z2) ** 2 + (theta[3] ** 2 + theta[0]) * z2
+
+
 def chain_hand_grad(theta, key, kind):
     """∇log p(z1)·(Q1 − b1) + ∇log p(z2)·(Q2 − b2) + the pathwise part."""
     z1, z2 = chain_draw(theta, key)
-    b1 = chain_baseline_1(kind, theta) or 0.0
+    b1 = chain_baseline_1(kind, theta)
     b2 = chain_baseline_2(kind, theta, z1)
-    b2 = 0.0 if b2 is None else b2
-    q1 = chain_cost(theta, z1, z2)  # every cost term depends on z1
-    q2 = 3.0 * (z1 - z2) ** 2 + (theta[3] ** 2 + theta[0]) * z2
+    q1, q2 = chain_downstream(theta, z1, z2)
     g1 = jax.grad(lambda th: lq(z1, th[0]))(theta)
     g2 = jax.grad(lambda th: lq(z2, th[1] + th[2] * z1))(theta)
     pathwise = jax.grad(chain_cost)(theta, z1, z2)
-    return g1 * (q1 - b1) + g2 * (q2 - b2) + pathwise
+    return (g1 * (q1 - (0.0 if b1 is None else b1))
+            + g2 * (q2 - (0.0 if b2 is None else b2)) + pathwise)
 
 
 def chain_expectation(theta):
@@ -695,43 +803,54 @@ def chain_expectation(theta):
     return total
 
 
+@jax.jit
+def chain_exact():
+    """(gradient, Hessian) of E[chain_cost] at BL_THETA, enumerated."""
+    return jax.grad(chain_expectation)(BL_THETA), jax.hessian(chain_expectation)(BL_THETA)
+
+
 @pytest.mark.parametrize("kind", ["constant", "upstream"])
 def test_baseline_keeps_value_and_gives_hand_written_gradient(kind):
     f = chain_program(kind)
-    keys = fixed_keys(20)
-    values = per_key(lambda k: chain_program(None)(BL_THETA, k), keys)
-    np.testing.assert_allclose(per_key(lambda k: f(BL_THETA, k), keys), values)
-    np.testing.assert_allclose(per_key(lambda k: scg.surrogate(f)(BL_THETA, k), keys),
-                               values, rtol=1e-5)
-    v, g = per_key(lambda k: scg.scg_value_and_grad(f)(BL_THETA, k), keys)
-    np.testing.assert_allclose(v, values, rtol=1e-5)
-    want = per_key(lambda k: chain_hand_grad(BL_THETA, k, kind), keys)
-    assert_not_close(want, per_key(lambda k: chain_hand_grad(BL_THETA, k, None), keys),
-                     "with and without baseline")
-    assert_trees_allclose(g, want)
+    out = same_key(
+        fixed_keys(20),
+        value=lambda k: chain_program(None)(BL_THETA, k),
+        f_value=lambda k: f(BL_THETA, k),
+        surrogate=lambda k: scg.surrogate(f)(BL_THETA, k),
+        got=lambda k: scg.scg_value_and_grad(f)(BL_THETA, k),
+        want=lambda k: chain_hand_grad(BL_THETA, k, kind),
+        no_baseline=lambda k: chain_hand_grad(BL_THETA, k, None),
+    )
+    np.testing.assert_allclose(out["f_value"], out["value"])
+    np.testing.assert_allclose(out["surrogate"], out["value"], rtol=1e-5)
+    np.testing.assert_allclose(out["got"][0], out["value"], rtol=1e-5)
+    assert_not_close(out["want"], out["no_baseline"], "with and without baseline")
+    assert_trees_allclose(out["got"][1], out["want"])
 
 
 @pytest.mark.parametrize("kind", ["constant", "upstream"])
 def test_baseline_first_order_is_unbiased(kind):
     draws = mc_draws(lambda k: scg.scg_grad(chain_program(kind))(BL_THETA, k), N, 21)
-    assert_mc_close(draws, jax.grad(chain_expectation)(BL_THETA))
+    assert_mc_close(draws, chain_exact()[0])
 
 
 @pytest.mark.parametrize("kind", ["constant", "upstream"])
 def test_baseline_second_order_is_unbiased(kind):
     f = chain_program(kind)
     draws = mc_draws(lambda k: jax.hessian(scg.surrogate(f))(BL_THETA, k), N, 22)
-    assert_mc_close(draws, jax.hessian(chain_expectation)(BL_THETA))
+    assert_mc_close(draws, chain_exact()[1])
 
 
 VR_THETA = jnp.float32(0.4)
 
 
 def offset_program(baseline):
+    """c = (z + 3)² (one cost term, 9 + 7z), with an optional baseline b(θ)."""
+
     def f(theta, key):
         b = None if baseline is None else baseline(theta)
         z = scg.sample(key, dist.Bernoulli(logits=theta), baseline=b).astype(F32)
-        return 10.0 + 3.0 * z
+        return (z + 3.0) ** 2
 
     return f
 
@@ -740,37 +859,93 @@ def test_good_baseline_reduces_variance_to_its_exact_value():
     p = float(jax.nn.sigmoid(VR_THETA))
     zs = np.array([0.0, 1.0])
     probs = np.array([1 - p, p])
-    # Without baseline: (z − p)(10 + 3z); with b = E[c] = 10 + 3p: 3(z − p)².
-    m_plain, var_plain, mu4_plain = discrete_moments((zs - p) * (10 + 3 * zs), probs)
-    m_base, var_base, mu4_base = discrete_moments(3 * (zs - p) ** 2, probs)
+    # Without baseline: (z − p)(z + 3)²; with b = E[c] = 9 + 7p: 7(z − p)².
+    m_plain, var_plain, mu4_plain = discrete_moments((zs - p) * (zs + 3) ** 2, probs)
+    m_base, var_base, mu4_base = discrete_moments(7 * (zs - p) ** 2, probs)
     assert abs(m_plain - m_base) < 1e-9
+    assert var_base < 0.02 * var_plain  # design: exactly 0.0137
 
     plain = mc_draws(lambda k: scg.scg_grad(offset_program(None))(VR_THETA, k), N, 23)
     based = mc_draws(lambda k: scg.scg_grad(
-        offset_program(lambda th: 10.0 + 3.0 * jax.nn.sigmoid(th)))(VR_THETA, k), N, 23)
+        offset_program(lambda th: 9.0 + 7.0 * jax.nn.sigmoid(th)))(VR_THETA, k), N, 23)
     assert_mc_close(based, m_base)
     assert_variance_close(np.asarray(plain), var_plain, mu4_plain)
     assert_variance_close(np.asarray(based), var_base, mu4_base)
-    assert_variance_ratio_below(based, plain, 0.01)
+    assert_variance_ratio_below(based, plain, 0.03)
 
 
-def test_vector_baseline_broadcasts_per_element():
+def test_vector_and_scalar_baselines_apply_per_element():
     theta = jnp.array([0.5, -0.3, 1.2, -0.8])
     a = jnp.array([2.0, -1.0, 3.0, 0.5])
     t = jnp.array([0.3, 1.2, -0.4, 0.9])
-    keys = fixed_keys(24)
+    baselines = {"vector": jnp.array([0.5, 1.0, -2.0, 0.25]), "scalar": jnp.float32(1.5)}
 
-    for b in (jnp.array([0.5, 1.0, -2.0, 0.25]), jnp.float32(1.5)):
+    def program(b):
         def f(theta, key):
             z = scg.sample(key, dist.Bernoulli(logits=theta), baseline=b).astype(F32)
             return jnp.sum(a * (z - t) ** 2)
 
-        def hand(k):
-            z = bern(k, theta)
-            return (z - jax.nn.sigmoid(theta)) * (a * (z - t) ** 2 - b)
+        return f
 
-        assert_trees_allclose(per_key(lambda k: scg.scg_grad(f)(theta, k), keys),
-                              per_key(hand, keys))
+    def hand(k, b):
+        z = bern(k, theta)
+        return (z - jax.nn.sigmoid(theta)) * (a * (z - t) ** 2 - b)
+
+    fns = {}
+    for name, b in baselines.items():
+        fns[name] = functools.partial(lambda k, b: scg.scg_grad(program(b))(theta, k), b=b)
+        fns[name + "_hand"] = functools.partial(hand, b=b)
+    out = same_key(fixed_keys(24), **fns)
+    for name in baselines:
+        assert_trees_allclose(out[name], out[name + "_hand"], err_msg=name)
+
+
+SB_THETA = jnp.array([0.3, -1.2, 0.8, 0.7])
+
+
+def scan_baseline_program(theta, key):
+    """The policy loop with a per-step baseline b_t = θ3·s_t + 1 from the state s_t
+    (upstream of a_t: it depends on earlier actions only)."""
+
+    def step(s, xs):
+        k, w = xs
+        a = scg.sample(k, dist.Bernoulli(logits=policy_logits(theta, s)),
+                       baseline=theta[3] * s + 1.0, name="a")
+        return policy_step(theta, s, a.astype(F32), w)
+
+    _, r = lax.scan(step, jnp.float32(0.0), (jax.random.split(key, T), CW))
+    return jnp.sum(r)
+
+
+def test_baseline_inside_scan_subtracts_per_step():
+    """Σ_t ∇log π(a_t)·(G_t − b_t) + pathwise, G_t the reward to go; the downstream cost
+    (the regression target of a learned baseline) is G_t itself."""
+
+    def hand(k):
+        acts = policy_actions(SB_THETA, scan_keys(k))
+        s = jnp.concatenate([jnp.zeros(1), lax.scan(
+            lambda s, a: (0.5 * s + a, 0.5 * s + a), jnp.float32(0.0), acts)[1][:-1]])
+        b = SB_THETA[3] * s + 1.0
+        reinforce = jax.grad(dice_loop)(SB_THETA, acts, CW, "causal")
+        minus_b = jax.grad(lambda th: jnp.sum(lq(acts, policy_logits(th, s)) * b))(SB_THETA)
+        _, _, r = rollout(SB_THETA, acts, CW)
+        return reinforce - minus_b, jnp.cumsum(r[::-1])[::-1]
+
+    out = same_key(
+        fixed_keys(37),
+        got=lambda k: scg.scg_grad(scan_baseline_program, downstream=True)(SB_THETA, k),
+        value=lambda k: scg.surrogate(scan_baseline_program)(SB_THETA, k),
+        f_value=lambda k: scan_baseline_program(SB_THETA, k),
+        hand=hand,
+    )
+    (g, ds), (g_want, togo) = out["got"], out["hand"]
+    np.testing.assert_allclose(out["value"], out["f_value"], rtol=1e-5)
+    assert_trees_allclose(g, g_want)
+    assert_trees_allclose(ds["a"], togo)
+
+    draws = mc_draws(lambda k: scg.scg_grad(scan_baseline_program)(SB_THETA, k), N, 38)
+    # θ3 only enters the baseline: the true gradient is 0 and so is every estimate.
+    assert_mc_close(draws, jnp.append(policy_expectation_grad(SB_THETA[:3]), 0.0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -779,21 +954,23 @@ def test_vector_baseline_broadcasts_per_element():
 
 K = 4
 LOO_THETA = jnp.array([0.4, 0.7])
+LOO = dict(num_samples=K, baseline="leave_one_out")
 
 
 def loo_program(theta, key):
+    """c = (z + 3)² + θ1²·z: both terms depend on z; the second also pathwise on θ1."""
     z = scg.sample(key, dist.Bernoulli(logits=theta[0]), name="z").astype(F32)
-    return 10.0 + 3.0 * z + theta[1] ** 2 * z
+    return (z + 3.0) ** 2 + theta[1] ** 2 * z
 
 
 def loo_expectation(theta):
-    return 10.0 + jax.nn.sigmoid(theta[0]) * (3.0 + theta[1] ** 2)
+    return 9.0 + jax.nn.sigmoid(theta[0]) * (7.0 + theta[1] ** 2)
 
 
 def loo_hand(theta, key):
-    """1/K Σ_k ∇log p(z_k)·(c_k − mean_{j≠k} c_j) + pathwise."""
+    """The value and 1/K Σ_k ∇log p(z_k)·(c_k − mean_{j≠k} c_j) + the pathwise part."""
     z = jax.vmap(lambda k: bern(k, theta[0]))(jax.random.split(key, K))
-    c = 10.0 + 3.0 * z + theta[1] ** 2 * z
+    c = (z + 3.0) ** 2 + theta[1] ** 2 * z
     others = (jnp.sum(c) - c) / (K - 1)
     p = jax.nn.sigmoid(theta[0])
     g0 = jnp.mean((z - p) * (c - others))
@@ -801,97 +978,96 @@ def loo_hand(theta, key):
     return jnp.mean(c), jnp.stack([g0, g1])
 
 
-def test_leave_one_out_value_and_same_key_gradient():
-    keys = fixed_keys(25)
-    opts = dict(num_samples=K, baseline="leave_one_out")
-    mean_cost = per_key(
-        lambda k: jnp.mean(jax.vmap(lambda kk: loo_program(LOO_THETA, kk))(
-            jax.random.split(k, K))), keys)
-    want_v, want_g = per_key(lambda k: loo_hand(LOO_THETA, k), keys)
-    np.testing.assert_allclose(mean_cost, want_v, rtol=1e-6)
+def loo_exact_moments():
+    """Exact moments of the θ0 component of the LOO and the plain K-sample estimators,
+    over all 2^K configurations."""
+    th0, th1 = (float(x) for x in LOO_THETA)
+    p = 1.0 / (1.0 + np.exp(-th0))
+    zs = binary_configs(K).astype(np.float64)
+    probs = np.prod(np.where(zs == 1, p, 1 - p), axis=1)
+    c = (zs + 3.0) ** 2 + th1**2 * zs
+    others = (c.sum(1, keepdims=True) - c) / (K - 1)
+    loo = discrete_moments(((zs - p) * (c - others)).mean(1), probs)
+    plain = discrete_moments(((zs - p) * c).mean(1), probs)
+    return loo, plain
 
-    v, g = per_key(lambda k: scg.scg_value_and_grad(loo_program, **opts)(LOO_THETA, k),
-                   keys)
-    np.testing.assert_allclose(v, mean_cost, rtol=1e-5)
-    np.testing.assert_allclose(
-        per_key(lambda k: scg.surrogate(loo_program, **opts)(LOO_THETA, k), keys),
-        mean_cost, rtol=1e-5)
-    assert_trees_allclose(g, want_g)
-    assert_trees_allclose(
-        per_key(lambda k: scg.scg_grad(loo_program, **opts)(LOO_THETA, k), keys), want_g)
+
+def test_leave_one_out_value_and_same_key_gradient():
+    out = same_key(
+        fixed_keys(25),
+        mean_cost=lambda k: jnp.mean(jax.vmap(lambda kk: loo_program(LOO_THETA, kk))(
+            jax.random.split(k, K))),
+        hand=lambda k: loo_hand(LOO_THETA, k),
+        value_and_grad=lambda k: scg.scg_value_and_grad(loo_program, **LOO)(LOO_THETA, k),
+        grad=lambda k: scg.scg_grad(loo_program, **LOO)(LOO_THETA, k),
+        surrogate=lambda k: scg.surrogate(loo_program, **LOO)(LOO_THETA, k),
+    )
+    want_v, want_g = out["hand"]
+    np.testing.assert_allclose(out["mean_cost"], want_v, rtol=1e-6)
+    np.testing.assert_allclose(out["value_and_grad"][0], out["mean_cost"], rtol=1e-5)
+    np.testing.assert_allclose(out["surrogate"], out["mean_cost"], rtol=1e-5)
+    assert_trees_allclose(out["value_and_grad"][1], want_g)
+    assert_trees_allclose(out["grad"], want_g)
 
 
 def test_num_samples_alone_averages_k_estimates():
-    keys = fixed_keys(26)
-    v, g = per_key(lambda k: scg.scg_value_and_grad(loo_program, num_samples=K)(
-        LOO_THETA, k), keys)
-
     def manual(k):
         ks = jax.random.split(k, K)
         costs = jax.vmap(lambda kk: loo_program(LOO_THETA, kk))(ks)
         grads = jax.vmap(lambda kk: scg.scg_grad(loo_program)(LOO_THETA, kk))(ks)
         return jnp.mean(costs), jnp.mean(grads, axis=0)
 
-    want_v, want_g = per_key(manual, keys)
-    np.testing.assert_allclose(v, want_v, rtol=1e-5)
-    assert_trees_allclose(g, want_g)
+    out = same_key(
+        fixed_keys(26),
+        got=lambda k: scg.scg_value_and_grad(loo_program, num_samples=K)(LOO_THETA, k),
+        want=manual,
+    )
+    np.testing.assert_allclose(out["got"][0], out["want"][0], rtol=1e-5)
+    assert_trees_allclose(out["got"][1], out["want"][1])
 
 
 def test_key_argnum_selects_the_key_argument():
     def f(key, theta):
         return loo_program(theta, key)
 
-    keys = fixed_keys(27)
-    opts = dict(num_samples=K, baseline="leave_one_out")
-    got = per_key(lambda k: scg.scg_grad(f, argnums=1, key_argnum=0, **opts)(k, LOO_THETA),
-                  keys)
-    want = per_key(lambda k: scg.scg_grad(loo_program, **opts)(LOO_THETA, k), keys)
-    assert_trees_allclose(got, want)
+    out = same_key(
+        fixed_keys(27),
+        got=lambda k: scg.scg_grad(f, argnums=1, key_argnum=0, **LOO)(k, LOO_THETA),
+        want=lambda k: scg.scg_grad(loo_program, **LOO)(LOO_THETA, k),
+    )
+    assert_trees_allclose(out["got"], out["want"])
 
 
 def test_leave_one_out_is_unbiased_and_has_its_exact_variance():
-    opts = dict(num_samples=K, baseline="leave_one_out")
-    loo = mc_draws(lambda k: scg.scg_grad(loo_program, **opts)(LOO_THETA, k), N, 28)
+    loo = mc_draws(lambda k: scg.scg_grad(loo_program, **LOO)(LOO_THETA, k), N, 28)
     plain = mc_draws(lambda k: scg.scg_grad(loo_program, num_samples=K)(LOO_THETA, k),
                      N, 28)
     exact = jax.grad(loo_expectation)(LOO_THETA)
     assert_mc_close(loo, exact)
     assert_mc_close(plain, exact)
 
-    # Exact distribution of both θ0 components over the 2^K configurations.
-    th0, th1 = (float(x) for x in LOO_THETA)
-    p = 1.0 / (1.0 + np.exp(-th0))
-    zs = binary_configs(K).astype(np.float64)
-    probs = np.prod(np.where(zs == 1, p, 1 - p), axis=1)
-    c = 10.0 + (3.0 + th1**2) * zs
-    others = (c.sum(1, keepdims=True) - c) / (K - 1)
-    _, var_loo, mu4_loo = discrete_moments(((zs - p) * (c - others)).mean(1), probs)
-    _, var_plain, mu4_plain = discrete_moments(((zs - p) * c).mean(1), probs)
-    assert var_loo < 0.05 * var_plain
+    (_, var_loo, mu4_loo), (_, var_plain, mu4_plain) = loo_exact_moments()
+    assert var_loo < 0.1 * var_plain  # design: exactly 0.078
     assert_variance_close(np.asarray(loo)[:, 0], var_loo, mu4_loo)
     assert_variance_close(np.asarray(plain)[:, 0], var_plain, mu4_plain)
-    assert_variance_ratio_below(np.asarray(loo)[:, 0], np.asarray(plain)[:, 0], 0.05)
+    assert_variance_ratio_below(np.asarray(loo)[:, 0], np.asarray(plain)[:, 0], 0.15)
 
 
 def test_leave_one_out_on_a_chain_is_unbiased_first_and_second_order():
     f = chain_program(None)
-    opts = dict(num_samples=K, baseline="leave_one_out")
-    grads = mc_draws(lambda k: scg.scg_grad(f, **opts)(BL_THETA, k), N, 29)
-    assert_mc_close(grads, jax.grad(chain_expectation)(BL_THETA))
-    hess = mc_draws(lambda k: jax.hessian(scg.surrogate(f, **opts))(BL_THETA, k), N, 30)
-    assert_mc_close(hess, jax.hessian(chain_expectation)(BL_THETA))
+    grad, hess = chain_exact()
+    assert_mc_close(mc_draws(lambda k: scg.scg_grad(f, **LOO)(BL_THETA, k), N, 29), grad)
+    assert_mc_close(
+        mc_draws(lambda k: jax.hessian(scg.surrogate(f, **LOO))(BL_THETA, k), N, 30), hess)
 
 
 def test_leave_one_out_on_a_chain_uses_each_nodes_own_downstream_costs():
     """z1's baseline is the mean of the other samples' Q1, z2's of their Q2."""
     f = chain_program(None)
-    keys = fixed_keys(31)
 
     def hand(k):
-        ks = jax.random.split(k, K)
-        z1, z2 = jax.vmap(lambda kk: chain_draw(BL_THETA, kk))(ks)
-        q1 = jax.vmap(lambda a, b: chain_cost(BL_THETA, a, b))(z1, z2)
-        q2 = 3.0 * (z1 - z2) ** 2 + (BL_THETA[3] ** 2 + BL_THETA[0]) * z2
+        z1, z2 = jax.vmap(lambda kk: chain_draw(BL_THETA, kk))(jax.random.split(k, K))
+        q1, q2 = jax.vmap(lambda a, b: chain_downstream(BL_THETA, a, b))(z1, z2)
         b1 = (q1.sum() - q1) / (K - 1)
         b2 = (q2.sum() - q2) / (K - 1)
         g1 = jax.vmap(lambda a: jax.grad(lambda th: lq(a, th[0]))(BL_THETA))(z1)
@@ -900,14 +1076,27 @@ def test_leave_one_out_on_a_chain_uses_each_nodes_own_downstream_costs():
         pw = jax.vmap(lambda a, b: jax.grad(chain_cost)(BL_THETA, a, b))(z1, z2)
         return jnp.mean(g1 * (q1 - b1)[:, None] + g2 * (q2 - b2)[:, None] + pw, axis=0)
 
-    got = per_key(lambda k: scg.scg_grad(f, num_samples=K, baseline="leave_one_out")(
-        BL_THETA, k), keys)
-    assert_trees_allclose(got, per_key(hand, keys))
+    out = same_key(fixed_keys(31), got=lambda k: scg.scg_grad(f, **LOO)(BL_THETA, k),
+                   want=hand)
+    assert_trees_allclose(out["got"], out["want"])
+
+
+def test_leave_one_out_and_num_samples_accept_legacy_keys():
+    key = jax.random.PRNGKey(39)
+    assert key.dtype == jnp.uint32
+    v, g = scg.scg_value_and_grad(loo_program, **LOO)(LOO_THETA, key)
+    want_v, want_g = loo_hand(LOO_THETA, key)
+    np.testing.assert_allclose(v, want_v, rtol=1e-5)
+    assert_trees_allclose(g, want_g)
+    mean, var = scg.gradient_variance(loo_program, num_draws=8, **LOO)(LOO_THETA, key)
+    assert mean.shape == var.shape == (2,)
 
 
 # ---------------------------------------------------------------------------------------
 # Downstream costs.
 # ---------------------------------------------------------------------------------------
+
+DS_THETA = jnp.array([0.3, -0.2])
 
 
 def two_node_program(theta, key):
@@ -918,34 +1107,42 @@ def two_node_program(theta, key):
 
 
 def test_downstream_costs_of_independent_nodes():
-    theta = jnp.array([0.3, -0.2])
-    keys = fixed_keys(32)
-    g, ds = per_key(lambda k: scg.scg_grad(two_node_program, downstream=True)(theta, k),
-                    keys)
-    z = per_key(lambda k: jnp.stack([bern(kk, theta[i]) for i, kk in
-                                     enumerate(jax.random.split(k))]), keys)
+    def draws(k):
+        k1, k2 = jax.random.split(k)
+        return bern(k1, DS_THETA[0]), bern(k2, DS_THETA[1])
+
+    out = same_key(
+        fixed_keys(32),
+        got=lambda k: scg.scg_grad(two_node_program, downstream=True)(DS_THETA, k),
+        grad=lambda k: scg.scg_grad(two_node_program)(DS_THETA, k),
+        z=draws,
+    )
+    g, ds = out["got"]
+    z1, z2 = out["z"]
     assert set(ds) == {"z1", "z2"}
     assert ds["z1"].shape == ds["z2"].shape == (16,)
-    assert_trees_allclose(ds["z1"], 3.0 * z[:, 0])
-    assert_trees_allclose(ds["z2"], 10.0 * z[:, 1])
-    assert_trees_allclose(g, per_key(lambda k: scg.scg_grad(two_node_program)(theta, k),
-                                     keys))
-    # Downstream costs are regression targets: no gradient flows through them.
-    d = jax.grad(lambda th: scg.scg_grad(two_node_program, downstream=True)(
-        th, keys[0])[1]["z1"])(theta)
-    np.testing.assert_array_equal(d, 0.0)
+    assert_trees_allclose(ds["z1"], 3.0 * z1)
+    assert_trees_allclose(ds["z2"], 10.0 * z2)
+    assert_trees_allclose(g, out["grad"])
+
+
+def test_downstream_costs_carry_no_gradient():
+    # Regression targets: differentiating through them gives exactly zero.
+    key = jax.random.key(0)
+    for name in ("z1", "z2"):
+        d = jax.grad(lambda th: scg.scg_grad(two_node_program, downstream=True)(
+            th, key)[1][name])(DS_THETA)
+        np.testing.assert_array_equal(d, 0.0)
 
 
 def test_downstream_with_has_aux():
-    theta = jnp.array([0.3, -0.2])
-
     def f(theta, key):
         return two_node_program(theta, key), {"twice": 2.0 * theta}
 
     key = jax.random.key(33)
-    g, (aux, ds) = scg.scg_grad(f, has_aux=True, downstream=True)(theta, key)
-    g_plain, ds_plain = scg.scg_grad(two_node_program, downstream=True)(theta, key)
-    np.testing.assert_allclose(aux["twice"], 2.0 * theta)
+    g, (aux, ds) = scg.scg_grad(f, has_aux=True, downstream=True)(DS_THETA, key)
+    g_plain, ds_plain = scg.scg_grad(two_node_program, downstream=True)(DS_THETA, key)
+    np.testing.assert_allclose(aux["twice"], 2.0 * DS_THETA)
     assert_trees_allclose(g, g_plain)
     assert_trees_allclose(ds, ds_plain)
 
@@ -983,32 +1180,44 @@ def test_gradient_variance_equals_mean_and_var_of_the_same_draws():
         return params["scale"] * jnp.sum(jnp.array([3.0, -2.0]) * z)
 
     key, n = jax.random.key(35), 1000
-    mean, variance = jax.jit(scg.gradient_variance(f, num_draws=n))(params, key)
-    draws = jax.vmap(scg.scg_grad(f), (None, 0))(params, jax.random.split(key, n))
+
+    @jax.jit
+    def both(params, key):
+        draws = jax.vmap(scg.scg_grad(f), (None, 0))(params, jax.random.split(key, n))
+        return scg.gradient_variance(f, num_draws=n)(params, key), draws
+
+    (mean, variance), draws = both(params, key)
     assert_trees_allclose(mean, jax.tree_util.tree_map(lambda d: np.mean(d, 0), draws))
     assert_trees_allclose(variance, jax.tree_util.tree_map(lambda d: np.var(d, 0), draws))
 
 
-def test_gradient_variance_passes_estimator_options_and_argnums():
+def test_gradient_variance_passes_estimator_options_argnums_and_key_argnum():
     def f(key, theta, unused):
         return loo_program(theta, key) + 0.0 * unused
 
-    key, n = jax.random.key(36), 500
-    opts = dict(num_samples=K, baseline="leave_one_out")
-    mean, variance = scg.gradient_variance(f, argnums=1, num_draws=n, key_argnum=0,
-                                           **opts)(key, LOO_THETA, jnp.float32(1.0))
-    draws = jax.vmap(lambda k: scg.scg_grad(f, argnums=1, key_argnum=0, **opts)(
-        k, LOO_THETA, jnp.float32(1.0)))(jax.random.split(key, n))
+    key, n, one = jax.random.key(36), 500, jnp.float32(1.0)
+
+    @jax.jit
+    def run(key):
+        loo = scg.gradient_variance(f, argnums=1, num_draws=n, key_argnum=0, **LOO)(
+            key, LOO_THETA, one)
+        draws = jax.vmap(lambda k: scg.scg_grad(f, argnums=1, key_argnum=0, **LOO)(
+            k, LOO_THETA, one))(jax.random.split(key, n))
+        plain = scg.gradient_variance(f, argnums=1, num_draws=n, key_argnum=0,
+                                      num_samples=K)(key, LOO_THETA, one)
+        both = scg.gradient_variance(f, argnums=(1, 2), num_draws=n, key_argnum=0)(
+            key, LOO_THETA, one)
+        return loo, draws, plain, both
+
+    (mean, variance), draws, (_, var_plain), both = run(key)
     assert_trees_allclose(mean, np.mean(draws, 0))
     assert_trees_allclose(variance, np.var(draws, 0))
+    # Lower than without a baseline: exactly var_loo / var_plain = 0.078 (see
+    # test_leave_one_out_is_unbiased_and_has_its_exact_variance); with 500 draws each
+    # the empirical ratio stays far below 0.5.
+    assert variance[0] < 0.5 * var_plain[0], (variance, var_plain)
 
-    # Lower than without a baseline, as the exact variances say (see the LOO test).
-    _, var_plain = scg.gradient_variance(f, argnums=1, num_draws=n, key_argnum=0,
-                                         num_samples=K)(key, LOO_THETA, jnp.float32(1.0))
-    assert variance[0] < 0.2 * var_plain[0]
-
-    both = scg.gradient_variance(f, argnums=(1, 2), num_draws=n, key_argnum=0)(
-        key, LOO_THETA, jnp.float32(1.0))
     assert isinstance(both, tuple) and len(both) == 2
-    assert isinstance(both[0], tuple) and len(both[0]) == 2
-    assert both[0][0].shape == (2,) and both[1][1].shape == ()
+    for part in both:
+        assert isinstance(part, tuple) and len(part) == 2
+        assert part[0].shape == (2,) and part[1].shape == ()
