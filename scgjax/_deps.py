@@ -174,7 +174,7 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
     params = eqn.params
     n_out = len(out_shape)
     if name in ELEMENTWISE:
-        return [_identity if tuple(s) == tuple(out_shape) else _nothing for s in in_shapes]
+        return [_elementwise(s, out_shape) for s in in_shapes]
     if name == "broadcast_in_dim":
         dims = params["broadcast_dimensions"]
         (shape,) = in_shapes[:1]
@@ -218,6 +218,9 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
                        if (lo, hi, inner) != (0, 0, 0)}
             return [lambda a: None if a in changed else a, _nothing]
         return [lambda a: None if a == dim else a] * len(in_shapes)
+    if name == "stack":
+        axis = params["axis"] % n_out
+        return [lambda a: a if a < axis else a + 1] * len(in_shapes)
     if name == "slice":
         shape = in_shapes[0]
         strides = params["strides"] or (1,) * len(shape)
@@ -226,6 +229,16 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
                 and strides[a] == 1}
         return [lambda a: a if a in full else None]
     return [_nothing] * len(in_shapes)
+
+
+def _elementwise(in_shape, out_shape) -> AxisMap:
+    """Right-aligned; an axis broadcast from size 1 is not aligned."""
+    if tuple(in_shape) == tuple(out_shape):
+        return _identity
+    offset = len(out_shape) - len(in_shape)
+    if offset < 0:
+        return _nothing
+    return lambda a: a + offset if in_shape[a] == out_shape[a + offset] else None
 
 
 def _dot_map(batch, free, offset) -> AxisMap:
