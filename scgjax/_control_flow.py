@@ -9,9 +9,9 @@ dict the body fills while it is traced. Arrays (values, cost terms, log-probabil
 baseline terms) leave it as ordinary outputs.
 
 `scan` gives causality: inside the body, a node's stacked axis is `Loop(level)`; values
-from earlier iterations reach the body through the carry as `Loop(level, "le")`. Lifted
-out, a stacked output at step `t` depends on node elements at steps `== t` or `<= t`
-(`"ge"` for `reverse=True`), and a carry that accumulates `c = c + r_t` is split into its
+from earlier iterations reach the body through the carry as `Loop(level, "lt")`. Lifted
+out, a stacked output at step `t` depends on node elements at steps `== t`, `< t` or
+`<= t` (`"gt"`/`"ge"` for `reverse=True`), and a carry that accumulates `c = c + r_t` is split into its
 per-step increments, so a cost summed in the carry gets reward-to-go weights too.
 """
 
@@ -171,15 +171,19 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     consts = invals[:num_consts]
     init = invals[num_consts:num_consts + num_carry]
     xs = invals[num_consts + num_carry:]
-    past = "ge" if reverse else "le"
+    before = "gt" if reverse else "lt"  # the iterations that ran before this one
 
     def slice_deps(d: Deps) -> Deps:  # xs[t] inside the body
         return d.map_entries(lambda e: (Loop(level, e.kind) if e.axis == 0 else Axis(e.axis - 1, e.kind))
                              if isinstance(e, Axis) else e)
 
     def carry_in(d: Deps) -> Deps:  # what the previous iterations left in the carry
-        return d.map_entries(lambda e: (Loop(level, past) if e.kind in ("eq", past) else ALL)
-                             if isinstance(e, Loop) and e.level == level else e)
+        def fn(e):
+            if isinstance(e, Loop) and e.level == level:
+                kind = _deps.compose_kind(e.kind, before)
+                return ALL if kind is None else Loop(level, kind)
+            return e
+        return d.map_entries(fn)
 
     def lift_stacked(d: Deps) -> Deps:  # a per-step output, stacked on axis 0
         return d.map_entries(lambda e: Axis(0, e.kind) if isinstance(e, Loop) and e.level == level

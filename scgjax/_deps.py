@@ -1,15 +1,21 @@
 """Dependencies: which elements of which score nodes a value depends on.
 
-A value's `Deps` maps each score node it depends on to a *relation*: one entry per axis
-of the node's log-probability (as stacked at the top level), saying which elements along
-that node axis reach a given element of the value:
+A value's `Deps` maps each score node it depends on to a set of disjoint *relations*.
+A relation has one entry per axis of the node's log-probability (as stacked at the top
+level), saying which elements along that node axis reach a given element of the value:
 
 * `ALL` (`None`): every element along that node axis (the safe fallback);
-* `Axis(a, kind)`: along value axis `a`, value element `i` depends on node elements
-  `j == i` (`"eq"`: an automatic plate), `j <= i` (`"le"`) or `j >= i` (`"ge"`) (causality
-  along a stacked loop axis or a cumulative op);
+* `Axis(a, kind)`: along value axis `a`, value element `i` depends on node elements `j`
+  with `j == i` (`"eq"`: an automatic plate), `j <= i` (`"le"`), `j < i` (`"lt"`),
+  `j >= i` (`"ge"`) or `j > i` (`"gt"`): causality along a stacked loop axis or a
+  cumulative op;
 * `Loop(level, kind)`: inside a `scan` body, the node axis that the loop at `level`
-  stacks: the current iteration (`"eq"`) or the current and earlier ones (`"le"`/`"ge"`).
+  stacks, related in the same way to the current iteration.
+
+A value depends on the union of its relations' elements. Several relations are kept only
+while they are disjoint (then their log-probabilities add without double counting), which
+is what nested loops need: a cost at inner step `u` of outer step `t` depends on every
+draw of outer steps `< t` and on the draws of step `t` at inner steps `<= u`.
 
 Per-primitive rules say how each operand's value axes move to the output's (`axis_rule`);
 what they cannot prove becomes `ALL`. Over-approximating costs variance only;
@@ -24,7 +30,11 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 ALL = None
-KINDS = ("eq", "le", "ge")
+# A kind is the set of orderings {"<", "=", ">"} of node index j against value index i.
+_ORDERS = {"eq": frozenset("="), "le": frozenset("<="), "lt": frozenset("<"),
+           "ge": frozenset(">="), "gt": frozenset(">")}
+_KIND_OF = {v: k for k, v in _ORDERS.items()}
+MAX_RELATIONS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,35 +53,94 @@ Entry = Optional[object]  # ALL | Axis | Loop
 Rel = tuple  # tuple[Entry, ...]
 
 
-def _meet_kind(k1: str, k2: str) -> str | None:
-    if k1 == k2:
-        return k1
-    if "eq" in (k1, k2):
-        return k2 if k1 == "eq" else k1
-    return None  # "le" with "ge": every element
+def union_kind(k1: str, k2: str) -> str | None:
+    """The kind covering both (None: every element)."""
+    return _KIND_OF.get(_ORDERS[k1] | _ORDERS[k2])
+
+
+def compose_kind(k: str, step: str) -> str | None:
+    """Node → input relation `k`, then input → output relation `step` (a cumulative op
+    or a loop carry): the node → output relation."""
+    orders = _ORDERS[k] | _ORDERS[step]
+    if "<" in orders and ">" in orders:
+        return None
+    if "=" in _ORDERS[k] and "=" in _ORDERS[step]:
+        return _KIND_OF[orders]
+    return _KIND_OF[orders - {"="}]
+
+
+def _target(e):
+    return (Axis, e.axis) if isinstance(e, Axis) else (Loop, e.level)
 
 
 def meet(e1: Entry, e2: Entry) -> Entry:
     """The coarsest entry that covers both."""
     if e1 == e2:
         return e1
-    if type(e1) is type(e2) and e1 is not None:
-        same = e1.axis == e2.axis if isinstance(e1, Axis) else e1.level == e2.level
-        if same:
-            kind = _meet_kind(e1.kind, e2.kind)
-            if kind is not None:
-                return dataclasses.replace(e1, kind=kind)
+    if e1 is not None and e2 is not None and _target(e1) == _target(e2):
+        kind = union_kind(e1.kind, e2.kind)
+        if kind is not None:
+            return dataclasses.replace(e1, kind=kind)
     return ALL
 
 
+def _entry_within(e1: Entry, e2: Entry) -> bool:
+    if e2 is None:
+        return True
+    return e1 is not None and _target(e1) == _target(e2) and _ORDERS[e1.kind] <= _ORDERS[e2.kind]
+
+
+def _within(r1: Rel, r2: Rel) -> bool:
+    """Whether relation r1's elements are all in r2's."""
+    return all(_entry_within(a, b) for a, b in zip(r1, r2))
+
+
+def _disjoint(r1: Rel, r2: Rel) -> bool:
+    return any(a is not None and b is not None and _target(a) == _target(b)
+               and not (_ORDERS[a.kind] & _ORDERS[b.kind]) for a, b in zip(r1, r2))
+
+
+def _normalize(rels: Iterable[Rel]) -> tuple:
+    """A set of disjoint relations covering `rels` (merging those that overlap)."""
+    rels = list(dict.fromkeys(rels))
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(rels)):
+            for j in range(i + 1, len(rels)):
+                a, b = rels[i], rels[j]
+                if _within(a, b) or _within(b, a) or not _disjoint(a, b):
+                    merged = b if _within(a, b) else a if _within(b, a) else \
+                        tuple(meet(x, y) for x, y in zip(a, b))
+                    rels = [r for k, r in enumerate(rels) if k not in (i, j)] + [merged]
+                    changed = True
+                    break
+            if changed:
+                break
+    if len(rels) > MAX_RELATIONS:
+        merged = rels[0]
+        for r in rels[1:]:
+            merged = tuple(meet(x, y) for x, y in zip(merged, r))
+        rels = [merged]
+    return tuple(sorted(rels, key=repr))
+
+
 class Deps:
-    """An immutable map node id → relation; hashable, so it can key cost terms."""
+    """An immutable map node id → disjoint relations; hashable, so it keys cost terms."""
 
     __slots__ = ("_map", "_hash")
 
     def __init__(self, mapping: dict | None = None):
-        self._map = dict(mapping or {})
+        """`mapping`: node id → one relation."""
+        self._map = {n: (rel,) for n, rel in (mapping or {}).items()}
         self._hash = hash(tuple(sorted(self._map.items(), key=lambda kv: kv[0])))
+
+    @classmethod
+    def _of(cls, relsets: dict) -> Deps:
+        out = cls()
+        out._map = {n: _normalize(rels) for n, rels in relsets.items()}
+        out._hash = hash(tuple(sorted(out._map.items(), key=lambda kv: kv[0])))
+        return out
 
     def __hash__(self):
         return self._hash
@@ -94,26 +163,13 @@ class Deps:
     def __repr__(self):
         return f"Deps({self._map})"
 
-    def items(self):
-        return self._map.items()
-
-    def rel(self, node_id) -> Rel:
-        return self._map[node_id]
-
-    def nodes(self) -> frozenset:
-        return frozenset(self._map)
-
-    def covers(self, other: Deps) -> bool:
-        """Whether `self` is at least as coarse as `other` (every dependency included)."""
-        for n, rel in other.items():
-            if n not in self._map:
-                return False
-            if any(meet(a, b) != a for a, b in zip(self._map[n], rel)):
-                return False
-        return True
+    def items(self) -> list[tuple]:
+        """(node id, relation) for every relation (a node may appear more than once)."""
+        return [(n, rel) for n, rels in self._map.items() for rel in rels]
 
     def map_entries(self, fn: Callable[[Entry], Entry]) -> Deps:
-        return Deps({n: tuple(fn(e) for e in rel) for n, rel in self._map.items()})
+        return Deps._of({n: [tuple(fn(e) for e in rel) for rel in rels]
+                         for n, rels in self._map.items()})
 
     def map_axes(self, axis_map: Callable[[int], Optional[int]]) -> Deps:
         """Moves value-axis entries with `axis_map` (None: that entry becomes ALL)."""
@@ -139,9 +195,9 @@ def join(deps: Iterable[Deps]) -> Deps:
     """The dependencies of a value computed elementwise from values with `deps`."""
     out: dict = {}
     for d in deps:
-        for n, rel in d.items():
-            out[n] = rel if n not in out else tuple(meet(a, b) for a, b in zip(out[n], rel))
-    return Deps(out)
+        for n, rels in d._map.items():
+            out.setdefault(n, []).extend(rels)
+    return Deps._of(out)
 
 
 # -- How operand axes move to output axes --------------------------------------------------
@@ -279,7 +335,7 @@ def move(eqn, deps: Deps, axis_map: AxisMap, n_in: int, n_out: int) -> Deps:
 
     def adjust(e):
         if isinstance(e, Axis) and e.axis == axis:
-            k = _meet_kind(e.kind, kind)
+            k = compose_kind(e.kind, kind)
             return ALL if k is None else Axis(axis, k)
         return e
 

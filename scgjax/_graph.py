@@ -137,9 +137,19 @@ def baseline_term(log_prob: jax.Array, baseline: jax.Array) -> jax.Array:
     return jnp.sum((1.0 - magic_box(log_prob)) * b)
 
 
+def _cumulative(x, axis: int, kind: str):
+    """For each index i along `axis`, the sum of x[j] over the j related to i by `kind`."""
+    if kind == "eq":
+        return x
+    if kind in ("ge", "gt"):
+        return jnp.flip(_cumulative(jnp.flip(x, axis), axis, "le" if kind == "ge" else "lt"), axis)
+    total = jnp.cumsum(x, axis=axis)
+    return total if kind == "le" else total - x
+
+
 def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
     """For each element of a term of `shape`, the sum of the log-probabilities of the
-    node elements it depends on."""
+    node elements it depends on (a node's relations are disjoint, so they add)."""
     total = None
     for node_id, rel in deps.items():
         x = log_probs[node_id]
@@ -148,10 +158,7 @@ def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any
             if isinstance(entry, Axis) and entry.axis < len(shape) \
                     and np.shape(x)[k] == shape[entry.axis] \
                     and entry.axis not in {a for _, a in kept}:
-                if entry.kind == "le":
-                    x = jnp.cumsum(x, axis=k)
-                elif entry.kind == "ge":
-                    x = jnp.flip(jnp.cumsum(jnp.flip(x, k), axis=k), k)
+                x = _cumulative(x, k, entry.kind)
                 kept.append((k, entry.axis))
         summed = tuple(k for k in range(np.ndim(x)) if k not in {k for k, _ in kept})
         x = jnp.sum(x, axis=summed) if summed else x
