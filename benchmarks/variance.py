@@ -40,7 +40,7 @@ of the reference), averaged over all entries; the reference is an independent ru
 the lowest-variance hand-written estimator. About 1 means "no detectable bias"; values
 far above 1 mean the estimator's mean differs from the reference's.
 
-Run:  python benchmarks/variance.py            (about 1-2 minutes on 2 CPU cores)
+Run:  python benchmarks/variance.py            (about a minute on 2 CPU cores)
       python benchmarks/variance.py --quick    (rough numbers, ~30 s)
       python benchmarks/variance.py --help
 """
@@ -558,6 +558,14 @@ def _fmt_v(v):
     return "—" if v is None else f"{v:.3g}"
 
 
+def _version(text):
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def _short_error(e):
     msg = f"{type(e).__name__}: {e}".strip().splitlines()
     return msg[0][:200] if msg else type(e).__name__
@@ -596,6 +604,9 @@ def run_case(case, a, log):
             res["var"] = {g: float(np.mean(var[leaf])) for g, leaf in spec["groups"]}
         except Exception as e:  # noqa: BLE001 - a missing feature is a row, not a crash
             res["error"] = _short_error(e)
+            if row.name.startswith("NumPyro") and _version(numpyro.__version__) < (0, 22):
+                res["error"] += (f" (numpyro {numpyro.__version__}'s TraceGraph_ELBO fails "
+                                 f"under jax {jax.__version__}; numpyro 0.22 works)")
             if a.verbose:
                 traceback.print_exc()
         log(f"  [{case}] {row.name}: "
@@ -685,7 +696,7 @@ def print_case(out, print_=print):
     for r in out["rows"]:
         if r["error"] is not None:
             print_(f"| {r['name']} | " + " | ".join("n/a" for _ in groups)
-                   + f" | n/a | | unavailable: {r['error'][:80]} |")
+                   + f" | n/a | | unavailable: {r['error'][:200]} |")
             continue
         ratio = "—" if r.get("time_ratio") is None else f"{r['time_ratio']:.2f}"
         z2 = "—" if r["z2"] is None else f"{r['z2']:.2f} ({_abbrev(r['z2_ref'])})"

@@ -26,16 +26,26 @@ def _is_array_like(x: Any) -> bool:
         or isinstance(x, jax.core.Tracer)
 
 
+def _split_static(tree):
+    """The array leaves of `tree`, and a function rebuilding `tree` from new array leaves
+    (non-array leaves, e.g. strings and flags, are held as they are)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    dynamic = [_is_array_like(x) for x in leaves]
+
+    def rebuild(dyn):
+        it = iter(dyn)
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+
+    return [x for x, d in zip(leaves, dynamic) if d], rebuild
+
+
 def _trace(f: Callable, args: tuple, kwargs: dict, has_aux: bool):
     """Traces `f`; returns (closed jaxpr, dynamic leaves, output tree)."""
-    leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-    dynamic = [_is_array_like(x) for x in leaves]
-    dyn_leaves = [x for x, d in zip(leaves, dynamic) if d]
+    dyn_leaves, rebuild = _split_static((args, kwargs))
 
     def flat_f(*dyn):
-        it = iter(dyn)
-        full = [next(it) if d else x for x, d in zip(leaves, dynamic)]
-        a, kw = jax.tree_util.tree_unflatten(in_tree, full)
+        a, kw = rebuild(dyn)
         return f(*a, **kw)
 
     closed, out_shape = jax.make_jaxpr(flat_f, return_shape=True)(*dyn_leaves)
@@ -287,15 +297,8 @@ def _jit_array_args(fn: Callable) -> Callable:
     """`jax.jit(fn)` with every non-array leaf of the arguments held static."""
 
     def call(*args):
-        leaves, tree = jax.tree_util.tree_flatten(args)
-        dynamic = [_is_array_like(x) for x in leaves]
-
-        def inner(*dyn):
-            it = iter(dyn)
-            full = [next(it) if d else x for x, d in zip(leaves, dynamic)]
-            return fn(*jax.tree_util.tree_unflatten(tree, full))
-
-        return jax.jit(inner)(*[x for x, d in zip(leaves, dynamic) if d])
+        dyn_leaves, rebuild = _split_static(args)
+        return jax.jit(lambda *dyn: fn(*rebuild(dyn)))(*dyn_leaves)
 
     return call
 
