@@ -45,27 +45,25 @@ import statistics
 import sys
 import time
 
-# Let the script run from a checkout without installing the package.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import numpyro  # noqa: E402
-import numpyro.distributions as dist  # noqa: E402
-from jax import lax  # noqa: E402
+# The pieces shared with variance.py; importing them also puts the checkout's scgjax
+# on sys.path, so the script runs without installing the package.
+if __package__:  # imported as a package module, e.g. `python -m benchmarks.overhead`
+    from . import workloads as wl
+else:  # run as `python benchmarks/overhead.py` (sys.path[0] is benchmarks/) or loaded by path
+    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import workloads as wl
 
 import scgjax as scg  # noqa: E402
 
+magic_box = wl.magic_box
 RUN_TARGET = 1.05
 COMPILE_TARGET = 2.0
-
-
-def magic_box(tau):
-    """DiCE's magic box: value 1, d/dtau box(tau) = box(tau)."""
-    return jnp.exp(tau - lax.stop_gradient(tau))
 
 
 # --------------------------------------------------------------------------
@@ -79,40 +77,16 @@ def vae_problem(seed=0, batch=VAE_BATCH, pixels=VAE_PIXELS, latents=VAE_LATENTS)
     # Binary "images": each pixel on with its own probability.
     pix_p = jax.random.uniform(ks[0], (pixels,), minval=0.1, maxval=0.9)
     x = jax.random.bernoulli(ks[1], pix_p, (batch, pixels)).astype(jnp.float32)
-    # Random (nonzero) init: numpyro 0.22's Bernoulli(logits).log_prob has a
-    # wrong derivative at exactly logits == 0 (see DESIGN.md, sharp edges).
-    params = {
-        "enc_w": 0.1 * jax.random.normal(ks[2], (pixels, latents)),
-        "enc_b": 0.1 * jax.random.normal(ks[3], (latents,)),
-        "dec_w": 0.1 * jax.random.normal(ks[4], (latents, pixels)),
-        "dec_b": 0.1 * jax.random.normal(ks[5], (pixels,)),
-    }
-    return params, x
+    return wl.vae_init_params(ks[2:], pixels, latents), x
 
 
 def make_vae_cost():
     """A fresh stochastic program (fresh function object on every call)."""
 
     def vae_cost(params, key, x):
-        q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
-        z = scg.sample(key, q)
-        px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
-        prior = dist.Bernoulli(probs=0.5)
-        log_ratio = jnp.sum(q.log_prob(z) - prior.log_prob(z), axis=-1)
-        recon = jnp.sum(px.log_prob(x), axis=-1)
-        return jnp.mean(log_ratio - recon)
+        return wl.vae_cost(params, x, key)
 
     return vae_cost
-
-
-def _vae_parts(params, key, x):
-    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
-    z = lax.stop_gradient(q.sample(key))  # what scg.sample draws for this key
-    lq = q.log_prob(z)  # [B, L]
-    lp = dist.Bernoulli(probs=0.5).log_prob(z)  # [B, L]
-    px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
-    recon = jnp.sum(px.log_prob(x), axis=-1)  # [B]
-    return lq, lp, recon
 
 
 # Box granularity of each of the three cost pieces, finest (best) first:
@@ -131,7 +105,7 @@ def make_vae_hand(lq_box="element", lp_box="element", recon_box="example"):
     """
 
     def hand(params, key, x):
-        lq, lp, recon = _vae_parts(params, key, x)
+        lq, lp, recon = wl.vae_parts(params, x, key)
         boxes = {
             "element": magic_box(lq),  # [B, L]
             "example": magic_box(jnp.sum(lq, axis=-1)),  # [B]
@@ -167,62 +141,25 @@ def _vae_variants():
 # --------------------------------------------------------------------------
 # (b) policy-gradient rollout in lax.scan
 # --------------------------------------------------------------------------
-RL_HORIZON, RL_STATE, RL_ACTIONS = 200, 8, 4
-
-
-def rl_problem(seed=1, state=RL_STATE, actions=RL_ACTIONS):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    # An orthogonal matrix scaled below 1: a stable, mixing linear dynamics.
-    a_mat = 0.9 * jnp.linalg.qr(jax.random.normal(ks[0], (state, state)))[0]
-    env = {
-        "A": a_mat,
-        "B": jax.random.normal(ks[1], (actions, state)),  # effect of each action
-        "goal": 0.5 * jax.random.normal(ks[2], (state,)),
-        "s0": jax.random.normal(ks[3], (state,)),
-    }
-    params = {
-        "w": 0.3 * jax.random.normal(ks[4], (actions, state)),
-        "b": 0.1 * jax.random.normal(ks[5], (actions,)),
-    }
-    return params, env
-
-
-def _rl_transition(env, s, a):
-    s_next = jnp.tanh(env["A"] @ s + env["B"][a])
-    reward = -jnp.sum((s_next - env["goal"]) ** 2)
-    return s_next, reward
+# The workload itself (rl_problem, the rollout, the hand-written surrogates) is in
+# workloads.py; here each maker returns a fresh function object in this script's
+# (params, key, env) order.
+RL_HORIZON, RL_STATE, RL_ACTIONS = wl.RL_HORIZON, wl.RL_STATE, wl.RL_ACTIONS
+rl_problem = wl.rl_problem
 
 
 def make_rl_cost(horizon=RL_HORIZON):
     def rl_cost(params, key, env):
-        def step(s, k):
-            pi = dist.Categorical(logits=params["w"] @ s + params["b"])
-            a = scg.sample(k, pi)
-            return _rl_transition(env, s, a)
-
-        _, rewards = lax.scan(step, env["s0"], jax.random.split(key, horizon))
-        return -jnp.sum(rewards)
+        return wl.rl_cost(params, env, key, horizon)
 
     return rl_cost
-
-
-def _rl_parts(params, key, env, horizon):
-    def step(s, k):
-        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
-        a = lax.stop_gradient(pi.sample(k))  # what scg.sample draws for this key
-        s_next, reward = _rl_transition(env, s, a)
-        return s_next, (pi.log_prob(a), reward)
-
-    _, (logp, rewards) = lax.scan(step, env["s0"], jax.random.split(key, horizon))
-    return logp, rewards
 
 
 def make_rl_hand_whole(horizon=RL_HORIZON):
     # Without causality every step's reward depends (through the state) on all
     # actions of the scan's one score node: one box of the summed log-probs.
     def hand(params, key, env):
-        logp, rewards = _rl_parts(params, key, env, horizon)
-        return magic_box(jnp.sum(logp)) * (-jnp.sum(rewards))
+        return wl.rl_hand_whole(params, env, key, horizon)
 
     return hand
 
@@ -230,8 +167,7 @@ def make_rl_hand_whole(horizon=RL_HORIZON):
 def make_rl_hand_causal(horizon=RL_HORIZON):
     # Causality: the reward of step t is boxed with the log-probs of steps <= t.
     def hand(params, key, env):
-        logp, rewards = _rl_parts(params, key, env, horizon)
-        return jnp.sum(magic_box(jnp.cumsum(logp)) * (-rewards))
+        return wl.rl_hand_causal(params, env, key, horizon)
 
     return hand
 
@@ -309,23 +245,6 @@ def match_estimator(case, args_for_key, keys, rtol):
     return best, errors[best], errors
 
 
-def time_runs(fns, args, reps, inner):
-    """Median seconds per call; the functions alternate, order flipped every rep."""
-    for fn in fns.values():  # compile + warm up
-        for _ in range(3):
-            jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    order = list(fns)
-    for r in range(reps):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            fn = fns[name]
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                jax.block_until_ready(fn(*args))
-            times[name].append((time.perf_counter() - t0) / inner)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def time_compiles(makers, args, reps):
     """Median seconds of jit(fn).lower(*args) and .compile(), fresh fns each time."""
     out = {name: {"lower": [], "compile": []} for name in makers}
@@ -366,12 +285,7 @@ def _hlo_instructions(compiled):
     return sum(1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//"))
 
 
-def _fmt_t(s):
-    if s >= 1.0:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s * 1e6:.3g} µs"
+_fmt_t = wl.fmt_t
 
 
 def main(argv=None):
@@ -387,10 +301,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.reps, a.inner, a.compile_reps = 5, 5, 2
-    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
-    for c in cases:
-        if c not in CASES:
-            p.error(f"unknown case {c!r}; choose from {sorted(CASES)}")
+    cases = wl.parse_cases(p, a.cases, CASES)
 
     dev = jax.devices()[0]
     env_info = {
@@ -429,7 +340,7 @@ def main(argv=None):
               + ")", flush=True)
 
         fns = {"scg": jax.jit(make_scg(case)), "hand": jax.jit(make_hand(case, variant))}
-        run = time_runs(fns, args, a.reps, a.inner)
+        run, _ = wl.time_runs(fns, args, a.reps, a.inner)
         comp = time_compiles(
             {"scg": lambda: make_scg(case), "hand": lambda: make_hand(case, variant)},
             args, a.compile_reps)

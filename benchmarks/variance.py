@@ -51,32 +51,31 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
 
-# Let the script run from a checkout without installing the package.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-    sys.path.insert(0, _REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax import lax
+from numpyro.infer import TraceGraph_ELBO
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import numpyro  # noqa: E402
-import numpyro.distributions as dist  # noqa: E402
-from jax import lax  # noqa: E402
-from numpyro.infer import TraceGraph_ELBO  # noqa: E402
+# The pieces shared with overhead.py; importing them also puts the checkout's scgjax
+# on sys.path, so the script runs without installing the package.
+if __package__:  # imported as a package module, e.g. `python -m benchmarks.variance`
+    from . import workloads as wl
+else:  # run as `python benchmarks/variance.py` (sys.path[0] is benchmarks/) or loaded by path
+    if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import workloads as wl
 
 import scgjax as scg  # noqa: E402
 
+magic_box = wl.magic_box
 RUN_TARGET = 1.05
-
-
-def magic_box(tau):
-    """DiCE's magic box: value 1, d/dtau box(tau) = box(tau)."""
-    return jnp.exp(tau - lax.stop_gradient(tau))
 
 
 # --------------------------------------------------------------------------
@@ -121,41 +120,20 @@ def digit_images(n=VAE_BATCH, seed=0, flip=0.03):
 def vae_problem(seed=0):
     x = digit_images(VAE_BATCH, seed)
     ks = jax.random.split(jax.random.PRNGKey(seed + 100), 4)
-    # Random (nonzero) init: numpyro 0.22's Bernoulli(logits).log_prob has a wrong
-    # derivative at exactly logits == 0 (DESIGN.md, sharp edges); NumPyro's own
-    # surrogate and the hand-written ones use that log_prob.
-    params = {
-        "enc_w": 0.1 * jax.random.normal(ks[0], (VAE_PIXELS, VAE_LATENTS)),
-        "enc_b": 0.1 * jax.random.normal(ks[1], (VAE_LATENTS,)),
-        "dec_w": 0.1 * jax.random.normal(ks[2], (VAE_LATENTS, VAE_PIXELS)),
-        "dec_b": 0.1 * jax.random.normal(ks[3], (VAE_PIXELS,)),
-    }
-    return params, x
+    return wl.vae_init_params(ks, VAE_PIXELS, VAE_LATENTS), x
 
 
 VAE_GROUPS = [("enc W", "enc_w"), ("enc b", "enc_b"), ("dec W", "dec_w"), ("dec b", "dec_b")]
 
 
-def _vae_neg_elbo(params, x, q, z):
-    px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
-    prior = dist.Bernoulli(probs=0.5)
-    log_ratio = jnp.sum(q.log_prob(z) - prior.log_prob(z), axis=-1)
-    recon = jnp.sum(px.log_prob(x), axis=-1)
-    return jnp.mean(log_ratio - recon)
-
-
-def vae_cost(params, x, key):
-    """The stochastic program: single-sample negative ELBO, mean over the batch."""
-    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
-    z = scg.sample(key, q)
-    return _vae_neg_elbo(params, x, q, z)
+vae_cost = wl.vae_cost  # the stochastic program: single-sample negative ELBO, batch mean
 
 
 def vae_cost_ma(params, state, x, key):
     """Same program, with a per-latent baseline for z taken from `state`."""
-    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
+    q = wl.vae_encoder(params, x)
     z = scg.sample(key, q, baseline=state["z"], name="z")
-    return _vae_neg_elbo(params, x, q, z)
+    return wl.vae_neg_elbo(params, x, q, z)
 
 
 def vae_ma_init(params, x):
@@ -163,13 +141,8 @@ def vae_ma_init(params, x):
 
 
 def _vae_parts(params, x, key):
-    q = dist.Bernoulli(logits=x @ params["enc_w"] + params["enc_b"])
-    z = lax.stop_gradient(q.sample(key))  # what scg.sample draws for this key
-    lq = q.log_prob(z)  # [B, L]
-    px = dist.Bernoulli(logits=z @ params["dec_w"] + params["dec_b"])
-    recon = jnp.sum(px.log_prob(x), axis=-1)  # [B]
-    ratio = lq - dist.Bernoulli(probs=0.5).log_prob(z)  # [B, L]
-    return lq, recon, ratio
+    lq, lp, recon = wl.vae_parts(params, x, key)
+    return lq, recon, lq - lp  # log q [B, L], recon [B], log q - log p [B, L]
 
 
 def vae_hand_whole(params, x, key):
@@ -242,51 +215,21 @@ def make_numpyro_grad(model, guide):
 # --------------------------------------------------------------------------
 # (b) policy gradient: 200-step lax.scan rollout
 # --------------------------------------------------------------------------
-RL_HORIZON, RL_STATE, RL_ACTIONS = 200, 8, 4
+# The workload (rl_problem, the rollout rl_cost, the hand-written surrogates
+# rl_hand_whole and rl_hand_causal) is in workloads.py.
+RL_HORIZON, RL_STATE, RL_ACTIONS = wl.RL_HORIZON, wl.RL_STATE, wl.RL_ACTIONS
 RL_GROUPS = [("policy W", "w"), ("policy b", "b")]
-
-
-def rl_problem(seed=1):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    # An orthogonal matrix scaled below 1: stable, mixing linear dynamics.
-    a_mat = 0.9 * jnp.linalg.qr(jax.random.normal(ks[0], (RL_STATE, RL_STATE)))[0]
-    env = {
-        "A": a_mat,
-        "B": jax.random.normal(ks[1], (RL_ACTIONS, RL_STATE)),  # effect of each action
-        "goal": 0.5 * jax.random.normal(ks[2], (RL_STATE,)),
-        "s0": jax.random.normal(ks[3], (RL_STATE,)),
-    }
-    params = {
-        "w": 0.3 * jax.random.normal(ks[4], (RL_ACTIONS, RL_STATE)),
-        "b": 0.1 * jax.random.normal(ks[5], (RL_ACTIONS,)),
-    }
-    return params, env
-
-
-def _rl_transition(env, s, a):
-    s_next = jnp.tanh(env["A"] @ s + env["B"][a])
-    reward = -jnp.sum((s_next - env["goal"]) ** 2)  # state-dependent reward
-    return s_next, reward
-
-
-def rl_cost(params, env, key):
-    def step(s, k):
-        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
-        a = scg.sample(k, pi)
-        return _rl_transition(env, s, a)
-
-    _, rewards = lax.scan(step, env["s0"], jax.random.split(key, RL_HORIZON))
-    return -jnp.sum(rewards)
+rl_problem, rl_cost = wl.rl_problem, wl.rl_cost
+rl_hand_whole, rl_hand_causal = wl.rl_hand_whole, wl.rl_hand_causal
 
 
 def rl_cost_ma(params, state, env, key):
-    """Same rollout; step t's action gets the baseline state["a"][t]."""
+    """Same rollout as rl_cost; step t's action gets the baseline state["a"][t]."""
 
     def step(s, inp):
         k, b_t = inp
-        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
-        a = scg.sample(k, pi, baseline=b_t, name="a")
-        return _rl_transition(env, s, a)
+        a = scg.sample(k, wl.rl_policy(params, s), baseline=b_t, name="a")
+        return wl.rl_transition(env, s, a)
 
     xs = (jax.random.split(key, RL_HORIZON), state["a"])
     _, rewards = lax.scan(step, env["s0"], xs)
@@ -295,29 +238,6 @@ def rl_cost_ma(params, state, env, key):
 
 def rl_ma_init(params, env):
     return {"a": jnp.zeros((RL_HORIZON,), jnp.float32)}
-
-
-def _rl_parts(params, env, key):
-    def step(s, k):
-        pi = dist.Categorical(logits=params["w"] @ s + params["b"])
-        a = lax.stop_gradient(pi.sample(k))  # what scg.sample draws for this key
-        s_next, reward = _rl_transition(env, s, a)
-        return s_next, (pi.log_prob(a), reward)
-
-    _, (logp, rewards) = lax.scan(step, env["s0"], jax.random.split(key, RL_HORIZON))
-    return logp, rewards
-
-
-def rl_hand_whole(params, env, key):
-    # REINFORCE on the whole program: Σ_t log π(a_t) times the total cost.
-    logp, rewards = _rl_parts(params, env, key)
-    return magic_box(jnp.sum(logp)) * (-jnp.sum(rewards))
-
-
-def rl_hand_causal(params, env, key):
-    # Causality: the reward of step t is boxed with the log-probs of steps <= t.
-    logp, rewards = _rl_parts(params, env, key)
-    return jnp.sum(magic_box(jnp.cumsum(logp)) * (-rewards))
 
 
 # --------------------------------------------------------------------------
@@ -481,29 +401,7 @@ def _tree_combine(means, variances, chunk):
             jax.tree.unflatten(tree, [o[1] for o in out]))
 
 
-def time_runs(fns, args, reps, inner, ref=None):
-    """Median seconds per call, and the median over repetitions of each function's
-    time divided by `ref`'s time in the same repetition (a paired ratio, robust to
-    load that drifts during the run). The functions alternate, order flipped every rep;
-    every call is followed by block_until_ready."""
-    for fn in fns.values():  # compile + warm up
-        for _ in range(3):
-            jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    order = list(fns)
-    for r in range(reps):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            fn = fns[name]
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                jax.block_until_ready(fn(*args))
-            times[name].append((time.perf_counter() - t0) / inner)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    ratio = {}
-    if ref in times:
-        ratio = {name: statistics.median(a / b for a, b in zip(t, times[ref]))
-                 for name, t in times.items()}
-    return med, ratio
+time_runs = wl.time_runs
 
 
 def same_gradient(fn_a, fn_b, params, data, keys, rtol):
@@ -544,14 +442,7 @@ CASES = {
 }
 
 
-def _fmt_t(s):
-    if s is None:
-        return "—"
-    if s >= 1.0:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s * 1e6:.3g} µs"
+_fmt_t = wl.fmt_t
 
 
 def _fmt_v(v):
@@ -785,10 +676,7 @@ def main(argv=None):
     a.chunk = max(2, min(a.chunk, a.draws))
     a.draws = max(a.chunk, (a.draws // a.chunk) * a.chunk)
     a.loo = [int(k) for k in a.loo.split(",") if k.strip()]
-    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
-    for c in cases:
-        if c not in CASES:
-            p.error(f"unknown case {c!r}; choose from {sorted(CASES)}")
+    cases = wl.parse_cases(p, a.cases, CASES)
 
     dev = jax.devices()[0]
     env = {
