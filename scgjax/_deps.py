@@ -27,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable, Iterator, Optional
 
-import numpy as np
-
 ALL = None
 # A kind is the set of orderings {"<", "=", ">"} of node index j against value index i.
 _ORDERS = {"eq": frozenset("="), "le": frozenset("<="), "lt": frozenset("<"),
@@ -220,7 +218,7 @@ ELEMENTWISE = frozenset("""
     not xor eq ne lt le gt ge select_n convert_element_type stop_gradient clamp square
     imag real conj population_count shift_left shift_right_logical shift_right_arithmetic
     copy copy_p reduce_precision igamma igammac random_gamma_grad bessel_i0e bessel_i1e
-    polygamma zeta regularized_incomplete_beta square logaddexp
+    polygamma zeta regularized_incomplete_beta
 """.split())
 
 
@@ -352,7 +350,3 @@ def through(eqn, in_deps: list[Deps], in_shapes, out_shape) -> Deps:
 def node_rel(loop_levels: tuple[int, ...], ndim: int) -> Rel:
     """The relation of a freshly drawn node's value to itself."""
     return tuple(Loop(l) for l in loop_levels) + tuple(Axis(a) for a in range(ndim))
-
-
-def shapes_of(xs) -> list[tuple]:
-    return [tuple(np.shape(x)) for x in xs]

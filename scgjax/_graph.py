@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._deps import ALL, EMPTY, Axis, Deps, join
+from ._deps import EMPTY, Axis, Deps
 
 NodeId = tuple[int, ...]
 """Where a `sample` equation sits: its index in each enclosing jaxpr, outermost first."""

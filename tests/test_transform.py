@@ -9,7 +9,6 @@ import pytest
 from jax import lax
 
 import scgjax as scg
-from scgjax import _interpret
 from scgjax._graph import Graph
 from scgjax._sample import sample_p
 
