@@ -98,6 +98,19 @@ def _disjoint(r1: Rel, r2: Rel) -> bool:
                and not (_ORDERS[a.kind] & _ORDERS[b.kind]) for a, b in zip(r1, r2))
 
 
+def _exact_union(r1: Rel, r2: Rel) -> Rel | None:
+    """One relation with exactly the elements of both (e.g. `lt` and `eq` make `le`), or
+    None when there is none."""
+    diff = [k for k, (a, b) in enumerate(zip(r1, r2)) if a != b]
+    if len(diff) != 1:
+        return None
+    a, b = r1[diff[0]], r2[diff[0]]
+    if a is None or b is None or _target(a) != _target(b):
+        return None
+    kind = _KIND_OF.get(_ORDERS[a.kind] | _ORDERS[b.kind])
+    return None if kind is None else r1[:diff[0]] + (dataclasses.replace(a, kind=kind),) + r1[diff[0] + 1:]
+
+
 def _normalize(rels: Iterable[Rel]) -> tuple:
     """A set of disjoint relations covering `rels` (merging those that overlap)."""
     rels = list(dict.fromkeys(rels))
@@ -107,6 +120,10 @@ def _normalize(rels: Iterable[Rel]) -> tuple:
         for i in range(len(rels)):
             for j in range(i + 1, len(rels)):
                 a, b = rels[i], rels[j]
+                if _exact_union(a, b) is not None:
+                    rels = [r for k, r in enumerate(rels) if k not in (i, j)] + [_exact_union(a, b)]
+                    changed = True
+                    break
                 if _within(a, b) or _within(b, a) or not _disjoint(a, b):
                     merged = b if _within(a, b) else a if _within(b, a) else \
                         tuple(meet(x, y) for x, y in zip(a, b))

@@ -323,11 +323,11 @@ def _linear_in_one(*positions):
     return rule
 
 
-def _reduce_sum(eqn, invals, out):
-    """Sums the axes no node is aligned with; moves the aligned ones to the pending axes,
-    so each cost element keeps its own weight (automatic plates)."""
-    (v,) = invals
-    axes = set(eqn.params["axes"])
+def _reduce_terms(v: Val, axes: set, kept: list[int], weight=None):
+    """The terms of `v` summed over `axes`, the output's axes being `kept` (in that
+    order). Axes that a node is aligned with are not summed but moved to the pending
+    axes, so each cost element keeps its own weight (automatic plates). `weight(t)`, if
+    given, scales each term elementwise first. None when nothing needs to be split."""
     n_in = np.ndim(v.value)
     items, split = [], v.has_terms
     for deps, t in v.term_items():
@@ -335,13 +335,47 @@ def _reduce_sum(eqn, invals, out):
                           if isinstance(e, Axis) and e.axis in axes})
         split = split or bool(aligned)
         summed = sorted(axes - set(aligned))
-        kept = [a for a in range(n_in) if a not in axes]
-        order = kept + aligned + list(range(n_in, np.ndim(t))) + summed
+        order = list(kept) + aligned + list(range(n_in, np.ndim(t))) + summed
+        if weight is not None:
+            t = weight(t)
         t = jnp.transpose(t, order) if order != list(range(np.ndim(t))) else t
         if summed:
             t = jnp.sum(t, axis=tuple(range(np.ndim(t) - len(summed), np.ndim(t))))
         items.append((deps.map_axes(lambda a: order.index(a) if a not in summed else None), t))
     return items if split else None
+
+
+def _reduce_sum(eqn, invals, out):
+    (v,) = invals
+    axes = set(eqn.params["axes"])
+    return _reduce_terms(v, axes, [a for a in range(np.ndim(v.value)) if a not in axes])
+
+
+def _dot_general(eqn, invals, out):
+    """Linear in a term operand whose partner is sample-free. When the partner has no
+    free axes (a weighted sum: `jnp.dot(discounts, rewards)`, `costs @ weights`), the
+    contraction is a product and a `reduce_sum`, so aligned axes stay pending."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    for p in (0, 1):
+        x, w = invals[p], invals[1 - p]
+        if w.deps:
+            continue
+        xc, wc, xb, wb = (lc, rc, lb, rb) if p == 0 else (rc, lc, rb, lb)
+        n_x, w_value = np.ndim(x.value), w.value
+        if np.ndim(w_value) != len(wc) + len(wb):
+            return _linear_in_one(p)(eqn, invals, out)
+        # The partner laid out on x's axes.
+        dims = tuple(xc[list(wc).index(k)] if k in wc else xb[list(wb).index(k)]
+                     for k in range(np.ndim(w_value)))
+
+        def weight(t, dims=dims, w_value=w_value):
+            full = dims + tuple(range(n_x, np.ndim(t)))
+            shaped = jnp.transpose(w_value, np.argsort(dims)) if dims else w_value
+            return t * lax.broadcast_in_dim(shaped, np.shape(t), tuple(sorted(full[:len(dims)])))
+
+        free = [a for a in range(n_x) if a not in xc and a not in xb]
+        return _reduce_terms(x, set(xc), list(xb) + free, weight)
+    return None
 
 
 # Keyed by primitive name: some (e.g. `stack`) are not exported by every JAX version.
@@ -356,4 +390,4 @@ term_rules["concatenate"] = term_rules["stack"] = _joint(0)
 term_rules["select_n"] = _joint(1)
 term_rules["mul"] = _linear_in_one(0, 1)
 term_rules["div"] = _linear_in_one(0)
-term_rules["dot_general"] = _linear_in_one(0, 1)
+term_rules["dot_general"] = _dot_general

@@ -22,8 +22,10 @@ from ._graph import Graph, Val
 
 
 def _is_array_like(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)) \
-        or isinstance(x, jax.core.Tracer)
+    """Arrays and tracers are traced; everything else, Python scalars included, is held
+    static, as `jax.grad` does with the arguments it does not differentiate (a
+    differentiated Python scalar reaches us as a tracer)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.core.Tracer))
 
 
 def _split_static(tree):

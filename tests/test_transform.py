@@ -380,3 +380,47 @@ def test_integer_cost_is_a_type_error():
 def test_has_aux_requires_a_pair():
     with pytest.raises(TypeError, match=r"\(cost, aux\)"):
         scg.scg_grad(lambda t, k: t * 1.0, has_aux=True)(0.0, KEY)
+
+
+# -- Weighted sums through dot_general keep causality and plates -----------------------------
+
+def _rollout(combine, horizon=5):
+    def f(theta, key):
+        def body(s, k):
+            a = bern(k, theta * s)
+            s2 = 0.5 * s + a - 0.3
+            return s2, (s2 - 1.0) ** 2
+        _, rewards = lax.scan(body, 0.1, jax.random.split(key, horizon))
+        return combine(rewards)
+    return f
+
+
+@pytest.mark.parametrize("combine", [lambda g, r: jnp.dot(g, r), lambda g, r: r @ g,
+                                     lambda g, r: jnp.einsum("t,t->", r, g)])
+def test_discounting_with_dot_keeps_reward_to_go(combine):
+    discounts = 0.9 ** jnp.arange(5)
+    elementwise = _rollout(lambda r: jnp.sum(discounts * r))
+    dotted = _rollout(lambda r: combine(discounts, r))
+    for k in jax.random.split(KEY, 3):
+        np.testing.assert_allclose(scg.scg_grad(dotted)(0.7, k), scg.scg_grad(elementwise)(0.7, k),
+                                   rtol=1e-5)
+    # and it differs from whole-loop weighting: the reward-to-go downstream cost
+    _, q = scg.scg_grad(dotted, downstream=True)(0.7, KEY)
+    _, q_ref = scg.scg_grad(elementwise, downstream=True)(0.7, KEY)
+    np.testing.assert_allclose(q["node0"], q_ref["node0"], rtol=1e-5)
+    assert not np.allclose(q["node0"], q["node0"][0])
+
+
+def test_batched_weighted_sum_with_einsum_keeps_plates():
+    weights = jnp.array([1.0, 0.5, 0.25])
+
+    def f(theta, key, use_einsum):
+        z = scg.sample(key, dist.Bernoulli(logits=theta), (4,)).astype(jnp.float32)  # (4, 3)
+        costs = jnp.cumsum(z, axis=1) ** 2
+        if use_einsum:
+            return jnp.einsum("bt,t->b", costs, weights).sum()
+        return jnp.sum(costs * weights)
+
+    for k in jax.random.split(KEY, 3):
+        np.testing.assert_allclose(scg.scg_grad(f)(jnp.zeros(3), k, True),
+                                   scg.scg_grad(f)(jnp.zeros(3), k, False), rtol=1e-5)
