@@ -25,6 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from jax import lax
 
 from . import _compat, _deps, _graph, _logprob, _sample
@@ -206,25 +207,35 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     return Val(value, _deps.join([deps, own]))
 
 
+# Distributions whose parameters are batch-shaped with trailing parameter axes of their
+# own: how many (e.g. a Categorical's logits are `batch_shape + (K,)`).
+PARAMETER_EVENT_NDIM = {dist.CategoricalLogits: 1, dist.CategoricalProbs: 1}
+
+
 def _parent_deps(eqn, invals: list[Val], value) -> Deps:
     """What a draw depends on through its key and parameters: elementwise along the
     vmapped axes, and along the batch axes of a distribution with no event shape whose
-    parameter has exactly its batch shape; every element otherwise."""
+    parameter has exactly its batch shape (plus, for the classes in
+    `PARAMETER_EVENT_NDIM`, their parameter axes); every element otherwise."""
     params = eqn.params
     n_batch, sample_shape = params["n_batch"], params["sample_shape"]
     d = params["spec"].unflatten([v.value for v in invals[1:]])  # shapes are static aux data
     batch_shape, event_shape = tuple(d.batch_shape), tuple(d.event_shape)
+    extra = PARAMETER_EVENT_NDIM.get(type(d), 0)
     parts = []
     for i, v in enumerate(invals):
         if not v.deps:
             continue
-        shape = np.shape(v.value)
-        elementwise = i > 0 and not event_shape and tuple(shape[n_batch:]) == batch_shape
+        shape = tuple(np.shape(v.value)[n_batch:])
+        elementwise = (i > 0 and not event_shape and len(shape) == len(batch_shape) + extra
+                       and shape[:len(batch_shape)] == batch_shape)
 
         def axis_map(a, elementwise=elementwise):
             if a < n_batch:
                 return a
-            return a + len(sample_shape) if elementwise else None
+            if elementwise and a < n_batch + len(batch_shape):
+                return a + len(sample_shape)
+            return None
 
         parts.append(v.deps.map_axes(axis_map))
     return _deps.join(parts)

@@ -424,3 +424,25 @@ def test_batched_weighted_sum_with_einsum_keeps_plates():
     for k in jax.random.split(KEY, 3):
         np.testing.assert_allclose(scg.scg_grad(f)(jnp.zeros(3), k, True),
                                    scg.scg_grad(f)(jnp.zeros(3), k, False), rtol=1e-5)
+
+
+def test_categorical_logits_keep_the_batch_plate_of_their_parents():
+    n, weights = 4, jnp.array([0.2, -0.1, 0.3])
+
+    def f(theta, key):
+        k1, k2 = jax.random.split(key)
+        z = scg.sample(k1, dist.Bernoulli(logits=theta), (n,)).astype(jnp.float32)
+        a = scg.sample(k2, dist.Categorical(logits=z[:, None] * weights + theta))
+        return jnp.sum((a == 1).astype(jnp.float32) * (z + 1.0))
+
+    def hand(theta, key):
+        k1, k2 = jax.random.split(key)
+        dz = dist.Bernoulli(logits=theta)
+        z = dz.sample(k1, (n,)).astype(jnp.float32)
+        da = dist.Categorical(logits=z[:, None] * weights + theta)
+        a = da.sample(k2)
+        lp = (z * theta - jax.nn.softplus(theta)) + da.log_prob(a)   # per row b
+        return jnp.sum(box(lp) * (a == 1) * (z + 1.0))
+
+    for k in jax.random.split(KEY, 4):
+        np.testing.assert_allclose(scg.scg_grad(f)(0.3, k), jax.grad(hand)(0.3, k), rtol=1e-5)
