@@ -202,6 +202,14 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source, name)
     ctx.graph.add(node, log_prob)
     if baseline is not None:
+        try:
+            np.broadcast_shapes(np.shape(baseline.value), np.shape(log_prob))
+        except ValueError:
+            raise ValueError(
+                f"scgjax.sample: the baseline of this {spec.name} draw has shape "
+                f"{np.shape(baseline.value)}, which does not broadcast to the shape of its "
+                f"log-probability, {np.shape(log_prob)}{_at(eqn)}. Give one baseline per "
+                "log-probability element, or one that broadcasts (e.g. shape (B, 1)).") from None
         ctx.graph.baseline_terms.append(_graph.baseline_term(log_prob, baseline.value))
     own = Deps({node_id: _deps.node_rel(ctx.loop_levels, jnp.ndim(log_prob))})
     return Val(value, _deps.join([deps, own]))

@@ -446,3 +446,16 @@ def test_categorical_logits_keep_the_batch_plate_of_their_parents():
 
     for k in jax.random.split(KEY, 4):
         np.testing.assert_allclose(scg.scg_grad(f)(0.3, k), jax.grad(hand)(0.3, k), rtol=1e-5)
+
+
+def test_baseline_that_does_not_broadcast_is_a_clear_error():
+    def f(t, key):
+        return jnp.sum(scg.sample(key, dist.Bernoulli(logits=t), baseline=jnp.zeros(4)) * 1.0)
+
+    with pytest.raises(ValueError, match=r"baseline.*\(4,\).*\(3,\)"):
+        scg.scg_grad(f)(jnp.zeros(3), KEY)
+
+
+def test_baseline_on_a_pathwise_draw_is_a_clear_error():
+    with pytest.raises(ValueError, match="only applies to score-function nodes"):
+        scg.sample(KEY, dist.Normal(0.0, 1.0), baseline=0.5)
