@@ -11,8 +11,9 @@ baseline terms) leave it as ordinary outputs.
 `scan` gives causality: inside the body, a node's stacked axis is `Loop(level)`; values
 from earlier iterations reach the body through the carry as `Loop(level, "lt")`. Lifted
 out, a stacked output at step `t` depends on node elements at steps `== t`, `< t` or
-`<= t` (`"gt"`/`"ge"` for `reverse=True`), and a carry that accumulates `c = c + r_t` is split into its
-per-step increments, so a cost summed in the carry gets reward-to-go weights too.
+`<= t` (`"gt"`/`"ge"` for `reverse=True`). A carry that accumulates, `c = c + r_t` or
+`c = γ·c + r_t` with a sample-free loop constant `γ`, is split into its per-step
+(discounted) increments, so a cost summed in the carry gets reward-to-go weights too.
 """
 
 from __future__ import annotations
@@ -130,18 +131,33 @@ higher_order_rules[P.closed_call_p] = _call_rule(lambda fn, params: fn)
 
 # -- scan ----------------------------------------------------------------------------------
 
-def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, Any]:
-    """Carries updated as `c = c + x` (or `x + c`): carry index → the variable `x`."""
+def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, tuple]:
+    """Carries updated as `c = c + x` or `c = γ·c + x` (in either operand order), with `γ`
+    a literal or a loop constant: carry index → (the variable `x`, the atom `γ` or None)."""
     producer = {}
     for eqn in jaxpr.eqns:
         for v in eqn.outvars:
             producer[v] = eqn
+    consts = set(jaxpr.invars[:num_consts])
 
     def source(v):  # looks through dtype conversions (e.g. of a weakly typed carry)
         while not isinstance(v, _compat.Literal) and v in producer \
                 and producer[v].primitive.name in ("convert_element_type", "copy", "copy_p"):
             v = producer[v].invars[0]
         return v
+
+    def scaled_carry(v, c_in):
+        """(True, γ) when `v` is c_in or γ·c_in with γ a literal or loop constant."""
+        v = source(v)
+        if v is c_in:
+            return True, None
+        eqn = producer.get(v) if not isinstance(v, _compat.Literal) else None
+        if eqn is not None and eqn.primitive.name == "mul":
+            for c, g in (eqn.invars, eqn.invars[::-1]):
+                g_src = source(g)
+                if source(c) is c_in and (isinstance(g_src, _compat.Literal) or g_src in consts):
+                    return True, g_src
+        return False, None
 
     out = {}
     for j in range(num_carry):
@@ -151,11 +167,21 @@ def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, Any]:
             continue
         a, b = eqn.invars
         for mine, other in ((a, b), (b, a)):
-            if source(mine) is c_in and not isinstance(other, _compat.Literal) \
+            is_carry, gamma = scaled_carry(mine, c_in)
+            if is_carry and not isinstance(other, _compat.Literal) \
                     and source(other) is not c_in:
-                out[j] = other
+                out[j] = (other, gamma)
                 break
     return out
+
+
+def _discount(gamma, exponent, term):
+    """γ**exponent laid out on `term`'s axes: an optional leading step axis (when
+    `exponent` has one), then the carry's axes (γ is a scalar or has the carry's rank),
+    then the term's pending axes."""
+    g, e = jnp.asarray(gamma), jnp.asarray(exponent)
+    w = g.reshape((1,) * e.ndim + g.shape) ** e.reshape(e.shape + (1,) * g.ndim)
+    return w.reshape(w.shape + (1,) * (np.ndim(term) - w.ndim)).astype(jnp.result_type(term))
 
 
 def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
@@ -165,6 +191,10 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     sub = ctx.child(index, new_loop=True)
     level, reverse, length = sub.level, params["reverse"], params["length"]
     accumulators = _accumulators(jaxpr, num_consts, num_carry)
+    # A discount γ must not depend on a draw.
+    accumulators = {j: (x, g) for j, (x, g) in accumulators.items()
+                    if g is None or isinstance(g, _compat.Literal)
+                    or not invals[jaxpr.invars.index(g)].deps}
     acc_index = sorted(accumulators)
     init_terms = {j: invals[num_consts + j] for j in acc_index}
     invals = [v.collapsed() for v in invals]
@@ -193,7 +223,7 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         return d.map_entries(lambda e: ALL if isinstance(e, Loop) and e.level == level else e)
 
     xs_body = [Val(None, slice_deps(v.deps)) for v in xs]
-    extra = [accumulators[j] for j in acc_index]
+    extra = [accumulators[j][0] for j in acc_index]
 
     def body_fn(carry_deps, meta):
         def body(carry, x):
@@ -230,11 +260,20 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     final_deps = [lift_final(_deps.join([a, b])) for a, b in zip(carry_deps, meta["carry_deps"])]
     final = [Val(c, d) for c, d in zip(carry, final_deps)]
     for j, inc in zip(acc_index, increments):
-        # c_T = c_0 + Σ_t x_t: each step's increment keeps its causal weight, with the
-        # step axis moved to the pending axes.
-        items = list(init_terms[j].term_items())
+        # c_T = γ^T·c_0 + Σ_t γ^(steps after t)·x_t: each step's increment keeps its causal
+        # weight, with the step axis moved to the pending axes.
+        gamma = accumulators[j][1]
+        g = None
+        if gamma is not None:
+            g = gamma.val if isinstance(gamma, _compat.Literal) else \
+                invals[jaxpr.invars.index(gamma)].value
+        items = [(d, t if g is None else t * _discount(g, length, t))
+                 for d, t in init_terms[j].term_items()]
+        steps_after = jnp.arange(length) if reverse else length - 1 - jnp.arange(length)
         for d, t in inc.term_items():
             n = np.ndim(t)
+            if g is not None:
+                t = t * _discount(g, steps_after, t)
             moved = d.map_axes(lambda a, n=n: n - 1 if a == 0 else a - 1)
             items.append((moved, jnp.moveaxis(t, 0, -1)))
         final[j] = _graph.make_val(final[j].value, final[j].deps, items)

@@ -459,3 +459,37 @@ def test_baseline_that_does_not_broadcast_is_a_clear_error():
 def test_baseline_on_a_pathwise_draw_is_a_clear_error():
     with pytest.raises(ValueError, match="only applies to score-function nodes"):
         scg.sample(KEY, dist.Normal(0.0, 1.0), baseline=0.5)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_discounted_carry_gets_discounted_reward_to_go(reverse):
+    gamma, horizon = 0.9, 5
+    rollout = _rollout(lambda r: r, horizon)
+
+    def carried(theta, key):
+        rewards = rollout(theta, key)
+        return lax.scan(lambda c, r: (r + gamma * c, None), 0.0, rewards, reverse=reverse)[0]
+
+    steps_after = jnp.arange(horizon) if reverse else horizon - 1 - jnp.arange(horizon)
+
+    def stacked(theta, key):
+        return jnp.sum(gamma ** steps_after * rollout(theta, key))
+
+    for k in jax.random.split(KEY, 3):
+        assert jnp.allclose(carried(0.7, k), stacked(0.7, k), rtol=1e-6)
+        np.testing.assert_allclose(scg.scg_grad(carried)(0.7, k), scg.scg_grad(stacked)(0.7, k),
+                                   rtol=1e-5)
+    _, q = scg.scg_grad(carried, downstream=True)(0.7, KEY)
+    assert not np.allclose(q["node0"], q["node0"][0])   # not the whole-loop weight
+
+
+def test_discount_that_depends_on_a_draw_is_not_split():
+    def f(theta, key):
+        k1, k2 = jax.random.split(key)
+        g = 0.5 + 0.4 * bern(k1, theta)
+        rewards = _rollout(lambda r: r)(theta, k2)
+        return lax.scan(lambda c, r: (g * c + r, None), 0.0, rewards)[0]
+
+    from scgjax._surrogate import _evaluate
+    cost, _, _ = _evaluate(f, (0.7, KEY), {}, False)
+    assert cost.terms is None     # one term: every draw weights the whole return
