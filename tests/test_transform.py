@@ -493,3 +493,16 @@ def test_discount_that_depends_on_a_draw_is_not_split():
     from scgjax._surrogate import _evaluate
     cost, _, _ = _evaluate(f, (0.7, KEY), {}, False)
     assert cost.terms is None     # one term: every draw weights the whole return
+
+
+def test_jit_of_scg_grad_traces_once():
+    traces = []
+
+    def f(theta, key):
+        traces.append(None)
+        return jnp.sum(scg.sample(key, dist.Bernoulli(logits=theta)) * theta)
+
+    g = jax.jit(scg.scg_grad(f))
+    for k in jax.random.split(KEY, 3):
+        g(jnp.zeros(2), k).block_until_ready()
+    assert len(traces) == 1
