@@ -169,7 +169,8 @@ def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, tuple]:
         for mine, other in ((a, b), (b, a)):
             is_carry, gamma = scaled_carry(mine, c_in)
             if is_carry and not isinstance(other, _compat.Literal) \
-                    and source(other) is not c_in:
+                    and source(other) is not c_in \
+                    and tuple(other.aval.shape) == tuple(c_in.aval.shape):  # no broadcast
                 out[j] = (other, gamma)
                 break
     return out

@@ -269,6 +269,9 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
         kept = [a for a in range(n_out) if a not in dims]
         return [lambda a: kept[a]]
     if name == "reshape":
+        dims = params.get("dimensions")
+        if dims is not None and tuple(dims) != tuple(range(len(in_shapes[0]))):
+            return [_nothing] * len(in_shapes)  # a transpose first (order='F')
         return [_unit_reshape(in_shapes[0], out_shape)] + [_nothing] * (len(in_shapes) - 1)
     if name == "dot_general":
         (lc, rc), (lb, rb) = params["dimension_numbers"]

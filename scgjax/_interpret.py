@@ -397,16 +397,31 @@ def _dot_general(eqn, invals, out):
     return None
 
 
+def _exact(rule, position: int = 0):
+    """`rule` only where the operation is exactly linear: on inexact (float, complex)
+    operands, or converting into an inexact dtype. Rounding (float to int, integer
+    division, reduced precision) does not distribute over a sum."""
+
+    def checked(eqn, invals, out):
+        ins = jnp.result_type(invals[position].value)
+        if not (jnp.issubdtype(jnp.result_type(out), jnp.inexact)
+                and (jnp.issubdtype(ins, jnp.inexact) or eqn.primitive.name == "convert_element_type")):
+            return None
+        return rule(eqn, invals, out)
+
+    return checked
+
+
 # Keyed by primitive name: some (e.g. `stack`) are not exported by every JAX version.
-for _name in ("neg", "convert_element_type", "broadcast_in_dim", "reshape", "squeeze",
-              "expand_dims", "transpose", "copy", "copy_p", "real", "reduce_precision",
-              "cumsum"):
+for _name in ("neg", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
+              "copy", "copy_p", "real", "cumsum"):
     term_rules[_name] = _unary_linear
+term_rules["convert_element_type"] = _exact(_unary_linear)
 term_rules["reduce_sum"] = _reduce_sum
 term_rules["add"] = term_rules["add_any"] = _add
 term_rules["sub"] = _sub
 term_rules["concatenate"] = term_rules["stack"] = _joint(0)
 term_rules["select_n"] = _joint(1)
 term_rules["mul"] = _linear_in_one(0, 1)
-term_rules["div"] = _linear_in_one(0)
+term_rules["div"] = _exact(_linear_in_one(0))
 term_rules["dot_general"] = _dot_general

@@ -16,6 +16,9 @@ A new guard is one small function registered with `register_score_log_prob`.
 
 from __future__ import annotations
 
+import copy
+import functools
+import types
 from typing import Callable
 
 import jax
@@ -35,9 +38,34 @@ def register_score_log_prob(cls: type):
 
 
 def score_log_prob(d: dist.Distribution, value: jax.Array) -> jax.Array:
-    """`d.log_prob(value)` with derivatives that are right at every parameter value."""
+    """`d.log_prob(value)` with derivatives that are right at every parameter value, also
+    when the guarded distribution is wrapped (`to_event`, `mask`, `expand`, ...)."""
+    return _guarded(d).log_prob(value)
+
+
+def _guarded(d: dist.Distribution) -> dist.Distribution:
+    """A shallow copy of `d` whose guarded parts (itself, or its `base_dist`, recursively)
+    compute `log_prob` with the registered guard; `d` itself when nothing is guarded."""
     guard = _GUARDS.get(type(d))
-    return d.log_prob(value) if guard is None else guard(d, value)
+    if guard is not None:
+        out = copy.copy(d)
+        out.__class__ = _guarded_class(type(d))
+        return out
+    base = getattr(d, "base_dist", None)
+    if isinstance(base, dist.Distribution):
+        guarded_base = _guarded(base)
+        if guarded_base is not base:
+            out = copy.copy(d)
+            out.base_dist = guarded_base
+            return out
+    return d
+
+
+@functools.lru_cache(maxsize=None)
+def _guarded_class(cls: type) -> type:
+    guard = _GUARDS[cls]
+    return types.new_class(f"Guarded{cls.__name__}", (cls,), {},
+                           lambda ns: ns.update(log_prob=lambda self, value: guard(self, value)))
 
 
 def _logit_family(make, count):
