@@ -189,6 +189,7 @@ def dice_objective(cost: Val, graph: Graph) -> jax.Array:
     by a stop-gradient), and derivatives of every order are unbiased.
     """
     surrogate = surrogate_sum(cost.term_items(), graph.log_probs) + graph.baseline_total()
+    surrogate = surrogate.astype(jnp.result_type(cost.value))  # baselines are in float32
     return lax.stop_gradient(cost.value) + (surrogate - lax.stop_gradient(surrogate))
 
 

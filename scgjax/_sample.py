@@ -149,6 +149,10 @@ def resolve_estimator(d: dist.Distribution, estimator: str) -> str:
 
 def _check_key(key: Any) -> jax.Array:
     if _compat.is_key_array(key):
+        if jnp.ndim(key) != 0:
+            raise TypeError(
+                f"scgjax.sample expects a single key, got a batch of shape {jnp.shape(key)}; "
+                "use jax.vmap over the keys, or sample_shape for i.i.d. draws.")
         return key
     key = jnp.asarray(key)
     if key.dtype != jnp.uint32 or key.ndim < 1 or key.shape[-1] != 2:

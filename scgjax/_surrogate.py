@@ -43,23 +43,28 @@ def _split_static(tree):
 
 
 def _trace(f: Callable, args: tuple, kwargs: dict, has_aux: bool):
-    """Traces `f`; returns (closed jaxpr, dynamic leaves, output tree)."""
+    """Traces `f`. Returns the closed jaxpr (outputs: the cost, then aux's array leaves),
+    its dynamic input leaves, and `rebuild_aux(values)` for the aux (whose non-array
+    leaves, e.g. strings, pass through unchanged, as with `jax.grad`)."""
     dyn_leaves, rebuild = _split_static((args, kwargs))
+    box: dict = {}
 
     def flat_f(*dyn):
         a, kw = rebuild(dyn)
-        return f(*a, **kw)
-
-    closed, out_shape = jax.make_jaxpr(flat_f, return_shape=True)(*dyn_leaves)
-    cost_shape = out_shape
-    if has_aux:
-        if not (isinstance(out_shape, (tuple, list)) and len(out_shape) == 2):
+        out = f(*a, **kw)
+        if not has_aux:
+            return out
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(
                 "scgjax: with has_aux=True, f must return a pair (cost, aux), got "
-                f"{jax.tree_util.tree_structure(out_shape)}.")
-        cost_shape = out_shape[0]
-    _check_cost(cost_shape)
-    return closed, dyn_leaves, jax.tree_util.tree_structure(out_shape)
+                f"{jax.tree_util.tree_structure(out)}.")
+        cost, aux = out
+        aux_dyn, box["rebuild_aux"] = _split_static(aux)
+        return cost, aux_dyn
+
+    closed, out_shape = jax.make_jaxpr(flat_f, return_shape=True)(*dyn_leaves)
+    _check_cost(out_shape[0] if has_aux else out_shape)
+    return closed, dyn_leaves, box.get("rebuild_aux")
 
 
 def _check_cost(cost_shape: Any) -> None:
@@ -81,13 +86,12 @@ def _check_cost(cost_shape: Any) -> None:
 
 def _evaluate(f, args, kwargs, has_aux):
     """Runs the SCG interpreter on `f`: (cost `Val`, aux values, graph)."""
-    closed, dyn_leaves, out_tree = _trace(f, args, kwargs, has_aux)
+    closed, dyn_leaves, rebuild_aux = _trace(f, args, kwargs, has_aux)
     graph = Graph()
     ctx = _interpret.Context((), graph)
     outs = _interpret.eval_jaxpr(ctx, closed.jaxpr, [Val(c) for c in closed.consts],
                                  [Val(x) for x in dyn_leaves])
-    values = jax.tree_util.tree_unflatten(out_tree, [v.value for v in outs])
-    aux = values[1] if has_aux else None
+    aux = rebuild_aux([v.value for v in outs[1:]]) if has_aux else None
     return outs[0], aux, graph
 
 
@@ -123,33 +127,47 @@ def _one_sample(f, has_aux, need_downstream):
     return run
 
 
-def _check_options(num_samples, baseline, key_argnum, nargs):
+def _check_options(num_samples, baseline, key_argnum) -> int:
+    """Validates the estimator options when a transform is built; returns num_samples."""
     if baseline not in BASELINES:
         raise ValueError(f"scgjax: unknown baseline {baseline!r}; choose None or "
                          "'leave_one_out' (per-node baselines go to scg.sample(..., baseline=b)).")
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
+            or num_samples < 1:
         raise ValueError(f"scgjax: num_samples must be a positive int, got {num_samples!r}.")
     if baseline == "leave_one_out" and num_samples < 2:
         raise ValueError("scgjax: baseline='leave_one_out' needs num_samples >= 2 (each "
                          f"sample's baseline is the mean of the others), got {num_samples}.")
-    if num_samples > 1 and not -nargs <= key_argnum < nargs:
-        raise ValueError(f"scgjax: key_argnum={key_argnum} does not name one of f's "
-                         f"{nargs} positional arguments.")
+    if isinstance(key_argnum, bool) or not isinstance(key_argnum, (int, np.integer)):
+        raise TypeError(f"scgjax: key_argnum must be the position (an int) of f's key "
+                        f"argument, got {key_argnum!r}.")
+    return int(num_samples)
+
+
+def _key_at(args: tuple, key_argnum: int):
+    """f's key argument; a clear error when `key_argnum` does not point at a key."""
+    if not -len(args) <= key_argnum < len(args):
+        raise ValueError(
+            f"scgjax: key_argnum={key_argnum} does not name one of the {len(args)} "
+            "positional arguments f was called with. Pass the key positionally and set "
+            "key_argnum to its position.")
+    key = args[key_argnum]
+    legacy = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 \
+        and key.shape == (2,)
+    typed = isinstance(key, jax.Array) and _compat.is_key_array(key) and key.ndim == 0
+    if not (legacy or typed):
+        raise TypeError(
+            f"scgjax: the argument at key_argnum={key_argnum} must be a single PRNG key "
+            f"(jax.random.key or PRNGKey), got {type(key).__name__} "
+            f"{getattr(key, 'dtype', '')}{list(np.shape(key))}. Set key_argnum to the "
+            "position of f's key argument.")
+    return key
 
 
 def _with_key(args: tuple, key_argnum: int, key) -> tuple:
     args = list(args)
     args[key_argnum] = key
     return tuple(args)
-
-
-def _split_key(key, n: int):
-    if not (_compat.is_key_array(key) or jnp.shape(key)[-1:] == (2,)):
-        raise TypeError(
-            "scgjax: the argument at key_argnum must be a PRNG key, got "
-            f"{type(key).__name__} of shape {jnp.shape(key)}. Set key_argnum to the "
-            "position of f's key argument.")
-    return jax.random.split(key, n)
 
 
 def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
@@ -183,16 +201,16 @@ def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
       >>> L = scg.surrogate(f)(theta, key)        # == f(theta, key)
       >>> H = jax.hessian(scg.surrogate(f))(theta, key)
     """
+    num_samples = _check_options(num_samples, baseline, key_argnum)
     loo = baseline == "leave_one_out"
     run = _one_sample(f, has_aux, downstream or loo)
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
-        _check_options(num_samples, baseline, key_argnum, len(args))
         if num_samples == 1:
             value, aux, q, _ = run(args, kwargs)
         else:
-            keys = _split_key(args[key_argnum], num_samples)
+            keys = jax.random.split(_key_at(args, key_argnum), num_samples)
             values, aux, q, log_probs = jax.vmap(
                 lambda k: run(_with_key(args, key_argnum, k), kwargs))(keys)
             value = jnp.mean(values)
@@ -201,7 +219,7 @@ def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
                 for name, qs in q.items():
                     others = (jnp.sum(qs, axis=0, keepdims=True) - qs) / (num_samples - 1)
                     extra = extra + _graph.baseline_term(log_probs[name], others)
-                value = value + extra / num_samples
+                value = (value + extra / num_samples).astype(jnp.result_type(value))
         if downstream:
             aux = (aux, q) if has_aux else q
             return value, aux
@@ -211,6 +229,7 @@ def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
 
 
 def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
+                       holomorphic: bool = False, allow_int: bool = False,
                        **options) -> Callable:
     """Like `jax.value_and_grad`, with an unbiased estimate of the gradient of `E[f]`.
 
@@ -218,6 +237,7 @@ def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: b
       f: a stochastic program (see `surrogate`).
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`.
+      holomorphic, allow_int: as in `jax.value_and_grad`.
       **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, as in `surrogate`.
 
     Returns:
@@ -226,11 +246,11 @@ def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: b
     """
     aux = has_aux or options.get("downstream", False)
     return jax.value_and_grad(surrogate(f, has_aux=has_aux, **options), argnums=argnums,
-                              has_aux=aux)
+                              has_aux=aux, holomorphic=holomorphic, allow_int=allow_int)
 
 
 def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-             **options) -> Callable:
+             holomorphic: bool = False, allow_int: bool = False, **options) -> Callable:
     """Like `jax.grad`: an unbiased estimate of the gradient of `E[f]`.
 
     Score-function (REINFORCE) terms are added for draws that are not reparameterized,
@@ -241,6 +261,7 @@ def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
       f: a stochastic program (see `surrogate`).
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`; then this returns `(grad, aux)`.
+      holomorphic, allow_int: as in `jax.grad`.
       **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, as in
         `surrogate`. With `downstream=True` this returns `(grad, downstream)` (or
         `(grad, (aux, downstream))`).
@@ -251,7 +272,8 @@ def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
       >>> g = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(theta, keys).mean(0)
     """
     aux = has_aux or options.get("downstream", False)
-    return jax.grad(surrogate(f, has_aux=has_aux, **options), argnums=argnums, has_aux=aux)
+    return jax.grad(surrogate(f, has_aux=has_aux, **options), argnums=argnums, has_aux=aux,
+                    holomorphic=holomorphic, allow_int=allow_int)
 
 
 def gradient_variance(f: Callable, argnums: int | Sequence[int] = 0, num_draws: int = 1000,
@@ -276,31 +298,47 @@ def gradient_variance(f: Callable, argnums: int | Sequence[int] = 0, num_draws: 
       >>> _, var_loo = scg.gradient_variance(f, num_draws=10_000, num_samples=4,
       ...                                    baseline="leave_one_out")(theta, key)
     """
-    if not isinstance(num_draws, int) or num_draws < 2:
+    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) \
+            or num_draws < 2:
         raise ValueError(f"scgjax: num_draws must be an int >= 2, got {num_draws!r}.")
     grad = scg_grad(f, argnums, has_aux=has_aux, key_argnum=key_argnum, **options)
+    drop_aux = has_aux or options.get("downstream", False)
+
+    def stats(args, kwargs):
+        keys = jax.random.split(_key_at(args, key_argnum), int(num_draws))
+        draws = jax.vmap(lambda k: grad(*_with_key(args, key_argnum, k), **kwargs))(keys)
+        if drop_aux:
+            draws = draws[0]
+        return (jax.tree.map(lambda d: jnp.mean(d, axis=0), draws),
+                jax.tree.map(lambda d: jnp.var(d, axis=0), draws))
+
+    jitted = _jit_array_args(stats)
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
-        def stats(*args):
-            keys = _split_key(args[key_argnum], num_draws)
-            draws = jax.vmap(lambda k: grad(*_with_key(args, key_argnum, k), **kwargs))(keys)
-            if has_aux:
-                draws = draws[0]
-            return (jax.tree.map(lambda d: jnp.mean(d, axis=0), draws),
-                    jax.tree.map(lambda d: jnp.var(d, axis=0), draws))
-
-        return _jit_array_args(stats)(*args)
+        _key_at(args, key_argnum)
+        return jitted(args, kwargs)
 
     return wrapped
 
 
 def _jit_array_args(fn: Callable) -> Callable:
-    """`jax.jit(fn)` with every non-array leaf of the arguments held static."""
+    """`jax.jit(fn)` with every non-array leaf of the arguments held static; compiled
+    once per argument structure and static values (when those are hashable)."""
+    cache: dict = {}
 
     def call(*args):
         dyn_leaves, rebuild = _split_static(args)
-        return jax.jit(lambda *dyn: fn(*rebuild(dyn)))(*dyn_leaves)
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        static = tuple(x for x in leaves if not _is_array_like(x))
+        try:
+            key = (treedef, static)
+            hash(key)
+        except TypeError:
+            return jax.jit(lambda *dyn: fn(*rebuild(dyn)))(*dyn_leaves)
+        if key not in cache:
+            cache[key] = jax.jit(lambda *dyn: fn(*rebuild(dyn)))
+        return cache[key](*dyn_leaves)
 
     return call
 
@@ -311,29 +349,32 @@ def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
 
     Example:
       >>> print(scg.describe(f)(theta, key))
-      node  distribution     estimator  shape  weights  source
-      0     BernoulliLogits  score      ()     1 of 2   quickstart.py:20 (f)
-      ...
+      node   distribution     estimator  shape  weights            source
+      node0  BernoulliLogits  score      ()     1 of 1 cost terms  quickstart.py:20:8 (f)
+      node1  Normal           pathwise   ()     -                  quickstart.py:21:8 (f)
     """
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs) -> str:
         box: dict = {}
+        dyn_leaves, rebuild = _split_static((args, kwargs))
 
-        def run(*args, **kwargs):
-            cost, _, graph = _evaluate(f, args, kwargs, has_aux)
+        def run(*dyn):
+            a, kw = rebuild(dyn)
+            cost, _, graph = _evaluate(f, a, kw, has_aux)
             box["cost"], box["graph"] = cost, graph
             return cost.value
 
-        jax.eval_shape(run, *args, **kwargs)
+        jax.eval_shape(run, *dyn_leaves)
         cost, graph = box["cost"], box["graph"]
         weights = _graph.node_weights(cost)
+        names = _node_names(graph)
         n_terms = len(cost.term_items())
         rows = [("node", "distribution", "estimator", "shape", "weights", "source")]
-        for i, node in enumerate(graph.nodes.values()):
+        for node in graph.nodes.values():
             weighted = (f"{weights.get(node.id, 0)} of {n_terms} cost terms"
                         if node.estimator == "score" else "-")
-            rows.append((node.name or f"node{i}", node.distribution, node.estimator, str(node.shape),
+            rows.append((names[node.id], node.distribution, node.estimator, str(node.shape),
                          weighted, node.source))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()

@@ -604,3 +604,67 @@ def test_logit_zero_guard_reaches_wrapped_distributions(wrap):
         else:
             expected = jnp.zeros(3).at[0].set(jnp.sum(weights * z * score))
         np.testing.assert_allclose(scg.scg_grad(f)(theta, k), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- API edge cases found by review ----------------------------------------------------------
+
+def test_non_jax_aux_passes_through_like_jax_grad():
+    def f(t, key):
+        return jnp.sum(scg.sample(key, dist.Bernoulli(logits=t)) * t), {"tag": "run-1"}
+
+    _, aux = scg.scg_grad(f, has_aux=True)(jnp.zeros(2), KEY)
+    assert aux == {"tag": "run-1"}
+
+
+def test_batch_of_typed_keys_is_a_type_error():
+    with pytest.raises(TypeError, match="single key"):
+        scg.sample(jax.random.split(KEY, 3), dist.Normal(0.0, 1.0))
+
+
+def test_key_argnum_pointing_at_a_non_key_is_a_clear_error():
+    def f(t, key):
+        return jnp.sum(scg.sample(key, dist.Bernoulli(logits=t)) * t)
+
+    with pytest.raises(TypeError, match="key_argnum"):
+        scg.scg_grad(f, num_samples=3)(jnp.zeros(2), key=KEY)
+    with pytest.raises(TypeError, match="key_argnum"):
+        scg.scg_grad(f, num_samples=3, key_argnum="key")
+    with pytest.raises(ValueError, match="num_samples"):
+        scg.scg_grad(f, num_samples=True)
+
+
+def test_describe_accepts_static_arguments_and_names_like_downstream():
+    def f(t, key, n, mode):
+        k1, k2 = jax.random.split(key)
+        a = scg.sample(k1, dist.Bernoulli(logits=t), (n,), name="z")
+        b = scg.sample(k2, dist.Bernoulli(logits=t), (n,), name="z")
+        return jnp.sum(a * b * t) if mode == "prod" else jnp.sum(a * t)
+
+    table = scg.describe(f)(jnp.zeros(2), KEY, 3, "prod")
+    _, q = scg.scg_grad(f, downstream=True)(jnp.zeros(2), KEY, 3, "prod")
+    assert set(q) == {"z", "z_1"}
+    assert "z_1" in table and "(3, 2)" in table
+
+
+def test_low_precision_cost_keeps_its_dtype_with_baselines():
+    def f(t, key):
+        z = scg.sample(key, dist.Bernoulli(logits=t), baseline=0.5)
+        return jnp.sum(z * t).astype(jnp.bfloat16)
+
+    assert scg.surrogate(f)(jnp.zeros(2), KEY).dtype == jnp.bfloat16
+    assert scg.surrogate(f, num_samples=2, baseline="leave_one_out")(jnp.zeros(2), KEY).dtype \
+        == jnp.bfloat16
+
+
+def test_gradient_variance_drops_downstream_and_compiles_once():
+    traces = []
+
+    def f(t, key):
+        traces.append(None)
+        return jnp.sum(scg.sample(key, dist.Bernoulli(logits=t), name="z") * t)
+
+    gv = scg.gradient_variance(f, num_draws=8, downstream=True)
+    for _ in range(2):
+        mean, var = gv(jnp.zeros(2), KEY)
+        assert mean.shape == (2,) and var.shape == (2,)
+    assert len(traces) == 1
