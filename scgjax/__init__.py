@@ -11,7 +11,8 @@ from . import _compat
 
 _compat.hide_frames_of(_os.path.dirname(__file__))
 
-from ._sample import sample as sample  # noqa: E402
+from ._lint import LostGradientWarning as LostGradientWarning  # noqa: E402
+from ._sample import sample as sample
 from ._surrogate import gradient_variance as gradient_variance
 from ._surrogate import scg_grad as scg_grad
 from ._surrogate import scg_value_and_grad as scg_value_and_grad
@@ -20,4 +21,4 @@ from ._surrogate import surrogate as surrogate
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["describe", "gradient_variance", "sample", "scg_grad", "scg_value_and_grad", "surrogate"]
+__all__ = ["LostGradientWarning", "describe", "gradient_variance", "sample", "scg_grad", "scg_value_and_grad", "surrogate"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _control_flow  # noqa: F401  (registers the higher-order rules)
-from . import _compat, _graph, _interpret
+from . import _compat, _graph, _interpret, _keys, _lint
 from ._graph import Graph, Val
 
 
@@ -87,6 +87,8 @@ def _check_cost(cost_shape: Any) -> None:
 def _evaluate(f, args, kwargs, has_aux):
     """Runs the SCG interpreter on `f`: (cost `Val`, aux values, graph)."""
     closed, dyn_leaves, rebuild_aux = _trace(f, args, kwargs, has_aux)
+    _keys.check_key_reuse(closed.jaxpr)
+    _lint.check_program(closed, _lint.differentiated_inputs(dyn_leaves))
     graph = Graph()
     ctx = _interpret.Context((), graph)
     outs = _interpret.eval_jaxpr(ctx, closed.jaxpr, [Val(c) for c in closed.consts],
