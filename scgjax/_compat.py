@@ -103,3 +103,13 @@ def hide_frames_of(path: str) -> None:
         traceback_util.register_exclusion(path)
     except Exception:  # pragma: no cover - best effort only
         pass
+
+
+def zero_tangent(primal: Any) -> Any:
+    """A symbolic zero tangent for `primal` (`ad.Zero`, whose constructor differs by
+    version)."""
+    from_primal = getattr(_ad.Zero, "from_primal_value", None)
+    if from_primal is not None:  # pragma: no cover - depends on the JAX version
+        return from_primal(primal)
+    typeof = getattr(jax, "typeof", None) or jax.core.get_aval
+    return _ad.Zero(typeof(primal).to_tangent_aval())

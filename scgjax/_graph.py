@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex
+from jax.interpreters import ad, batching, mlir
 
 from ._deps import EMPTY, Axis, Deps
 
@@ -125,9 +127,40 @@ class Graph:
         return sum(self.baseline_terms[1:], self.baseline_terms[0]) if self.baseline_terms else 0.0
 
 
+magic_box_p = jex.Primitive("scg_magic_box")
+
+
 def magic_box(tau: jax.Array) -> jax.Array:
-    """DiCE's ⊡(τ) = exp(τ − ⊥τ): value 1, derivative ⊡(τ)·∇τ (Foerster et al. 2018)."""
-    return jnp.exp(tau - lax.stop_gradient(tau))
+    """DiCE's ⊡(τ) = exp(τ − ⊥τ): value 1, derivative ⊡(τ)·∇τ (Foerster et al. 2018).
+
+    It is a primitive of its own (`magic_box_p`) so that an scgjax transform around
+    this one can recognise it: there the outer transform holds the inner boxes at their
+    value 1 with no derivative (`_interpret.frozen_box_rule`), so the inner gradient
+    estimate is differentiated as the function of θ and the draws that it is, while the
+    outer graph adds the inner draws' own score terms (MAML, LOLA written naturally).
+    Under plain JAX transforms (`jax.hessian(scg.surrogate(f))`, `jax.jacfwd` of
+    `scg_grad`) it differentiates like `exp(τ − ⊥τ)`, at every order.
+    """
+    return magic_box_p.bind(tau)
+
+
+def _magic_box_value(tau):
+    return jnp.exp(tau - tau)  # 1, and NaN where τ is not finite, as exp(τ − ⊥τ) is
+
+
+def _magic_box_jvp(primals, tangents):
+    (tau,), (dtau,) = primals, tangents
+    out = magic_box_p.bind(tau)
+    if type(dtau) is ad.Zero:
+        return out, ad.Zero(dtau.aval)
+    return out, out * dtau
+
+
+magic_box_p.def_impl(_magic_box_value)
+magic_box_p.def_abstract_eval(lambda tau: jax.core.ShapedArray(tau.shape, tau.dtype))
+batching.primitive_batchers[magic_box_p] = lambda args, dims: (magic_box_p.bind(*args), dims[0])
+ad.primitive_jvps[magic_box_p] = _magic_box_jvp
+mlir.register_lowering(magic_box_p, mlir.lower_fun(_magic_box_value, multiple_results=False))
 
 
 def baseline_term(log_prob: jax.Array, baseline: jax.Array) -> jax.Array:

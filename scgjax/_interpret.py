@@ -111,6 +111,8 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
     prim = eqn.primitive
     if prim is _sample.sample_p:
         return [sample_rule(ctx, index, eqn, invals)]
+    if prim is _graph.magic_box_p:
+        return [frozen_box_rule(invals[0])]
     if eqn_has_sample(eqn) or (prim.name in DATAFLOW_RULES and any(v.deps for v in invals)):
         rule = higher_order_rules.get(prim)
         if rule is None:
@@ -176,6 +178,15 @@ def _at(eqn) -> str:
     return f" (at {where})" if where else ""
 
 
+def frozen_box_rule(tau: Val) -> Val:
+    """A magic box of an scgjax transform nested inside this one: its value (1) with no
+    derivative and no dependence on the draws. The inner gradient estimate is then
+    differentiated as the function of θ and of the draws that it is; the inner draws are
+    nodes of this graph (their `sample_p` equations), so their score terms come from
+    here, weighted by the costs downstream of them."""
+    return Val(lax.stop_gradient(_graph.magic_box_p.bind(tau.value)))
+
+
 # -- Stochastic nodes --------------------------------------------------------------------
 
 def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
@@ -187,16 +198,22 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     baseline = invals[1 + n_leaves] if params.get("has_baseline") else None
     spec, n_batch = params["spec"], params["n_batch"]
     pathwise = params["estimator"] == "pathwise"
-    value = _sample.draw(key, leaves, spec=spec, sample_shape=params["sample_shape"],
-                         n_batch=n_batch, reparameterized=pathwise)
-    deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
     node_id, source = ctx.path + (index,), _compat.source_info(eqn)
     name = params.get("name")
     if pathwise:
+        value = _sample.draw(key, leaves, spec=spec, sample_shape=params["sample_shape"],
+                             n_batch=n_batch, reparameterized=True)
+        deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
         ctx.graph.add(StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value),
                                      source, name))
         return Val(value, deps)
-    value = lax.stop_gradient(value)
+    # A score draw is bound as `sample_p` again (without its baseline, which belongs to
+    # this estimator): when this transform runs inside another scgjax transform, the
+    # outer one sees the draw as a node of its own graph (MAML, LOLA).
+    value = lax.stop_gradient(_sample.sample_p.bind(
+        key, *map(jnp.asarray, leaves), spec=spec, sample_shape=params["sample_shape"], estimator="score",
+        n_batch=n_batch, has_baseline=False, name=name))
+    deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
     log_prob = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
                                 score_log_prob=_logprob.score_log_prob)
     node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source, name)
@@ -281,17 +298,15 @@ def _unary_linear(eqn, invals, out):
     return _term_items_through(eqn, invals, out, 0)
 
 
-def _sum_of_operands(eqn, invals, out, positions, sign=None):
-    """Operands at `positions` enter linearly and jointly (add, concatenate, the cases
-    of select_n): each operand's terms with zeros in place of the others."""
+def _sum_of_operands(eqn, invals, out, positions):
+    """Operands at `positions` enter linearly and jointly (add, sub, concatenate, the
+    cases of select_n): each operand's terms pushed through `eqn` itself with zeros in
+    place of the others, so the equation applies its own signs (`sub(0, t) = -t`)."""
     zeros = [jnp.zeros_like(v.value) if i in positions else v.value
              for i, v in enumerate(invals)]
     items = []
     for p in positions:
-        pushed = _term_items_through(eqn, invals, out, p, others=zeros)
-        if sign is not None and sign[p] < 0:
-            pushed = [(d, -t) for d, t in pushed]
-        items.extend(pushed)
+        items.extend(_term_items_through(eqn, invals, out, p, others=zeros))
     return items
 
 
@@ -315,7 +330,7 @@ def _sub(eqn, invals, out):
     a, b = invals
     if all(np.shape(v.value) == np.shape(out) for v in invals):
         return a.term_items() + [(d, -t) for d, t in b.term_items()]
-    return _sum_of_operands(eqn, invals, out, (0, 1), sign={0: 1, 1: -1})
+    return _sum_of_operands(eqn, invals, out, (0, 1))
 
 
 def _joint(first: int):

@@ -229,15 +229,21 @@ def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, 
 
 
 def _jvp(primals, tangents, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
+    if estimator != "pathwise":
+        # The value does not move with the parameters. The primal stays a `sample_p`
+        # equation, so a transform that traces this derivative (an scgjax transform
+        # around `jax.grad` of another) still sees the draw.
+        out = sample_p.bind(*primals, spec=spec, sample_shape=sample_shape,
+                            estimator=estimator, n_batch=n_batch,
+                            has_baseline=has_baseline, name=name)
+        return out, _compat.zero_tangent(out)
     n = len(primals) - has_baseline
     key, *leaves = primals[:n]
     leaf_tangents = [ad.instantiate_zeros(t) for t in tangents[1:n]]
-    reparameterized = estimator == "pathwise"
 
     def fn(*leaves):
-        out = draw(key, leaves, spec=spec, sample_shape=sample_shape, n_batch=n_batch,
-                   reparameterized=reparameterized)
-        return out if reparameterized else lax.stop_gradient(out)
+        return draw(key, leaves, spec=spec, sample_shape=sample_shape, n_batch=n_batch,
+                    reparameterized=True)
 
     return jax.jvp(fn, leaves, leaf_tangents)
 

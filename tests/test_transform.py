@@ -293,14 +293,32 @@ def f_mixed(theta, key):
     return (x - 2.0) ** 2 + 0.5 * z
 
 
-def test_no_sample_primitive_is_left_behind():
+def _sample_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p:
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _sample_eqns(getattr(sub, "jaxpr", sub))
+
+
+def test_emitted_program_keeps_one_plain_draw_per_score_site():
+    # A score draw stays a `sample_p` equation (so an enclosing scgjax transform sees it),
+    # once, without its baseline; pathwise draws are emitted as numpyro's rsample.
+    def f(theta, key):
+        k1, k2 = jax.random.split(key)
+        z = scg.sample(k1, dist.Bernoulli(logits=theta[0]), baseline=theta[1])
+        x = scg.sample(k2, dist.Normal(theta[1] * z, 1.0))
+        return (x - 2.0) ** 2 + 0.5 * z
+
     theta = jnp.array([0.1, 0.2])
-    cases = [(scg.scg_grad(f_mixed), KEY), (scg.surrogate(f_mixed), KEY),
-             (jax.hessian(scg.surrogate(f_mixed)), KEY),
-             (jax.vmap(scg.scg_grad(f_mixed), (None, 0)), jax.random.split(KEY, 2))]
+    cases = [(scg.scg_grad(f), KEY), (scg.surrogate(f), KEY),
+             (jax.hessian(scg.surrogate(f)), KEY),
+             (jax.vmap(scg.scg_grad(f), (None, 0)), jax.random.split(KEY, 2))]
     for fn, key in cases:
-        jaxpr = jax.make_jaxpr(fn)(theta, key)
-        assert sample_p not in set(_all_primitives(jaxpr.jaxpr))
+        eqns = list(_sample_eqns(jax.make_jaxpr(fn)(theta, key).jaxpr))
+        assert len(eqns) == 1, fn
+        assert eqns[0].params["estimator"] == "score"
+        assert not eqns[0].params["has_baseline"]
 
 
 def test_surrogate_value_equals_cost(any_key):
