@@ -71,9 +71,10 @@ def _n_arrays(struct) -> int:
 
 
 def _run(ctx: Context, jaxpr, consts, args: list[Val], meta: dict, extra_outvars=()):
-    """Evaluates a sub-jaxpr in a fresh graph. Returns packed outputs, the score nodes'
-    log-probs and the sum of baseline terms; fills `meta` with the static structure."""
-    graph = Graph()
+    """Evaluates a sub-jaxpr in a fresh graph. Returns packed outputs, the graph's node
+    arrays (`Graph.node_arrays`: score log-probs, records) and the sum of baseline
+    terms; fills `meta` with the static structure."""
+    graph = Graph(ctx.graph.record)
     sub = dataclasses.replace(ctx, graph=graph)
     outs = eval_jaxpr(sub, jaxpr, [Val(c) for c in consts], args, extra_outvars)
     arrays, struct = pack(outs)
@@ -81,12 +82,13 @@ def _run(ctx: Context, jaxpr, consts, args: list[Val], meta: dict, extra_outvars
     meta["out_shapes"] = [tuple(np.shape(o.value)) for o in outs]
     meta["nodes"] = list(graph.nodes.values())
     meta["has_baseline"] = bool(graph.baseline_terms)
-    return arrays, list(graph.log_probs.values()), graph.baseline_total()
+    return arrays, graph.node_arrays(), graph.baseline_total()
 
 
-def _adopt(ctx: Context, meta: dict, log_probs, baseline_total, nodes=None) -> None:
-    """Adds a sub-jaxpr's nodes and baseline terms to the enclosing graph."""
-    ctx.graph.merge(meta["nodes"] if nodes is None else nodes, log_probs)
+def _adopt(ctx: Context, meta: dict, node_arrays, baseline_total, nodes=None) -> None:
+    """Adds a sub-jaxpr's nodes (with their node arrays) and baseline terms to the
+    enclosing graph."""
+    ctx.graph.merge(meta["nodes"] if nodes is None else nodes, node_arrays)
     if meta["has_baseline"]:
         ctx.graph.baseline_terms.append(jnp.sum(baseline_total))
 
@@ -225,12 +227,22 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
 
     xs_body = [Val(None, slice_deps(v.deps)) for v in xs]
     extra = [accumulators[j][0] for j in acc_index]
+    # Replayed draws of the body's nodes are stacked along the loop: scanned like xs.
+    draw_ids = sorted(sub.draws) if sub.draws else []
+    draw_xs = [jnp.asarray(sub.draws[n]) for n in draw_ids]
+    for n, d in zip(draw_ids, draw_xs):
+        if np.ndim(d) == 0 or np.shape(d)[0] != length:
+            raise ValueError(
+                f"scgjax: a replayed draw inside a scan of length {length} needs a leading "
+                f"axis of that length (one value per iteration), got shape {np.shape(d)}.")
 
     def body_fn(carry_deps, meta):
         def body(carry, x):
+            x, x_draws = x[:len(xs)], x[len(xs):]
+            here = dataclasses.replace(sub, draws=dict(zip(draw_ids, x_draws)) or None)
             args = (consts + [Val(c, d) for c, d in zip(carry, carry_deps)]
                     + [Val(a, v.deps) for a, v in zip(x, xs_body)])
-            arrays, log_probs, baseline_total = _run(sub, jaxpr, jconsts, args, meta, extra)
+            arrays, log_probs, baseline_total = _run(here, jaxpr, jconsts, args, meta, extra)
             outs = unpack(arrays, meta["struct"])
             meta["carry_deps"] = [v.deps for v in outs[:num_carry]]
             n_carry_arrays = _n_arrays(meta["struct"][:num_carry])
@@ -243,7 +255,7 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     while True:
         meta: dict = {}
         jax.eval_shape(body_fn(carry_deps, meta), [_shape_struct(v.value) for v in init],
-                       [_slice_struct(v.value) for v in xs])
+                       [_slice_struct(v.value) for v in xs] + [_slice_struct(d) for d in draw_xs])
         grown = [carry_in(_deps.join([a, b])) for a, b in zip(carry_deps, meta["carry_deps"])]
         if grown == carry_deps:
             break
@@ -251,7 +263,7 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
 
     meta = {}
     carry, (ys_arrays, log_probs, baseline_total) = lax.scan(
-        body_fn(carry_deps, meta), [v.value for v in init], [v.value for v in xs],
+        body_fn(carry_deps, meta), [v.value for v in init], [v.value for v in xs] + draw_xs,
         length=length, reverse=reverse, unroll=params["unroll"])
     nodes = [dataclasses.replace(n, shape=(length,) + n.shape) for n in meta["nodes"]]
     _adopt(ctx, meta, log_probs, baseline_total, nodes)
@@ -311,8 +323,9 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     n_out = len(metas[0]["struct"])
     out_keys = [_union_keys((m["struct"][j], m["out_shapes"][j]) for m in metas)
                 for j in range(n_out)]
-    score = [(b, i) for b, m in enumerate(metas)
-             for i, _ in enumerate(n for n in m["nodes"] if n.estimator == "score")]
+    # Every branch's node arrays; a branch not taken gives zeros (log-prob 0, and when
+    # recording, value 0 and drawn flag False).
+    score = [(b, i) for b, lp_shapes in enumerate(shapes) for i in range(len(lp_shapes))]
 
     def unified(b):
         meta: dict = {}
@@ -381,6 +394,11 @@ def _while_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
             "Use lax.scan, or lax.fori_loop with static (Python int) bounds, which "
             "lowers to scan. Forward mode (jax.jvp, jax.jacfwd) and the value work.")
     sub = ctx.child(index)
+    if (sub.draws or ctx.graph.record) and jaxpr_has_sample(body_jaxpr):
+        raise NotImplementedError(
+            "scgjax: draws inside lax.while_loop cannot be replayed or traced (the number "
+            "of iterations is not known when tracing). Use lax.scan, or lax.fori_loop with "
+            "static bounds.")
     init_structs = [_shape_struct(v.value) for v in init]
 
     def run_cond(carry_deps, carry):

@@ -99,28 +99,51 @@ def make_val(value: Any, deps: Deps, items: Iterable[tuple[Deps, Any]]) -> Val:
 class Graph:
     """The sample sites met while evaluating one (sub-)jaxpr, the score nodes'
     log-probabilities (in the order of `score_nodes`), and the baseline terms
-    `Σ (1 − ⊡(log p(w)))·b_w` of the nodes drawn with a baseline."""
+    `Σ (1 − ⊡(log p(w)))·b_w` of the nodes drawn with a baseline.
 
-    def __init__(self):
+    With `record=True` (for `scgjax.trace`) it also keeps, for every node, its value,
+    its log-probability and whether it was drawn (`False` in a `cond` branch not taken).
+    """
+
+    def __init__(self, record: bool = False):
         self.nodes: dict[NodeId, StochasticNode] = {}
         self.log_probs: dict[NodeId, Any] = {}
         self.baseline_terms: list[Any] = []
+        self.record = record
+        self.records: dict[NodeId, tuple[Any, Any, Any]] = {}
 
-    def add(self, node: StochasticNode, log_prob: Any = None) -> None:
+    def add(self, node: StochasticNode, log_prob: Any = None, record: tuple | None = None) -> None:
         assert node.id not in self.nodes, node.id
         self.nodes[node.id] = node
         if node.estimator == "score":
             self.log_probs[node.id] = log_prob
+        if self.record:
+            assert record is not None and len(record) == 3, node.id
+            self.records[node.id] = tuple(record)
 
     @property
     def score_nodes(self) -> list[StochasticNode]:
         return [n for n in self.nodes.values() if n.estimator == "score"]
 
-    def merge(self, nodes: Iterable[StochasticNode], log_probs: Iterable[Any]) -> None:
-        """Adds `nodes`; `log_probs` holds one entry per score node among them."""
-        log_probs = iter(log_probs)
+    def node_arrays(self) -> list[Any]:
+        """The arrays a sub-graph hands to its parent, node by node: a score node's
+        log-probability, then (when recording) value, log-probability, drawn flag."""
+        out = []
+        for node in self.nodes.values():
+            if node.estimator == "score":
+                out.append(self.log_probs[node.id])
+            if self.record:
+                out.extend(self.records[node.id])
+        return out
+
+    def merge(self, nodes: Iterable[StochasticNode], arrays: Iterable[Any]) -> None:
+        """Adds `nodes`; `arrays` is a sub-graph's `node_arrays()` (stacked, selected or
+        summed by the control-flow rule that ran it)."""
+        arrays = iter(arrays)
         for node in nodes:
-            self.add(node, next(log_probs) if node.estimator == "score" else None)
+            log_prob = next(arrays) if node.estimator == "score" else None
+            record = (next(arrays), next(arrays), next(arrays)) if self.record else None
+            self.add(node, log_prob, record)
 
     def baseline_total(self) -> Any:
         """The sum of the baseline terms (0.0 when there are none)."""

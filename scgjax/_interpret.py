@@ -46,17 +46,31 @@ STATIC_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"
 
 @dataclasses.dataclass
 class Context:
-    """Where the interpreter is: node-id prefix, graph being filled, enclosing scans."""
+    """Where the interpreter is: node-id prefix, graph being filled, enclosing scans.
+
+    `draws` holds values to use instead of drawing (`scgjax.trace(f, draws=...)`,
+    `surrogate(f, draws=...)`), keyed by node id, for the nodes under this context (a
+    `scan` rule hands its body the current iteration's slice); `graph.record` says
+    whether nodes' values and log-probabilities are recorded too.
+    """
 
     path: NodeId
     graph: Graph
     loop_levels: tuple[int, ...] = ()
+    draws: dict | None = None
 
     def child(self, *indices: int, new_loop: bool = False) -> Context:
         """A context for a sub-jaxpr of the equation at `indices`, with a graph of its own
         (and one more loop level when the sub-jaxpr is a `scan` body)."""
         levels = self.loop_levels + ((len(self.loop_levels),) if new_loop else ())
-        return Context(self.path + indices, Graph(), levels)
+        path = self.path + indices
+        return Context(path, Graph(self.graph.record), levels, self.draws_under(path))
+
+    def draws_under(self, path: NodeId) -> dict | None:
+        """The replayed values of the nodes whose ids start with `path`."""
+        if not self.draws:
+            return None
+        return {n: v for n, v in self.draws.items() if n[:len(path)] == path} or None
 
     @property
     def level(self) -> int:
@@ -190,7 +204,8 @@ def frozen_box_rule(tau: Val) -> Val:
 # -- Stochastic nodes --------------------------------------------------------------------
 
 def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
-    """Draws the value; for a score node also records its log-probability."""
+    """Draws the value (or takes it from `ctx.draws`); for a score node also records its
+    log-probability."""
     params = eqn.params
     n_leaves = params["spec"].treedef.num_leaves
     key = invals[0].value
@@ -200,24 +215,47 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     pathwise = params["estimator"] == "pathwise"
     node_id, source = ctx.path + (index,), _compat.source_info(eqn)
     name = params.get("name")
+    replayed = ctx.draws.get(node_id) if ctx.draws else None
     if pathwise:
+        if replayed is not None:
+            raise ValueError(
+                f"scgjax: cannot replay the pathwise {spec.name} draw"
+                f"{f' {name!r}' if name else ''}{_at(eqn)}: its gradient flows through its "
+                "value, which a replayed value would cut. Replay score-function draws only "
+                "(or pass estimator='score' for this site).")
         value = _sample.draw(key, leaves, spec=spec, sample_shape=params["sample_shape"],
                              n_batch=n_batch, reparameterized=True)
         deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
-        ctx.graph.add(StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value),
-                                     source, name))
+        node = StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value), source, name)
+        record = None
+        if ctx.graph.record:
+            lp = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
+                                  score_log_prob=lambda d, v: d.log_prob(v))
+            record = (value, lp, jnp.ones(jnp.shape(lp), bool))
+        ctx.graph.add(node, record=record)
         return Val(value, deps)
-    # A score draw is bound as `sample_p` again (without its baseline, which belongs to
-    # this estimator): when this transform runs inside another scgjax transform, the
-    # outer one sees the draw as a node of its own graph (MAML, LOLA).
-    value = lax.stop_gradient(_sample.sample_p.bind(
-        key, *map(jnp.asarray, leaves), spec=spec, sample_shape=params["sample_shape"], estimator="score",
-        n_batch=n_batch, has_baseline=False, name=name))
+    if replayed is not None:
+        shape = eqn.outvars[0].aval.shape
+        if tuple(np.shape(replayed)) != tuple(shape):
+            raise ValueError(
+                f"scgjax: the replayed value of the {spec.name} draw"
+                f"{f' {name!r}' if name else ''}{_at(eqn)} has shape {np.shape(replayed)}, "
+                f"but the draw has shape {tuple(shape)}"
+                f"{' (per iteration of its loop)' if ctx.loop_levels else ''}.")
+        value = lax.stop_gradient(jnp.asarray(replayed).astype(eqn.outvars[0].aval.dtype))
+    else:
+        # A score draw is bound as `sample_p` again (without its baseline, which belongs
+        # to this estimator): when this transform runs inside another scgjax transform,
+        # the outer one sees the draw as a node of its own graph (MAML, LOLA).
+        value = lax.stop_gradient(_sample.sample_p.bind(
+            key, *map(jnp.asarray, leaves), spec=spec, sample_shape=params["sample_shape"],
+            estimator="score", n_batch=n_batch, has_baseline=False, name=name))
     deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
     log_prob = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
                                 score_log_prob=_logprob.score_log_prob)
     node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source, name)
-    ctx.graph.add(node, log_prob)
+    record = (value, log_prob, jnp.ones(jnp.shape(log_prob), bool)) if ctx.graph.record else None
+    ctx.graph.add(node, log_prob, record)
     if baseline is not None:
         try:
             np.broadcast_shapes(np.shape(baseline.value), np.shape(log_prob))

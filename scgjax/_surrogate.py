@@ -9,6 +9,7 @@ box, `jax.hessian`/`jax.jacfwd` of it are unbiased too (Foerster et al. 2018).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -84,17 +85,47 @@ def _check_cost(cost_shape: Any) -> None:
             f"{cost_shape.dtype}. Convert it, e.g. with .astype(jnp.float32).")
 
 
-def _evaluate(f, args, kwargs, has_aux):
-    """Runs the SCG interpreter on `f`: (cost `Val`, aux values, graph)."""
+def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
+    """Runs the SCG interpreter on `f`: (cost `Val`, aux values, graph). `draws` maps
+    site names to values used instead of drawing; `record` keeps every node's value and
+    log-probability in the graph."""
     closed, dyn_leaves, rebuild_aux = _trace(f, args, kwargs, has_aux)
     _keys.check_key_reuse(closed.jaxpr)
     _lint.check_program(closed, _lint.differentiated_inputs(dyn_leaves))
-    graph = Graph()
-    ctx = _interpret.Context((), graph)
+    ids = _draws_by_id(closed, dyn_leaves, draws) if draws else None
+    graph = Graph(record)
+    ctx = _interpret.Context((), graph, draws=ids)
     outs = _interpret.eval_jaxpr(ctx, closed.jaxpr, [Val(c) for c in closed.consts],
                                  [Val(x) for x in dyn_leaves])
     aux = rebuild_aux([v.value for v in outs[1:]]) if has_aux else None
     return outs[0], aux, graph
+
+
+def _draws_by_id(closed, dyn_leaves, draws: dict) -> dict:
+    """`draws` (site name → value) keyed by node id, the names being those of
+    `describe` (`name=`, else `node<i>`); found by one abstract pass."""
+    if not isinstance(draws, dict):
+        raise TypeError(f"scgjax: draws must be a dict of site name -> value, got "
+                        f"{type(draws).__name__}.")
+    box: dict = {}
+
+    def nodes(*leaves):
+        graph = Graph()
+        _interpret.eval_jaxpr(_interpret.Context((), graph), closed.jaxpr,
+                              [Val(c) for c in closed.consts], [Val(x) for x in leaves])
+        box["names"] = {name: n for n, name in _node_names(graph).items()}
+        box["nodes"] = graph.nodes
+
+    jax.eval_shape(nodes, *[_shape_struct(x) for x in dyn_leaves])
+    unknown = [k for k in draws if k not in box["names"]]
+    if unknown:
+        raise ValueError(f"scgjax: draws names {unknown}, which are not sample sites of f; "
+                         f"its sites are {sorted(box['names'])} (see scg.describe).")
+    return {box["names"][k]: v for k, v in draws.items()}
+
+
+def _shape_struct(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
 
 
 BASELINES = (None, "leave_one_out")
@@ -112,12 +143,12 @@ def _node_names(graph: Graph) -> dict:
     return names
 
 
-def _one_sample(f, has_aux, need_downstream):
+def _one_sample(f, has_aux, need_downstream, draws=None):
     """The surrogate of one run of `f`: (surrogate, aux, downstream costs, log-probs),
     the last two keyed by node name."""
 
-    def run(args, kwargs):
-        cost, aux, graph = _evaluate(f, args, kwargs, has_aux)
+    def run(args, kwargs, draws=draws):
+        cost, aux, graph = _evaluate(f, args, kwargs, has_aux, draws)
         value = _graph.dice_objective(cost, graph)
         if not need_downstream:
             return value, aux, {}, {}
@@ -174,7 +205,7 @@ def _with_key(args: tuple, key_argnum: int, key) -> tuple:
 
 def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
               baseline: str | None = None, key_argnum: int = -1,
-              downstream: bool = False) -> Callable:
+              downstream: bool = False, draws: dict | None = None) -> Callable:
     """The DiCE surrogate objective of a stochastic program.
 
     Args:
@@ -191,6 +222,12 @@ def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
       downstream: also return each score node's downstream cost `Q̂_w` (stop-gradient,
         shaped like its log-probability, keyed by `name=` or `node<i>`), the regression
         target of a learned or moving-average baseline.
+      draws: evaluate the estimator at chosen draws: a dict from site name (`name=`, or
+        `node<i>` as `describe` lists them) to the value that score-function site takes
+        instead of drawing (stacked along the loop axis for a site inside `scan`, with
+        the batch axes of a site under `vmap`; with `num_samples=K`, one more leading
+        axis of K). The other sites draw from the key as usual. Pathwise sites cannot be
+        replayed (their gradient flows through the value).
 
     Returns:
       A function with `f`'s signature whose value equals `f`'s cost for the same
@@ -210,11 +247,11 @@ def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
         if num_samples == 1:
-            value, aux, q, _ = run(args, kwargs)
+            value, aux, q, _ = run(args, kwargs, draws)
         else:
             keys = jax.random.split(_key_at(args, key_argnum), num_samples)
             values, aux, q, log_probs = jax.vmap(
-                lambda k: run(_with_key(args, key_argnum, k), kwargs))(keys)
+                lambda k, d: run(_with_key(args, key_argnum, k), kwargs, d))(keys, draws)
             value = jnp.mean(values)
             if loo:
                 extra = 0.0
@@ -240,7 +277,8 @@ def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: b
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`.
       holomorphic, allow_int: as in `jax.value_and_grad`.
-      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, as in `surrogate`.
+      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`, as in
+        `surrogate`.
 
     Returns:
       A function returning `(cost, grad)`, or `((cost, aux), grad)` with `has_aux`; with
@@ -264,8 +302,8 @@ def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`; then this returns `(grad, aux)`.
       holomorphic, allow_int: as in `jax.grad`.
-      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, as in
-        `surrogate`. With `downstream=True` this returns `(grad, downstream)` (or
+      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`, as
+        in `surrogate`. With `downstream=True` this returns `(grad, downstream)` (or
         `(grad, (aux, downstream))`).
 
     Example:
@@ -381,5 +419,92 @@ def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
                          for r in rows)
+
+    return wrapped
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["value", "log_prob", "drawn"],
+                   meta_fields=["name", "distribution", "estimator", "source"])
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One sample site of a traced run (`scgjax.trace`).
+
+    Attributes:
+      name: `name=` given to `scg.sample`, else `node<i>` (as in `describe`).
+      distribution: the distribution's class name.
+      estimator: `"score"` or `"pathwise"`.
+      source: file and line of the `scg.sample` call.
+      value: the draw (stacked along a leading axis per enclosing `scan`).
+      log_prob: its log-density under the distribution it was drawn from, shaped like
+        `d.log_prob(value)` (for score sites, with the derivatives scgjax uses).
+      drawn: a boolean array like `log_prob`: False where the site sits in a `cond`
+        branch that was not taken (then `value` and `log_prob` are 0 there).
+    """
+
+    name: str
+    distribution: str
+    estimator: str
+    source: str
+    value: Any
+    log_prob: Any
+    drawn: Any
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["cost", "aux", "sites"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """A traced run of a stochastic program: its cost, aux and every sample site."""
+
+    cost: Any
+    aux: Any
+    sites: dict
+
+    @property
+    def log_joint(self) -> Any:
+        """`Σ_sites Σ log p(value)` over the elements that were drawn: the log-probability
+        of this run's draws."""
+        total = jnp.zeros((), jnp.result_type(float))
+        for site in self.sites.values():
+            total = total + jnp.sum(jnp.where(site.drawn, site.log_prob, 0.0))
+        return total
+
+
+def trace(f: Callable, *, has_aux: bool = False, draws: dict | None = None) -> Callable:
+    """Runs `f` and returns its cost with every sample site's value and log-probability.
+
+    With `draws`, the named score-function sites take the given values instead of
+    drawing (see `surrogate`): `trace(f, draws=z)(θ, key).log_joint` is `log p(z; θ)`,
+    differentiable in θ, and `.cost` is `f`'s cost at `z`. Together with
+    `scg_grad(f, draws=z)` this evaluates an estimator at chosen draws; summing
+    `exp(log_joint)·scg_grad(f, draws=z)` over every `z` of a finite support gives its
+    exact expectation.
+
+    Args:
+      f: a stochastic program (see `surrogate`).
+      has_aux: whether `f` returns `(cost, aux)`.
+      draws: a dict site name → value, as in `surrogate`.
+
+    Returns:
+      A function with `f`'s signature returning a `Trace` (a pytree: it passes through
+      `jit` and `vmap`) with `cost`, `aux` and `sites` (name → `Site`).
+
+    Example:
+      >>> t = scg.trace(f)(theta, key)
+      >>> t.sites["z"].value, t.log_joint
+      >>> p = jnp.exp(scg.trace(f, draws={"z": 1})(theta, key).log_joint)
+    """
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        cost, aux, graph = _evaluate(f, args, kwargs, has_aux, draws, record=True)
+        names = _node_names(graph)
+        sites = {}
+        for node_id, node in graph.nodes.items():
+            value, log_prob, drawn = graph.records[node_id]
+            sites[names[node_id]] = Site(names[node_id], node.distribution, node.estimator,
+                                         node.source, value, log_prob, drawn)
+        return Trace(cost.value, aux, sites)
 
     return wrapped
