@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PY_NEWEST := $(VENV_NEWEST)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-newest bench clean
+.PHONY: demo test test-newest bench mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-newest: $(VENV_NEWEST)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
+
+# Break each rule in turn and check that the suite notices (tests/MUTATION.md);
+# MUTANTS=term:sub: (a prefix) or names to run some.
+mutation: $(VENV)/.installed
+	$(PY) tests/mutation.py $(MUTANTS)
 
 clean:
 	rm -rf $(VENV) $(VENV_NEWEST) build dist *.egg-info

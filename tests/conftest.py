@@ -1,9 +1,25 @@
 """Suite-wide settings: warnings are errors (pyproject's filterwarnings) and a key fixture
 that covers both key flavours. (`jax_numpy_rank_promotion="raise"` is not set: numpyro's
-own samplers rely on rank promotion.)"""
+own samplers rely on rank promotion.)
+
+With `SCGJAX_MUTANT=<name>` the suite runs against a deliberately broken scgjax (one rule
+mutated, see tests/mutation.py and tests/MUTATION.md), in every xdist worker."""
+
+import os
 
 import jax
 import pytest
+
+MUTANT = os.environ.get("SCGJAX_MUTANT")
+if MUTANT:
+    import mutation
+
+    mutation.apply(MUTANT)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if MUTANT:
+        mutation.report_fired(os.environ.get("SCGJAX_MUTANT_LOG"))
 
 
 @pytest.fixture(params=["typed", "legacy"])
