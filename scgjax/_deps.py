@@ -12,6 +12,14 @@ level), saying which elements along that node axis reach a given element of the 
 * `Loop(level, kind)`: inside a `scan` body, the node axis that the loop at `level`
   stacks, related in the same way to the current iteration.
 
+Collectives over named axes (`lax.psum` under `jax.vmap(..., axis_name=...)`, `pmap` or
+`shard_map`) make a value in one lane depend on nodes drawn in other lanes. The lanes are
+not axes of the node's log-probability (the interpreter runs inside the mapped trace), so
+such a dependency is keyed by `Lanes(node, names)` instead of the node id, and its
+relations carry one more entry per named axis, after the node-axis entries: `ALL` (every
+lane) or `Axis(a)` (lane `j` ↔ element `j` of value axis `a`, as `all_gather` makes).
+A dependency keyed by the node id itself is on the node in the value's own lane.
+
 A value depends on the union of its relations' elements. Several relations are kept only
 while they are disjoint (then their log-probabilities add without double counting), which
 is what nested loops need: a cost at inner step `u` of outer step `t` depends on every
@@ -45,6 +53,24 @@ class Axis:
 class Loop:
     level: int
     kind: str = "eq"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lanes:
+    """The key of a dependency on `node` in other lanes of the named axes `names`
+    (sorted); its relations end with one entry per name."""
+
+    node: tuple
+    names: tuple
+
+
+def base_node(key) -> tuple:
+    """The node id of a dependency key (a node id or `Lanes`)."""
+    return key.node if isinstance(key, Lanes) else key
+
+
+def lane_names(key) -> tuple:
+    return key.names if isinstance(key, Lanes) else ()
 
 
 Entry = Optional[object]  # ALL | Axis | Loop
@@ -148,13 +174,13 @@ class Deps:
     def __init__(self, mapping: dict | None = None):
         """`mapping`: node id → one relation."""
         self._map = {n: (rel,) for n, rel in (mapping or {}).items()}
-        self._hash = hash(tuple(sorted(self._map.items(), key=lambda kv: kv[0])))
+        self._hash = hash(tuple(sorted(self._map.items(), key=lambda kv: repr(kv[0]))))
 
     @classmethod
     def _of(cls, relsets: dict) -> Deps:
         out = cls()
-        out._map = {n: _normalize(rels) for n, rels in relsets.items()}
-        out._hash = hash(tuple(sorted(out._map.items(), key=lambda kv: kv[0])))
+        out._map = {n: _normalize(rels) for n, rels in _merge_lanes(relsets).items()}
+        out._hash = hash(tuple(sorted(out._map.items(), key=lambda kv: repr(kv[0]))))
         return out
 
     def __hash__(self):
@@ -204,6 +230,54 @@ class Deps:
 
 
 EMPTY = Deps()
+
+
+def _merge_lanes(relsets: dict) -> dict:
+    """One key per node: a node reached in its own lane and through other lanes (or
+    through lanes of different named axes) becomes one `Lanes` key over every name,
+    an own-lane relation counting as every lane of the names it lacks (a cover: the
+    own lane is one of them). Keeps relations disjoint per node, so log-probs add."""
+    by_node: dict = {}
+    for key in relsets:
+        by_node.setdefault(base_node(key), []).append(key)
+    if all(len(keys) == 1 for keys in by_node.values()):
+        return relsets
+    out = {}
+    for node, keys in by_node.items():
+        if len(keys) == 1:
+            out[keys[0]] = relsets[keys[0]]
+            continue
+        names = tuple(sorted({n for k in keys for n in lane_names(k)}))
+        rels = []
+        for k in keys:
+            have = dict(zip(lane_names(k), range(len(lane_names(k)))))
+            for rel in relsets[k]:
+                head = rel[:len(rel) - len(have)]
+                tail = rel[len(rel) - len(have):]
+                rels.append(tuple(head) + tuple(tail[have[n]] if n in have else ALL
+                                                for n in names))
+        out[Lanes(node, names)] = rels
+    return out
+
+
+def across_lanes(deps: Deps, names: tuple, entry_of: Callable[[str], Entry]) -> Deps:
+    """`deps` reached through a collective over the named axes `names`: each key gains
+    an entry per name it does not have yet, `entry_of(name)` (`ALL`, or `Axis(a)` for the
+    axis that `all_gather` makes); names it has keep their entries (every lane's copy
+    already depends on those lanes in the same way). Shift value axes first."""
+    out: dict = {}
+    for key, rels in deps._map.items():
+        old = lane_names(key)
+        new_names = tuple(sorted(set(old) | set(names)))
+        moved = []
+        for rel in rels:
+            head, tail = rel[:len(rel) - len(old)], dict(zip(old, rel[len(rel) - len(old):]))
+            # A name the key already has keeps its entry: every lane's copy already
+            # depends on those lanes in the same way.
+            entries = [tail[n] if n in tail else entry_of(n) for n in new_names]
+            moved.append(tuple(head) + tuple(entries))
+        out.setdefault(Lanes(base_node(key), new_names), []).extend(moved)
+    return Deps._of(out)
 
 
 def join(deps: Iterable[Deps]) -> Deps:

@@ -27,6 +27,7 @@ from jax import lax
 from jax.extend import core as jex
 from jax.interpreters import ad, batching, mlir
 
+from . import _deps
 from ._deps import EMPTY, Axis, Deps
 
 NodeId = tuple[int, ...]
@@ -205,12 +206,16 @@ def _cumulative(x, axis: int, kind: str):
 
 def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
     """For each element of a term of `shape`, the sum of the log-probabilities of the
-    node elements it depends on (a node's relations are disjoint, so they add)."""
+    node elements it depends on (a node's relations are disjoint, so they add). A
+    dependency through other lanes of named axes (`_deps.Lanes`) sums or gathers the
+    log-probabilities over those lanes (`lax.psum`, `lax.all_gather`)."""
     total = None
-    for node_id, rel in deps.items():
-        x = log_probs[node_id]
+    for key, rel in deps.items():
+        x = log_probs[_deps.base_node(key)]
+        names = _deps.lane_names(key)
+        node_rel, lane_rel = rel[:len(rel) - len(names)], rel[len(rel) - len(names):]
         kept = []  # (node axis, term axis)
-        for k, entry in enumerate(rel):
+        for k, entry in enumerate(node_rel):
             if isinstance(entry, Axis) and entry.axis < len(shape) \
                     and np.shape(x)[k] == shape[entry.axis] \
                     and entry.axis not in {a for _, a in kept}:
@@ -221,7 +226,20 @@ def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any
         # Remaining node axes are in node order; put them in term-axis order.
         order = sorted(range(len(kept)), key=lambda i: kept[i][1])
         x = jnp.transpose(x, order) if kept else x
-        x = lax.broadcast_in_dim(x, shape, tuple(sorted(a for _, a in kept)))
+        term_axes = sorted(a for _, a in kept)
+        for name, entry in zip(names, lane_rel):
+            if isinstance(entry, Axis) and entry.kind == "eq" and entry.axis < len(shape) \
+                    and entry.axis not in term_axes:
+                x = lax.all_gather(x, name, axis=0)  # lane j -> element j of the term axis
+                if np.shape(x)[0] == shape[entry.axis]:
+                    term_axes = [entry.axis] + term_axes
+                    continue
+                x = jnp.sum(x, axis=0)
+            else:
+                x = lax.psum(x, name)  # every lane (a cover for other kinds)
+        perm = sorted(range(len(term_axes)), key=lambda i: term_axes[i])
+        x = jnp.transpose(x, perm) if perm != list(range(len(perm))) else x
+        x = lax.broadcast_in_dim(x, shape, tuple(sorted(term_axes)))
         total = x if total is None else total + x
     return total
 
@@ -268,6 +286,6 @@ def node_weights(cost: Val) -> dict[NodeId, int]:
     """How many cost terms each score node weights."""
     out: dict[NodeId, int] = {}
     for deps, _ in cost.term_items():
-        for n in deps:
+        for n in {_deps.base_node(k) for k in deps}:
             out[n] = out.get(n, 0) + 1
     return out

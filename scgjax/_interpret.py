@@ -29,7 +29,7 @@ import numpyro.distributions as dist
 from jax import lax
 
 from . import _compat, _deps, _graph, _logprob, _sample
-from ._deps import EMPTY, Axis, Deps
+from ._deps import ALL, EMPTY, Axis, Deps
 from ._graph import Graph, NodeId, StochasticNode, Val
 
 higher_order_rules: dict[Any, Callable] = {}
@@ -127,6 +127,8 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
         return [sample_rule(ctx, index, eqn, invals)]
     if prim is _graph.magic_box_p:
         return [frozen_box_rule(invals[0])]
+    if prim.name in COLLECTIVES and any(v.deps for v in invals):
+        return collective_rule(eqn, invals)
     if eqn_has_sample(eqn) or (prim.name in DATAFLOW_RULES and any(v.deps for v in invals)):
         rule = higher_order_rules.get(prim)
         if rule is None:
@@ -199,6 +201,102 @@ def frozen_box_rule(tau: Val) -> Val:
     nodes of this graph (their `sample_p` equations), so their score terms come from
     here, weighted by the costs downstream of them."""
     return Val(lax.stop_gradient(_graph.magic_box_p.bind(tau.value)))
+
+
+# -- Collectives over named axes ---------------------------------------------------------
+
+# Sums over lanes (positional int axes, which `vmap` inside the program leaves, reduce
+# like `reduce_sum`).
+_LANE_SUMS = frozenset({"psum", "psum2", "psum_invariant"})
+# Casts between invariant and varying types (`shard_map`): the value is unchanged.
+_LANE_CASTS = frozenset({"pvary", "pcast", "pbroadcast"})
+COLLECTIVES = _LANE_SUMS | _LANE_CASTS | frozenset(
+    {"pmax", "pmin", "all_gather", "all_gather_invariant", "ppermute", "all_to_all",
+     "reduce_scatter", "psum_scatter"})
+
+
+def _names(axes) -> tuple:
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    return tuple(a for a in axes if not isinstance(a, int))
+
+
+def collective_rule(eqn, invals: list[Val]) -> list[Val]:
+    """A collective makes each lane's value depend on the other lanes' draws.
+
+    * `psum` over named axes: the value depends on the node in every lane (`ALL`);
+      each cost term goes through as the lanes' terms gathered on a new pending axis
+      (`all_gather`), so lane `j`'s term keeps exactly lane `j`'s log-probabilities
+      (the per-lane surrogate `Σ_j ⊡(τ_j)·c_j`, the same numbers as a hand-written
+      DiCE of the pmean'd loss). Positional axes (what `vmap` inside the program leaves)
+      reduce like `reduce_sum`.
+    * `all_gather` (untiled, one name): element `j` of the new axis is lane `j`'s;
+      linear, so terms are gathered too.
+    * casts (`pvary`): unchanged. Anything else (`pmax`, `ppermute`, `all_to_all`,
+      `reduce_scatter`, tiled gathers, `axis_index_groups`): every lane, every element.
+    """
+    outs = _compat.bind_equation(eqn, [v.value for v in invals])
+    name, params = eqn.primitive.name, eqn.params
+    if name in _LANE_CASTS:
+        return [_graph.make_val(o, v.deps, v.term_items()) if v.has_terms else Val(o, v.deps)
+                for o, v in zip(outs, invals)]
+    if params.get("axis_index_groups") is not None:
+        return [_coarse_lanes(o, v, ()) for o, v in zip(outs, invals)]
+    if name in _LANE_SUMS:
+        names = _names(params["axes"])
+        positional = tuple(a for a in params["axes"] if isinstance(a, int))
+        return [_lane_sum(o, v, names, positional) for o, v in zip(outs, invals)]
+    if name in ("all_gather", "all_gather_invariant"):
+        names = _names(params["axis_name"])
+        if len(names) == 1 and not params.get("tiled") and len(outs) == 1:
+            return [_gathered(eqn, outs[0], invals[0], names[0])]
+    axes = params.get("axes", params.get("axis_name", ()))
+    return [_coarse_lanes(o, v, _names(axes)) for o, v in zip(outs, invals)]
+
+
+def _coarse_lanes(out, v: Val, names: tuple) -> Val:
+    if not v.deps:
+        return Val(out)
+    deps = v.deps.coarsened()
+    return Val(out, _deps.across_lanes(deps, names, lambda n: ALL) if names else deps)
+
+
+def _lane_sum(out, v: Val, names: tuple, positional: tuple) -> Val:
+    if not v.deps:
+        return Val(out)
+    deps, items = v.deps, v.term_items()
+    for n in names:
+        deps = _deps.across_lanes(deps, (n,), lambda _: ALL)
+        gathered = []
+        for d, t in items:
+            axis = np.ndim(t)  # a new pending axis: the lanes
+            gathered.append((_deps.across_lanes(d, (n,), lambda _, a=axis: Axis(a)),
+                             lax.all_gather(t, n, axis=axis)))
+        items = gathered
+    if positional:
+        kept = [a for a in range(np.ndim(v.value)) if a not in positional]
+        deps = deps.map_axes(lambda a: kept.index(a) if a in kept else None)
+        reduced = _reduce_terms(Val(v.value, v.deps, _as_terms(items)), set(positional), kept)
+        items = reduced if reduced is not None else [(deps, out)]
+    return _graph.make_val(out, deps, items)
+
+
+def _as_terms(items) -> dict:
+    terms: dict = {}
+    for d, t in items:
+        key = (d, tuple(np.shape(t)))
+        terms[key] = t if key not in terms else terms[key] + t
+    return terms
+
+
+def _gathered(eqn, out, v: Val, name: str) -> Val:
+    axis = eqn.params["all_gather_dimension"]
+
+    def moved(d: Deps) -> Deps:
+        d = d.map_axes(lambda a: a + 1 if a >= axis else a)
+        return _deps.across_lanes(d, (name,), lambda _: Axis(axis))
+
+    items = [(moved(d), lax.all_gather(t, name, axis=axis)) for d, t in v.term_items()]
+    return _graph.make_val(out, moved(v.deps), items)
 
 
 # -- Stochastic nodes --------------------------------------------------------------------
