@@ -18,6 +18,7 @@ Rules live in registries:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -150,7 +151,11 @@ def default_rule(eqn, invals: list[Val]) -> list[Val]:
         rule = term_rules.get(eqn.primitive.name)
         items = rule(eqn, invals, outs[0]) if rule is not None else None
         if items is not None:
+            note_fallbacks(eqn, [d for v in invals for d, _ in v.term_items()],
+                           [d for d, _ in items])
             return [_graph.make_val(outs[0], out_deps[0], items)]
+    if eqn.primitive.name not in STATIC_CALLS:
+        note_fallbacks(eqn, [d for v in invals for d, _ in v.term_items()], out_deps)
     return [Val(o, d) for o, d in zip(outs, out_deps)]
 
 
@@ -164,8 +169,37 @@ def output_deps(eqn, in_deps: list[Deps]) -> list[Deps]:
     in_shapes = [_aval_shape(v) for v in eqn.invars]
     if len(eqn.outvars) == 1:
         return [_deps.through(eqn, in_deps, in_shapes, _aval_shape(eqn.outvars[0]))]
-    coarse = _deps.join(d.coarsened() for d in in_deps)
-    return [coarse] * len(eqn.outvars)
+    return [_deps.join(d.coarsened() for d in in_deps)] * len(eqn.outvars)
+
+
+# Where alignment fell back to "every element", collected while `describe` runs:
+# (node id, node axis) -> [(primitive, source)].
+_FALLBACKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fallbacks", default=None)
+
+
+def note_fallbacks(eqn, in_deps: list[Deps], out_deps: list[Deps], what: str | None = None):
+    """Records, for `describe`, each node axis that an input is aligned with and no
+    output is (a plate or time order lost at this equation)."""
+    log = _FALLBACKS.get()
+    if log is None:
+        return
+
+    def aligned(deps_list):
+        out = set()
+        for d in deps_list:
+            for key, rel in d.items():
+                n_node = len(rel) - len(_deps.lane_names(key))
+                out.update((_deps.base_node(key), k) for k, e in enumerate(rel[:n_node])
+                           if isinstance(e, Axis))
+        return out
+
+    lost = aligned(in_deps) - aligned(out_deps)
+    if lost:
+        where = (what or eqn.primitive.name, _compat.source_info(eqn))
+        for node_axis in lost:
+            entries = log.setdefault(node_axis, [])
+            if where not in entries:
+                entries.append(where)
 
 
 def static_deps(jaxpr, const_deps: list[Deps], in_deps: list[Deps]) -> list[Deps]:
@@ -179,6 +213,8 @@ def static_deps(jaxpr, const_deps: list[Deps], in_deps: list[Deps]) -> list[Deps
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         outs = output_deps(eqn, ins) if any(ins) else [EMPTY] * len(eqn.outvars)
+        if any(ins) and eqn.primitive.name not in STATIC_CALLS:
+            note_fallbacks(eqn, ins, outs)
         for v, d in zip(eqn.outvars, outs):
             if not isinstance(v, _compat.DropVar):
                 env[v] = d
@@ -324,6 +360,8 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
         value = _sample.draw(key, leaves, spec=spec, sample_shape=params["sample_shape"],
                              n_batch=n_batch, reparameterized=True)
         deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
+        note_fallbacks(eqn, [v.deps for v in invals[:1 + n_leaves]], [deps],
+                       f"the parameters of {spec.name}")
         node = StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value), source, name)
         record = None
         if ctx.graph.record:
@@ -349,6 +387,8 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
             key, *map(jnp.asarray, leaves), spec=spec, sample_shape=params["sample_shape"],
             estimator="score", n_batch=n_batch, has_baseline=False, name=name))
     deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
+    note_fallbacks(eqn, [v.deps for v in invals[:1 + n_leaves]], [deps],
+                   f"the parameters of {spec.name}")
     log_prob = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
                                 score_log_prob=_logprob.score_log_prob)
     node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source, name)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _control_flow  # noqa: F401  (registers the higher-order rules)
-from . import _compat, _graph, _interpret, _keys, _lint
+from . import _compat, _deps, _graph, _interpret, _keys, _lint
 from ._graph import Graph, Val
 
 
@@ -384,14 +384,23 @@ def _jit_array_args(fn: Callable) -> Callable:
 
 
 def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
-    """A table of the sample sites of `f`: estimator, shape, and the cost terms each
-    score node weights. Traces `f` abstractly; nothing is computed.
+    """A table of the sample sites of `f`: estimator, shape, the cost terms each score
+    node weights, the node axes each stays aligned with (plates, time order), and where
+    alignment fell back to "every element". Traces `f` abstractly; nothing is computed.
+
+    The `aligned` column lists, for a score node, the axes of its log-probability along
+    which cost elements are weighted by their own elements only: `plate` (element `i`
+    with element `i`), `time ≤`/`time <` (causality in a scan, or a cumsum), `time ≥`/
+    `time >` (a reverse scan). `-` means every cost element depends on every element of
+    the node. Below the table, each node axis that is not aligned is traced to the
+    equations where alignment was lost (primitive and source line), and a cost that is
+    not split into terms says which operation stopped the split.
 
     Example:
       >>> print(scg.describe(f)(theta, key))
-      node   distribution     estimator  shape  weights            source
-      node0  BernoulliLogits  score      ()     1 of 1 cost terms  quickstart.py:20:8 (f)
-      node1  Normal           pathwise   ()     -                  quickstart.py:21:8 (f)
+      node   distribution     estimator  shape  weights            aligned  source
+      node0  BernoulliLogits  score      ()     1 of 1 cost terms  -        quickstart.py:20:8 (f)
+      node1  Normal           pathwise   ()     -                  -        quickstart.py:21:8 (f)
     """
 
     @functools.wraps(f)
@@ -401,26 +410,96 @@ def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
 
         def run(*dyn):
             a, kw = rebuild(dyn)
+            box["closed"] = _trace(f, a, kw, has_aux)[0]
             cost, _, graph = _evaluate(f, a, kw, has_aux)
             box["cost"], box["graph"] = cost, graph
             return cost.value
 
-        jax.eval_shape(run, *dyn_leaves)
+        token = _interpret._FALLBACKS.set({})
+        try:
+            jax.eval_shape(run, *dyn_leaves)
+            fallbacks = _interpret._FALLBACKS.get()
+        finally:
+            _interpret._FALLBACKS.reset(token)
         cost, graph = box["cost"], box["graph"]
         weights = _graph.node_weights(cost)
         names = _node_names(graph)
-        n_terms = len(cost.term_items())
-        rows = [("node", "distribution", "estimator", "shape", "weights", "source")]
+        items = cost.term_items()
+        n_terms = len(items)
+        aligned, dependent = _aligned_axes(items)
+        rows = [("node", "distribution", "estimator", "shape", "weights", "aligned", "source")]
+        notes = []
         for node in graph.nodes.values():
-            weighted = (f"{weights.get(node.id, 0)} of {n_terms} cost terms"
-                        if node.estimator == "score" else "-")
+            score = node.estimator == "score"
+            weighted = f"{weights.get(node.id, 0)} of {n_terms} cost terms" if score else "-"
+            kinds = aligned.get(node.id, {})
+            n_dep = dependent.get(node.id, 0)
+            cells = ", ".join(
+                f"{k}: {kind}" + (f" in {n} of {n_dep} terms" if n < n_dep else "")
+                for k, (kind, n) in sorted(kinds.items())) or "-"
             rows.append((names[node.id], node.distribution, node.estimator, str(node.shape),
-                         weighted, node.source))
+                         weighted, cells if score else "-", node.source))
+            if not score or not n_dep:
+                continue
+            for k in range(len(node.shape)):
+                if k in kinds and kinds[k][1] == n_dep:
+                    continue
+                where = fallbacks.get((node.id, k), [])
+                at = "; ".join(f"{p} ({src})" if src else p for p, src in where[:3]) \
+                    or "a loop carry, a branch or an enclosing transform"
+                some = f" in {n_dep - kinds[k][1]} of {n_dep} terms" if k in kinds else ""
+                notes.append(f"  {names[node.id]} axis {k}: every element{some}, from {at}")
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
-                         for r in rows)
+        out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        if notes:
+            out += ["", "alignment fell back to every element:"] + notes
+        if n_terms == 1 and items[0][0]:
+            stop = _cost_producer(box["closed"].jaxpr)
+            if stop:
+                out += ["", f"the cost is one term: it is not split at {stop}"]
+        return "\n".join(out)
 
     return wrapped
+
+
+_KIND_NAMES = {"eq": "plate", "le": "time ≤", "lt": "time <", "ge": "time ≥", "gt": "time >"}
+
+
+def _aligned_axes(items) -> tuple[dict, dict]:
+    """({node id: {node axis: (kind, number of terms aligned with it)}}, {node id:
+    number of cost terms that depend on it})."""
+    out: dict = {}
+    dependent: dict = {}
+    for deps, _ in items:
+        seen: dict = {}
+        for key, rel in deps.items():
+            node = _deps.base_node(key)
+            seen.setdefault(node, {})
+            n_node = len(rel) - len(_deps.lane_names(key))
+            for k, e in enumerate(rel[:n_node]):
+                if isinstance(e, _deps.Axis):
+                    seen[node].setdefault(k, set()).add(_KIND_NAMES.get(e.kind, e.kind))
+        for node, axes in seen.items():
+            dependent[node] = dependent.get(node, 0) + 1
+            kinds = out.setdefault(node, {})
+            for k, names in axes.items():
+                name = names.pop() if len(names) == 1 else "mixed"
+                old = kinds.get(k)
+                kinds[k] = (name if old is None or old[0] == name else "mixed",
+                            (old[1] if old else 0) + 1)
+    return out, dependent
+
+
+def _cost_producer(jaxpr) -> str:
+    """The operation that produced the returned cost, with its source line."""
+    out = jaxpr.outvars[0]
+    for eqn in reversed(jaxpr.eqns):
+        if out in eqn.outvars:
+            if eqn.primitive.name in _interpret.term_rules:
+                return ""  # a linear operation whose terms all have the same weight
+            src = _compat.source_info(eqn)
+            return f"{eqn.primitive.name} ({src})" if src else eqn.primitive.name
+    return ""
 
 
 @functools.partial(jax.tree_util.register_dataclass,
