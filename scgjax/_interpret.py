@@ -380,12 +380,15 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 f"{' (per iteration of its loop)' if ctx.loop_levels else ''}.")
         value = lax.stop_gradient(jnp.asarray(replayed).astype(eqn.outvars[0].aval.dtype))
     else:
-        # A score draw is bound as `sample_p` again (without its baseline, which belongs
-        # to this estimator): when this transform runs inside another scgjax transform,
-        # the outer one sees the draw as a node of its own graph (MAML, LOLA).
+        # A score draw is bound as `sample_p` again, with its baseline: when this
+        # transform runs inside another scgjax transform, the outer one sees the draw as
+        # a node of its own graph (MAML, LOLA), and `scg_grad(surrogate(f))` is
+        # `scg_grad(f)`.
+        extra = [] if baseline is None else [jnp.asarray(baseline.value)]
         value = lax.stop_gradient(_sample.sample_p.bind(
-            key, *map(jnp.asarray, leaves), spec=spec, sample_shape=params["sample_shape"],
-            estimator="score", n_batch=n_batch, has_baseline=False, name=name))
+            key, *map(jnp.asarray, leaves), *extra, spec=spec,
+            sample_shape=params["sample_shape"], estimator="score", n_batch=n_batch,
+            has_baseline=baseline is not None, name=name))
     deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
     note_fallbacks(eqn, [v.deps for v in invals[:1 + n_leaves]], [deps],
                    f"the parameters of {spec.name}")
