@@ -163,13 +163,18 @@ def magic_box(tau: jax.Array) -> jax.Array:
     estimate is differentiated as the function of θ and the draws that it is, while the
     outer graph adds the inner draws' own score terms (MAML, LOLA written naturally).
     Under plain JAX transforms (`jax.hessian(scg.surrogate(f))`, `jax.jacfwd` of
-    `scg_grad`) it differentiates like `exp(τ − ⊥τ)`, at every order.
+    `scg_grad`) it differentiates like `exp(τ − ⊥τ)`, at every order. Its value is 1
+    without reading τ, so the forward pass of a surrogate computes no log-probability.
     """
     return magic_box_p.bind(tau)
 
 
 def _magic_box_value(tau):
-    return jnp.exp(tau - tau)  # 1, and NaN where τ is not finite, as exp(τ − ⊥τ) is
+    # 1 without reading τ: the forward pass computes no log-probability for a score
+    # term (XLA drops it), only the backward pass its derivative. exp(τ − ⊥τ) would be
+    # NaN where τ = −∞ (a replayed draw of probability 0, weighed by p = 0 in an
+    # exact expectation).
+    return jnp.ones(jnp.shape(tau), jnp.result_type(tau))
 
 
 def _magic_box_jvp(primals, tangents):

@@ -11,9 +11,10 @@ behaviours break that:
 * `d.mask(m)` draws from its base distribution but its `log_prob` is 0 where `m` is
   False, which would drop the score term of a masked-out draw that reaches the cost.
 
-A guard keeps numpyro's own *value* (so XLA can share it with a cost that computes the
-same log-probability, as an ELBO does) and takes every derivative from a smooth,
-branch-free-at-the-kink formula: `⊥(numpyro) + (smooth − ⊥(smooth))`. It does not use a
+A guard keeps numpyro's own *value* (what `scgjax.trace` reports) and takes every
+derivative from a smooth formula with no kink at 0: `⊥(numpyro) + (smooth − ⊥(smooth))`.
+(In a surrogate the value is never computed: the magic box is 1 without reading its
+argument, so XLA keeps only the derivative, in the backward pass.) It does not use a
 `jax.custom_jvp`: JAX's partial evaluation of a `scan` body can replace a custom-JVP
 function by its primal implementation, so forward-over-reverse derivatives inside a loop
 (`jax.hessian` of a surrogate with a `scan`) would differentiate numpyro's kinks again.
