@@ -1,11 +1,44 @@
 """Trace-time checks for programs that scgjax cannot estimate as written.
 
-(Skeleton: filled in by the lost-gradient / moving-support work of issue 6.)
+One forward dataflow pass over the traced program (`check_program`), before the
+interpreter runs, with a small state per variable:
+
+* `prng`: derived from PRNG bits (`random_bits`, `random_gamma`, ...: a draw that bypasses
+  `scg.sample`; the outputs of `scg_sample` are not PRNG bits);
+* `diff`: has a differentiable path from a differentiated input. Operations without a
+  derivative (comparisons, integer or boolean outputs, casts to them, floor/ceil/round/sign)
+  drop it, and so do `stop_gradient` and score-function `scg_sample` outputs (their
+  parameters' gradient is the score term's); pathwise draws and primitives with JVP rules
+  (e.g. `random_gamma`) keep it;
+* `lost`: the sites whose gradient is lost, carried forward to whatever the value reaches;
+* `guard`: the same for a comparison of one PRNG-and-differentiable value with a constant,
+  whose result is only a predicate so far: in `jnp.where(x > 0, x, a * x)` (ELU, leaky
+  ReLU, Huber, clipping written with `where`) the cases are functions of `x` and the
+  branches usually meet at the threshold, so the predicate loses nothing; used as a
+  number, in a `cond`, or to select constants, it becomes `lost`.
+
+A site is an operation without a derivative whose inputs carry both PRNG bits and a
+differentiable path: the draw's distribution depends on the differentiated inputs, and
+its gradient is lost (`jax.random.bernoulli(k, p(θ))` is `uniform(k) < p(θ)`;
+`jax.random.categorical` is an `argmax`). `LostGradientWarning` is raised when a site
+reaches the cost (output 0), and when the cost depends on PRNG bits in a program without
+a single `scg.sample`. A score-function `scg.sample` whose support moves with the
+differentiated parameters (`Uniform(low, high)`) is refused with a `ValueError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
+import sysconfig
+import warnings
 from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from . import _compat, _sample
 
 
 class LostGradientWarning(UserWarning):
@@ -14,11 +47,465 @@ class LostGradientWarning(UserWarning):
 
 
 def differentiated_inputs(leaves: Sequence[Any]) -> list[bool]:
-    """For each traced input leaf, whether it is being differentiated."""
-    return [False] * len(leaves)
+    """For each traced input leaf, whether it is being differentiated (a floating-point
+    value traced by `jax.grad`, `jax.jvp`, `jax.jacfwd`, `jax.hessian`, ..., seen through
+    `vmap` and `jit`)."""
+    return [_is_inexact(x) and _compat.is_differentiated(x) for x in leaves]
 
+
+# -- The per-variable state ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """An operation where a draw's gradient is lost: where, and what it is."""
+
+    source: str
+    what: str
+
+
+EMPTY: frozenset = frozenset()
+# (prng, diff, lost, guard)
+State = tuple
+CLEAN: State = (False, False, EMPTY, EMPTY)
+
+# Primitives whose outputs are PRNG bits (or draws made from them).
+PRNG_SOURCES = frozenset({"random_bits", "random_gamma", "threefry2x32", "rng_bit_generator",
+                          "rng_uniform"})
+# Floating-point outputs whose derivative is zero.
+ZERO_DERIVATIVE = frozenset({"floor", "ceil", "round", "sign", "nextafter"})
+COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+# Boolean outputs that are a.s. constant for finite values: numerical guards.
+NEVER_SITES = frozenset({"is_finite"})
+# Operations that keep a predicate a predicate (a `guard`), on boolean outputs.
+PREDICATE_OPS = frozenset({"not", "and", "or", "xor", "broadcast_in_dim", "reshape", "squeeze",
+                           "expand_dims", "transpose", "copy", "copy_p", "convert_element_type",
+                           "reduce_or", "reduce_and", "slice", "dynamic_slice", "concatenate",
+                           "rev", "select_n"})
+# Call-like primitives: the param holding the sub-jaxpr, whose inputs are the equation's.
+CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+         "remat2": "jaxpr", "checkpoint": "jaxpr", "shard_map": "jaxpr"}
+# Custom derivative rules: their derivative is the user's, so nothing inside is a site
+# and every floating-point output is differentiable in every input (conservative).
+CUSTOM_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+                "custom_vjp_call_jaxpr": "fun_jaxpr"}
+
+
+def _join(states) -> State:
+    prng = diff = False
+    lost, guard = set(), set()
+    for p, d, l, g in states:
+        prng, diff = prng or p, diff or d
+        lost |= l
+        guard |= g
+    return (prng, diff, frozenset(lost) if lost else EMPTY, frozenset(guard) if guard else EMPTY)
+
+
+def _is_inexact(x) -> bool:
+    try:
+        return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+    except Exception:
+        return False
+
+
+def _aval_inexact(v) -> bool:
+    dtype = getattr(getattr(v, "aval", None), "dtype", None)
+    try:
+        return dtype is not None and bool(jnp.issubdtype(dtype, jnp.inexact))
+    except Exception:
+        return False
+
+
+def _aval_bool(v) -> bool:
+    dtype = getattr(getattr(v, "aval", None), "dtype", None)
+    return dtype is not None and dtype == jnp.bool_
+
+
+# -- Where a site is -----------------------------------------------------------------------
+
+_LIBRARY_DIRS = tuple(os.path.normcase(os.path.realpath(p)) + os.sep for p in {
+    sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib", "platstdlib")} if p)
+
+
+def _in_library(filename: str) -> bool:
+    path = os.path.normcase(os.path.realpath(filename))
+    return path.startswith(_LIBRARY_DIRS) or f"{os.sep}site-packages{os.sep}" in path \
+        or f"{os.sep}dist-packages{os.sep}" in path
+
+
+def _describe_frames(frames) -> str:
+    """The innermost user frame, and the innermost outside installed libraries when that
+    differs (numpyro's `Distribution.sample`, called from the user's model)."""
+    if not frames:
+        return "<unknown location>"
+    inner = frames[0][1]
+    for file_name, text in frames:
+        if not _in_library(file_name):
+            return inner if text == inner else f"{text}, inside {_short(frames[0])}"
+    return inner
+
+
+def _short(frame) -> str:
+    """A library frame with its path from the packages folder (numpyro/distributions/...)."""
+    file_name, text = frame
+    for marker in ("site-packages", "dist-packages"):
+        _, found, rest = file_name.rpartition(os.sep + marker + os.sep)
+        if found:
+            return text.replace(file_name, rest, 1)
+    return text
+
+
+def _what(eqn, out) -> str:
+    name = eqn.primitive.name
+    if name in COMPARISONS:
+        return f"a comparison ({name})"
+    if name in ZERO_DERIVATIVE:
+        return f"{name}, whose derivative is zero"
+    if name == "convert_element_type":
+        return f"a cast to {out.aval.dtype}"
+    dtype = getattr(out.aval, "dtype", None)
+    return f"{name}, whose output is {dtype}" if dtype is not None else name
+
+
+# -- The pass ------------------------------------------------------------------------------
+
+class _Pass:
+    def __init__(self):
+        self.memo: dict = {}
+        self.keep: list = []  # keeps the memo's jaxprs alive (keyed by id)
+        self.has_sample = False
+
+    # A jaxpr, on the states of its consts and inputs; `frames` are the source frames of
+    # the nearest enclosing equation that has them, `opaque` marks a custom-derivative
+    # region (no sites).
+    def jaxpr(self, jaxpr, const_states, in_states, frames, opaque) -> list[State]:
+        key = (id(jaxpr), tuple(const_states), tuple(in_states), frames, opaque)
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        env: dict = {}
+        env.update(zip(jaxpr.constvars, const_states))
+        env.update(zip(jaxpr.invars, in_states))
+
+        def read(v) -> State:
+            if isinstance(v, _compat.Literal):
+                return CLEAN
+            return env.get(v, CLEAN)
+
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            outs = self.equation(eqn, ins, frames, opaque)
+            for v, s in zip(eqn.outvars, outs):
+                if not isinstance(v, _compat.DropVar):
+                    env[v] = s
+        result = [read(v) for v in jaxpr.outvars]
+        self.memo[key] = result
+        self.keep.append(jaxpr)
+        return result
+
+    def closed(self, j, in_states, frames, opaque) -> list[State]:
+        jaxpr, consts = _compat.open_jaxpr(j)
+        return self.jaxpr(jaxpr, [CLEAN] * len(consts), in_states, frames, opaque)
+
+    def equation(self, eqn, ins: list[State], frames, opaque) -> list[State]:
+        prim = eqn.primitive
+        name = prim.name
+        if prim is _sample.sample_p:
+            return [self.sample(eqn, ins, _frames(eqn, frames))]
+        if not any(s != CLEAN for s in ins) and name not in PRNG_SOURCES \
+                and not _has_subjaxprs(eqn):
+            return [CLEAN] * len(eqn.outvars)
+        if name in ("stop_gradient", "select_n") or not _has_subjaxprs(eqn):
+            here = frames  # read lazily, only where a site is found
+        else:
+            here = _frames(eqn, frames)
+        if name in CALLS and CALLS[name] in eqn.params:
+            j = eqn.params[CALLS[name]]
+            if len(_compat.open_jaxpr(j)[0].invars) == len(ins):
+                return self.closed(j, ins, here, opaque)
+        if name in CUSTOM_CALLS and CUSTOM_CALLS[name] in eqn.params:
+            j = eqn.params[CUSTOM_CALLS[name]]
+            if len(_compat.open_jaxpr(j)[0].invars) == len(ins):
+                outs = self.closed(j, ins, here, True)
+                diff = any(s[1] for s in ins)
+                return [(p, diff and _aval_inexact(v), l, g)
+                        for (p, _, l, g), v in zip(outs, eqn.outvars)]
+        if name == "scan":
+            return self.scan(eqn, ins, here, opaque)
+        if name == "while":
+            return self.while_loop(eqn, ins, here, opaque)
+        if name == "cond":
+            return self.cond(eqn, ins, here, opaque)
+        if _has_subjaxprs(eqn):
+            return self.unknown_higher_order(eqn, ins, here, opaque)
+        if name == "stop_gradient":
+            return [(s[0], False, EMPTY, EMPTY) for s in ins[:1]] * len(eqn.outvars)
+        if name == "select_n":
+            return [self.select(eqn, ins)]
+        return self.first_order(eqn, ins, here, opaque)
+
+    def first_order(self, eqn, ins, frames, opaque) -> list[State]:
+        name = eqn.primitive.name
+        prng = any(s[0] for s in ins) or name in PRNG_SOURCES
+        diff = any(s[1] for s in ins)
+        lost = frozenset().union(*(s[2] for s in ins))
+        guard = frozenset().union(*(s[3] for s in ins))
+        outs = []
+        for v in eqn.outvars:
+            inexact = _aval_inexact(v)
+            no_derivative = not inexact or name in ZERO_DERIVATIVE
+            out_lost, out_guard = lost, EMPTY
+            if name in PREDICATE_OPS and _aval_bool(v):
+                out_guard = guard
+            else:
+                out_lost = lost | guard
+            if no_derivative and diff and prng and not opaque and name not in NEVER_SITES \
+                    and not (name in COMPARISONS and eqn.invars[0] is eqn.invars[-1]):
+                site = frozenset({Site(_describe_frames(_frames(eqn, frames)), _what(eqn, v))})
+                if name in COMPARISONS and _is_threshold(ins):
+                    out_guard = out_guard | site
+                else:
+                    out_lost = out_lost | site
+            outs.append((prng, diff and not no_derivative, out_lost, out_guard))
+        return outs
+
+    def select(self, eqn, ins) -> State:
+        pred, cases = ins[0], ins[1:]
+        prng = any(s[0] for s in ins)
+        diff = any(s[1] for s in cases) and _aval_inexact(eqn.outvars[0])
+        lost = frozenset(pred[2]).union(*(s[2] for s in cases))
+        case_guard = frozenset().union(*(s[3] for s in cases))
+        out_guard = EMPTY
+        if _aval_bool(eqn.outvars[0]):
+            out_guard = case_guard
+        else:
+            lost = lost | case_guard
+        # A piecewise definition: the cases are functions of the compared value (they carry
+        # PRNG bits and a differentiable path) or constants.
+        piecewise = any(s[0] and s[1] for s in cases) and \
+            all((s[0] and s[1]) or (not s[0] and not s[1]) for s in cases)
+        if not piecewise:
+            lost = lost | pred[3]
+        return (prng, diff, lost, out_guard)
+
+    def sample(self, eqn, ins, frames) -> State:
+        self.has_sample = True
+        params = eqn.params
+        spec = params["spec"]
+        n_leaves = spec.treedef.num_leaves
+        key, leaves = ins[0], ins[1:1 + n_leaves]
+        if params["estimator"] == "score" and any(s[1] for s in leaves):
+            _check_support(eqn, [s[1] for s in leaves], frames)
+        parents = [key, *leaves]
+        lost = frozenset().union(*(s[2] | s[3] for s in parents))
+        diff = params["estimator"] == "pathwise" and any(s[1] for s in leaves) \
+            and _aval_inexact(eqn.outvars[0])
+        return (False, diff, lost, EMPTY)
+
+    def scan(self, eqn, ins, frames, opaque) -> list[State]:
+        num_consts, num_carry = _compat.scan_layout(eqn.params)
+        consts, init, xs = ins[:num_consts], ins[num_consts:num_consts + num_carry], \
+            ins[num_consts + num_carry:]
+        carry = list(init)
+        while True:
+            outs = self.closed(eqn.params["jaxpr"], consts + carry + xs, frames, opaque)
+            grown = [_join([c, o]) for c, o in zip(carry, outs[:num_carry])]
+            if grown == carry:
+                return carry + outs[num_carry:]
+            carry = grown
+
+    def while_loop(self, eqn, ins, frames, opaque) -> list[State]:
+        p = eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], list(ins[cn + bn:])
+        while True:
+            (pred,) = self.closed(p["cond_jaxpr"], cconsts + carry, frames, opaque)
+            # How many iterations run depends on the predicate.
+            trip = (pred[0], False, pred[2] | pred[3], EMPTY)
+            outs = self.closed(p["body_jaxpr"], bconsts + carry, frames, opaque)
+            grown = [_join([c, o, trip]) for c, o in zip(carry, outs)]
+            if grown == carry:
+                return carry
+            carry = grown
+
+    def cond(self, eqn, ins, frames, opaque) -> list[State]:
+        index, ops = ins[0], ins[1:]
+        branches = [self.closed(b, ops, frames, opaque) for b in eqn.params["branches"]]
+        which = (index[0], False, index[2] | index[3], EMPTY)
+        return [_join([*outs, which]) for outs in zip(*branches)]
+
+    def unknown_higher_order(self, eqn, ins, frames, opaque) -> list[State]:
+        """A higher-order primitive without a rule: every output depends on every input,
+        and on what each sub-jaxpr makes of all of them."""
+        joined = _join(ins) if ins else CLEAN
+        results = [joined]
+        for j in _compat.iter_subjaxprs(eqn.params):
+            results.extend(self.jaxpr(j, [CLEAN] * len(j.constvars), [joined] * len(j.invars),
+                                      frames, opaque))
+        p, d, l, g = _join(results)
+        return [(p, d and _aval_inexact(v), l | g, EMPTY) for v in eqn.outvars]
+
+
+def _is_threshold(ins) -> bool:
+    """A comparison of one PRNG-and-differentiable value with a clean one (a constant,
+    or an input that is not differentiated)."""
+    if len(ins) != 2:
+        return False
+    a, b = ins
+    return (a[0] and a[1] and b == CLEAN) or (b[0] and b[1] and a == CLEAN)
+
+
+def _frames(eqn, enclosing) -> tuple:
+    """The source frames of `eqn`, else those of the nearest enclosing equation (inner
+    equations of a cached `jit` have none)."""
+    return tuple(_compat.source_frames(eqn)) or enclosing
+
+
+def _has_subjaxprs(eqn) -> bool:
+    return any(True for _ in _compat.iter_subjaxprs(eqn.params))
+
+
+# -- Supports that move with the parameters ------------------------------------------------
+
+_support_cache: dict = {}
+
+
+def _support_of(spec, avals):
+    """Which leaves of the distribution its support's bounds depend on, the support's
+    name and whether the distribution is reparameterizable; None when unknown."""
+    key = (spec, avals)
+    try:
+        if key in _support_cache:
+            return _support_cache[key]
+    except TypeError:
+        key = None
+    box: dict = {}
+
+    def bounds(*leaves):
+        d = spec.unflatten(leaves)
+        support = d.support
+        box["name"] = _constraint_name(support)
+        box["rsample"] = bool(d.has_rsample)
+        return [jnp.asarray(x) for x in jax.tree_util.tree_leaves(support)
+                if isinstance(x, (jax.Array, _compat.Tracer))]
+
+    try:
+        closed = jax.make_jaxpr(bounds)(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
+    except Exception:  # a support numpyro cannot give (`dependent`), or an odd class
+        result = None
+    else:
+        result = (_reaching_inputs(closed.jaxpr), box["name"], box["rsample"])
+    if key is not None:
+        _support_cache[key] = result
+    return result
+
+
+def _constraint_name(c) -> str:
+    while hasattr(c, "base_constraint"):  # independent(...)
+        c = c.base_constraint
+    return type(c).__name__.lstrip("_")
+
+
+def _reaching_inputs(jaxpr) -> frozenset:
+    """The indices of the inputs that the outputs depend on."""
+    env = {v: frozenset({i}) for i, v in enumerate(jaxpr.invars)}
+
+    def read(v):
+        return EMPTY if isinstance(v, _compat.Literal) else env.get(v, EMPTY)
+
+    for eqn in jaxpr.eqns:
+        deps = frozenset().union(*(read(v) for v in eqn.invars))
+        for v in eqn.outvars:
+            env[v] = deps
+    return frozenset().union(*(read(v) for v in jaxpr.outvars))
+
+
+def _check_support(eqn, leaf_diff, frames) -> None:
+    params = eqn.params
+    spec, n_batch = params["spec"], params["n_batch"]
+    n_leaves = spec.treedef.num_leaves
+    avals = tuple((tuple(v.aval.shape[n_batch:]), v.aval.dtype)
+                  for v in eqn.invars[1:1 + n_leaves])
+    found = _support_of(spec, avals)
+    if found is None:
+        return
+    depends, support_name, rsample = found
+    if not any(leaf_diff[i] for i in depends):
+        return
+    fix = ("Use estimator='pathwise' (or 'auto'): " + spec.name + " is reparameterizable, "
+           "and the pathwise derivative accounts for the moving support."
+           if rsample else
+           "It has no reparameterized sampler: hold the support's bounds fixed (e.g. with "
+           "jax.lax.stop_gradient) or reparameterize the draw by hand.")
+    raise ValueError(
+        f"scgjax.sample: estimator='score' on {spec.name} at {_describe_frames(frames)}, "
+        f"whose support ({support_name}) depends on parameters that are being "
+        "differentiated. The score-function estimator assumes a support that does not "
+        "move, and misses the boundary term: its gradient would be biased. " + fix)
+
+
+# -- The check ------------------------------------------------------------------------------
 
 def check_program(closed_jaxpr: Any, differentiated: Sequence[bool]) -> None:
     """Warns (`LostGradientWarning`) or raises for a program whose gradient scgjax
-    cannot estimate as written."""
-    del closed_jaxpr, differentiated
+    cannot estimate as written. `differentiated` has one flag per jaxpr input."""
+    jaxpr = closed_jaxpr.jaxpr
+    const_diff = differentiated_inputs(list(closed_jaxpr.consts))
+    if not any(differentiated) and not any(const_diff):
+        return  # nothing is differentiated: no gradient to lose
+    in_states = [(False, bool(d) and _aval_inexact(v), EMPTY, EMPTY)
+                 for v, d in zip(jaxpr.invars, differentiated)]
+    const_states = [(False, d, EMPTY, EMPTY) for d in const_diff]
+    run = _Pass()
+    outs = run.jaxpr(jaxpr, const_states, in_states, (), False)
+    if not outs:
+        return
+    prng, _, lost, guard = outs[0]
+    sites = sorted(lost | guard, key=lambda s: (s.source, s.what))
+    no_sample = prng and not run.has_sample
+    if sites or no_sample:
+        warnings.warn(_message(sites, no_sample), LostGradientWarning,
+                      stacklevel=_user_stacklevel())
+
+
+def _message(sites, no_sample: bool) -> str:
+    lines = []
+    if sites:
+        lines.append(
+            f"scgjax: the cost depends on {'a random draw' if len(sites) == 1 else 'random draws'} "
+            "made without scg.sample whose distribution depends on the differentiated inputs; "
+            "the gradient through "
+            f"{'it' if len(sites) == 1 else 'them'} is lost (estimated as 0), at:")
+        lines.extend(f"  {s.source}: {s.what}" for s in sites)
+        lines.append(
+            "Draw it with scg.sample(key, d) and a numpyro distribution (e.g. "
+            "dist.Bernoulli(probs=p) for jax.random.bernoulli(key, p), dist.Categorical("
+            "logits=l) for jax.random.categorical(key, l), scg.sample(key, d) for d.sample(key) "
+            "or numpyro.sample), so that its score-function term is added. If the "
+            "discontinuity is intended (e.g. a straight-through estimator), put the "
+            "non-differentiable part under jax.lax.stop_gradient.")
+    if no_sample:
+        lines.append(
+            "scgjax: the cost depends on jax.random draws, but the program has no "
+            "scg.sample: scgjax sees no stochastic node, and its gradient is plain jax.grad's, "
+            "right only for draws reparameterized by hand (e.g. loc + scale * "
+            "jax.random.normal(key)). Draw the random variables with scg.sample.")
+    return "\n".join(lines)
+
+
+_OWN_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax,))
+
+
+def _user_stacklevel() -> int:
+    """The stack level of the first frame outside scgjax and JAX: the user's call."""
+    skip = (os.path.dirname(os.path.abspath(__file__)) + os.sep, *_OWN_DIRS)
+    try:
+        import jaxlib
+        skip = skip + (os.path.dirname(jaxlib.__file__) + os.sep,)
+    except Exception:  # pragma: no cover
+        pass
+    frame = sys._getframe(1)  # _user_stacklevel's caller is level 1 for warnings.warn
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame = frame.f_back
+        level += 1
+    return level
