@@ -33,7 +33,7 @@ import os
 import sys
 import sysconfig
 import warnings
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +64,17 @@ class Site:
 
 
 EMPTY: frozenset = frozenset()
-# (prng, diff, lost, guard)
-State = tuple
-CLEAN: State = (False, False, EMPTY, EMPTY)
+
+
+class State(NamedTuple):
+    prng: bool = False          # derived from PRNG bits
+    diff: bool = False          # a differentiable path from a differentiated input
+    lost: frozenset = EMPTY     # sites whose lost gradient this value carries
+    guard: frozenset = EMPTY    # sites of a threshold predicate (lost unless a piecewise select)
+    const: bool | None = None   # a predicate that is almost surely True/False (isfinite, isnan)
+
+
+CLEAN = State()
 
 # Primitives whose outputs are PRNG bits (or draws made from them).
 PRNG_SOURCES = frozenset({"random_bits", "random_gamma", "threefry2x32", "rng_bit_generator",
@@ -74,13 +82,11 @@ PRNG_SOURCES = frozenset({"random_bits", "random_gamma", "threefry2x32", "rng_bi
 # Floating-point outputs whose derivative is zero.
 ZERO_DERIVATIVE = frozenset({"floor", "ceil", "round", "sign", "nextafter"})
 COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
-# Boolean outputs that are a.s. constant for finite values: numerical guards.
-NEVER_SITES = frozenset({"is_finite"})
-# Operations that keep a predicate a predicate (a `guard`), on boolean outputs.
+# Operations that keep a predicate a predicate (a `guard`, an a.s. constant), on booleans.
 PREDICATE_OPS = frozenset({"not", "and", "or", "xor", "broadcast_in_dim", "reshape", "squeeze",
                            "expand_dims", "transpose", "copy", "copy_p", "convert_element_type",
                            "reduce_or", "reduce_and", "slice", "dynamic_slice", "concatenate",
-                           "rev", "select_n"})
+                           "rev"})
 # Call-like primitives: the param holding the sub-jaxpr, whose inputs are the equation's.
 CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
          "remat2": "jaxpr", "checkpoint": "jaxpr", "shard_map": "jaxpr"}
@@ -90,14 +96,18 @@ CUSTOM_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"
                 "custom_vjp_call_jaxpr": "fun_jaxpr"}
 
 
+def _union(sets) -> frozenset:
+    out = EMPTY
+    for s in sets:
+        if s:
+            out = out | s
+    return out
+
+
 def _join(states) -> State:
-    prng = diff = False
-    lost, guard = set(), set()
-    for p, d, l, g in states:
-        prng, diff = prng or p, diff or d
-        lost |= l
-        guard |= g
-    return (prng, diff, frozenset(lost) if lost else EMPTY, frozenset(guard) if guard else EMPTY)
+    states = list(states)
+    return State(any(s.prng for s in states), any(s.diff for s in states),
+                 _union(s.lost for s in states), _union(s.guard for s in states))
 
 
 def _is_inexact(x) -> bool:
@@ -157,13 +167,13 @@ def _short(frame) -> str:
 def _what(eqn, out) -> str:
     name = eqn.primitive.name
     if name in COMPARISONS:
-        return f"a comparison ({name})"
+        return f"comparison {name}"
     if name in ZERO_DERIVATIVE:
-        return f"{name}, whose derivative is zero"
+        return f"{name} (zero derivative)"
     if name == "convert_element_type":
-        return f"a cast to {out.aval.dtype}"
+        return f"cast to {out.aval.dtype}"
     dtype = getattr(out.aval, "dtype", None)
-    return f"{name}, whose output is {dtype}" if dtype is not None else name
+    return f"{name} ({dtype} output)" if dtype is not None else name
 
 
 # -- The pass ------------------------------------------------------------------------------
@@ -211,13 +221,21 @@ class _Pass:
         name = prim.name
         if prim is _sample.sample_p:
             return [self.sample(eqn, ins, _frames(eqn, frames))]
-        if not any(s != CLEAN for s in ins) and name not in PRNG_SOURCES \
-                and not _has_subjaxprs(eqn):
-            return [CLEAN] * len(eqn.outvars)
-        if name in ("stop_gradient", "select_n") or not _has_subjaxprs(eqn):
-            here = frames  # read lazily, only where a site is found
-        else:
-            here = _frames(eqn, frames)
+        subjaxprs = _has_subjaxprs(eqn)
+        if not subjaxprs:
+            if name in COMPARISONS or name == "is_finite":
+                const = _constant_predicate(eqn)
+                if const is not None:  # isfinite, isnan, x == inf: no site
+                    return [State(any(s.prng for s in ins), False,
+                                  _union(s.lost | s.guard for s in ins), EMPTY, const)]
+            if all(s == CLEAN for s in ins) and name not in PRNG_SOURCES:
+                return [CLEAN] * len(eqn.outvars)
+            if name == "stop_gradient":  # the user's declaration: no gradient wanted here
+                return [State(prng=ins[0].prng)] * len(eqn.outvars)
+            if name == "select_n":
+                return [self.select(eqn, ins)]
+            return self.first_order(eqn, ins, frames, opaque)
+        here = _frames(eqn, frames)
         if name in CALLS and CALLS[name] in eqn.params:
             j = eqn.params[CALLS[name]]
             if len(_compat.open_jaxpr(j)[0].invars) == len(ins):
@@ -226,54 +244,52 @@ class _Pass:
             j = eqn.params[CUSTOM_CALLS[name]]
             if len(_compat.open_jaxpr(j)[0].invars) == len(ins):
                 outs = self.closed(j, ins, here, True)
-                diff = any(s[1] for s in ins)
-                return [(p, diff and _aval_inexact(v), l, g)
-                        for (p, _, l, g), v in zip(outs, eqn.outvars)]
+                diff = any(s.diff for s in ins)
+                return [s._replace(diff=diff and _aval_inexact(v))
+                        for s, v in zip(outs, eqn.outvars)]
         if name == "scan":
             return self.scan(eqn, ins, here, opaque)
         if name == "while":
             return self.while_loop(eqn, ins, here, opaque)
         if name == "cond":
             return self.cond(eqn, ins, here, opaque)
-        if _has_subjaxprs(eqn):
-            return self.unknown_higher_order(eqn, ins, here, opaque)
-        if name == "stop_gradient":
-            return [(s[0], False, EMPTY, EMPTY) for s in ins[:1]] * len(eqn.outvars)
-        if name == "select_n":
-            return [self.select(eqn, ins)]
-        return self.first_order(eqn, ins, here, opaque)
+        return self.unknown_higher_order(eqn, ins, here, opaque)
 
     def first_order(self, eqn, ins, frames, opaque) -> list[State]:
         name = eqn.primitive.name
-        prng = any(s[0] for s in ins) or name in PRNG_SOURCES
-        diff = any(s[1] for s in ins)
-        lost = frozenset().union(*(s[2] for s in ins))
-        guard = frozenset().union(*(s[3] for s in ins))
+        prng = any(s.prng for s in ins) or name in PRNG_SOURCES
+        diff = any(s.diff for s in ins)
+        lost = _union(s.lost for s in ins)
+        guard = _union(s.guard for s in ins)
         outs = []
         for v in eqn.outvars:
             inexact = _aval_inexact(v)
             no_derivative = not inexact or name in ZERO_DERIVATIVE
-            out_lost, out_guard = lost, EMPTY
-            if name in PREDICATE_OPS and _aval_bool(v):
-                out_guard = guard
-            else:
-                out_lost = lost | guard
-            if no_derivative and diff and prng and not opaque and name not in NEVER_SITES \
-                    and not (name in COMPARISONS and eqn.invars[0] is eqn.invars[-1]):
+            predicate = name in PREDICATE_OPS and _aval_bool(v)
+            out_lost, out_guard = (lost, guard) if predicate else (lost | guard, EMPTY)
+            if no_derivative and diff and prng and not opaque:
                 site = frozenset({Site(_describe_frames(_frames(eqn, frames)), _what(eqn, v))})
                 if name in COMPARISONS and _is_threshold(ins):
                     out_guard = out_guard | site
                 else:
                     out_lost = out_lost | site
-            outs.append((prng, diff and not no_derivative, out_lost, out_guard))
+            const = _combine_constants(name, ins) if predicate else None
+            outs.append(State(prng, diff and not no_derivative, out_lost, out_guard, const))
         return outs
 
     def select(self, eqn, ins) -> State:
         pred, cases = ins[0], ins[1:]
-        prng = any(s[0] for s in ins)
-        diff = any(s[1] for s in cases) and _aval_inexact(eqn.outvars[0])
-        lost = frozenset(pred[2]).union(*(s[2] for s in cases))
-        case_guard = frozenset().union(*(s[3] for s in cases))
+        if pred.const is not None and len(cases) == 2:
+            # A numerical guard (`where(isfinite(x), f(x), fallback)`): the other case is
+            # almost surely never taken; its labels do not reach the output.
+            taken = cases[int(pred.const)]
+            labels = [taken]
+        else:
+            labels = list(cases)
+        prng = any(s.prng for s in ins)
+        diff = any(s.diff for s in cases) and _aval_inexact(eqn.outvars[0])
+        lost = pred.lost | _union(s.lost for s in labels)
+        case_guard = _union(s.guard for s in labels)
         out_guard = EMPTY
         if _aval_bool(eqn.outvars[0]):
             out_guard = case_guard
@@ -281,11 +297,11 @@ class _Pass:
             lost = lost | case_guard
         # A piecewise definition: the cases are functions of the compared value (they carry
         # PRNG bits and a differentiable path) or constants.
-        piecewise = any(s[0] and s[1] for s in cases) and \
-            all((s[0] and s[1]) or (not s[0] and not s[1]) for s in cases)
+        piecewise = any(s.prng and s.diff for s in cases) and \
+            all(s.prng == s.diff for s in cases)
         if not piecewise:
-            lost = lost | pred[3]
-        return (prng, diff, lost, out_guard)
+            lost = lost | pred.guard
+        return State(prng, diff, lost, out_guard)
 
     def sample(self, eqn, ins, frames) -> State:
         self.has_sample = True
@@ -293,13 +309,12 @@ class _Pass:
         spec = params["spec"]
         n_leaves = spec.treedef.num_leaves
         key, leaves = ins[0], ins[1:1 + n_leaves]
-        if params["estimator"] == "score" and any(s[1] for s in leaves):
-            _check_support(eqn, [s[1] for s in leaves], frames)
-        parents = [key, *leaves]
-        lost = frozenset().union(*(s[2] | s[3] for s in parents))
-        diff = params["estimator"] == "pathwise" and any(s[1] for s in leaves) \
+        if params["estimator"] == "score" and any(s.diff for s in leaves):
+            _check_support(eqn, [s.diff for s in leaves], frames)
+        lost = _union(s.lost | s.guard for s in (key, *leaves))
+        diff = params["estimator"] == "pathwise" and any(s.diff for s in leaves) \
             and _aval_inexact(eqn.outvars[0])
-        return (False, diff, lost, EMPTY)
+        return State(False, diff, lost)
 
     def scan(self, eqn, ins, frames, opaque) -> list[State]:
         num_consts, num_carry = _compat.scan_layout(eqn.params)
@@ -316,11 +331,11 @@ class _Pass:
     def while_loop(self, eqn, ins, frames, opaque) -> list[State]:
         p = eqn.params
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], list(ins[cn + bn:])
+        cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], [_join([s]) for s in ins[cn + bn:]]
         while True:
             (pred,) = self.closed(p["cond_jaxpr"], cconsts + carry, frames, opaque)
             # How many iterations run depends on the predicate.
-            trip = (pred[0], False, pred[2] | pred[3], EMPTY)
+            trip = State(pred.prng, False, pred.lost | pred.guard)
             outs = self.closed(p["body_jaxpr"], bconsts + carry, frames, opaque)
             grown = [_join([c, o, trip]) for c, o in zip(carry, outs)]
             if grown == carry:
@@ -330,19 +345,19 @@ class _Pass:
     def cond(self, eqn, ins, frames, opaque) -> list[State]:
         index, ops = ins[0], ins[1:]
         branches = [self.closed(b, ops, frames, opaque) for b in eqn.params["branches"]]
-        which = (index[0], False, index[2] | index[3], EMPTY)
+        which = State(index.prng, False, index.lost | index.guard)
         return [_join([*outs, which]) for outs in zip(*branches)]
 
     def unknown_higher_order(self, eqn, ins, frames, opaque) -> list[State]:
         """A higher-order primitive without a rule: every output depends on every input,
         and on what each sub-jaxpr makes of all of them."""
-        joined = _join(ins) if ins else CLEAN
+        joined = _join(ins)
         results = [joined]
         for j in _compat.iter_subjaxprs(eqn.params):
             results.extend(self.jaxpr(j, [CLEAN] * len(j.constvars), [joined] * len(j.invars),
                                       frames, opaque))
-        p, d, l, g = _join(results)
-        return [(p, d and _aval_inexact(v), l | g, EMPTY) for v in eqn.outvars]
+        s = _join(results)
+        return [State(s.prng, s.diff and _aval_inexact(v), s.lost | s.guard) for v in eqn.outvars]
 
 
 def _is_threshold(ins) -> bool:
@@ -351,7 +366,7 @@ def _is_threshold(ins) -> bool:
     if len(ins) != 2:
         return False
     a, b = ins
-    return (a[0] and a[1] and b == CLEAN) or (b[0] and b[1] and a == CLEAN)
+    return (a.prng and a.diff and b == CLEAN) or (b.prng and b.diff and a == CLEAN)
 
 
 def _frames(eqn, enclosing) -> tuple:
@@ -362,6 +377,55 @@ def _frames(eqn, enclosing) -> tuple:
 
 def _has_subjaxprs(eqn) -> bool:
     return any(True for _ in _compat.iter_subjaxprs(eqn.params))
+
+
+# `x OP inf` for a value that is finite (almost surely, for a continuous draw).
+_AGAINST_INF = {("eq", 1): False, ("ne", 1): True, ("lt", 1): True, ("le", 1): True,
+                ("gt", 1): False, ("ge", 1): False,
+                ("eq", -1): False, ("ne", -1): True, ("lt", -1): False, ("le", -1): False,
+                ("gt", -1): True, ("ge", -1): True}
+_FLIPPED = {"eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+
+
+def _constant_predicate(eqn) -> bool | None:
+    """True/False for a predicate that holds (fails) for every finite, non-NaN value:
+    `isfinite(x)`, `x == x`, `x != x` (isnan), `x == inf`; else None."""
+    name = eqn.primitive.name
+    if name == "is_finite":
+        return True
+    a, b = eqn.invars
+    if a is b:
+        return name in ("eq", "le", "ge")
+    for op, x, other in ((name, a, b), (_FLIPPED[name], b, a)):
+        if isinstance(other, _compat.Literal) and not isinstance(x, _compat.Literal):
+            try:
+                value = float(other.val)
+            except (TypeError, ValueError):
+                return None
+            if value in (float("inf"), float("-inf")):
+                return _AGAINST_INF[(op, 1 if value > 0 else -1)]
+    return None
+
+
+def _combine_constants(name, ins) -> bool | None:
+    consts = [s.const for s in ins]
+    if name == "not" and consts and consts[0] is not None:
+        return not consts[0]
+    if name == "and":
+        if False in consts:
+            return False
+        return True if all(c is True for c in consts) else None
+    if name == "or":
+        if True in consts:
+            return True
+        return False if all(c is False for c in consts) else None
+    if name == "xor":
+        return None if None in consts else bool(sum(consts) % 2)
+    if name in ("reduce_or", "reduce_and", "broadcast_in_dim", "reshape", "squeeze",
+                "expand_dims", "transpose", "copy", "copy_p", "convert_element_type",
+                "slice", "dynamic_slice", "rev"):
+        return consts[0] if consts else None
+    return None
 
 
 # -- Supports that move with the parameters ------------------------------------------------
@@ -452,16 +516,16 @@ def check_program(closed_jaxpr: Any, differentiated: Sequence[bool]) -> None:
     const_diff = differentiated_inputs(list(closed_jaxpr.consts))
     if not any(differentiated) and not any(const_diff):
         return  # nothing is differentiated: no gradient to lose
-    in_states = [(False, bool(d) and _aval_inexact(v), EMPTY, EMPTY)
+    in_states = [State(diff=bool(d) and _aval_inexact(v))
                  for v, d in zip(jaxpr.invars, differentiated)]
-    const_states = [(False, d, EMPTY, EMPTY) for d in const_diff]
+    const_states = [State(diff=d) for d in const_diff]
     run = _Pass()
     outs = run.jaxpr(jaxpr, const_states, in_states, (), False)
     if not outs:
         return
-    prng, _, lost, guard = outs[0]
-    sites = sorted(lost | guard, key=lambda s: (s.source, s.what))
-    no_sample = prng and not run.has_sample
+    cost = outs[0]
+    sites = sorted(cost.lost | cost.guard, key=lambda s: (s.source, s.what))
+    no_sample = cost.prng and not run.has_sample
     if sites or no_sample:
         warnings.warn(_message(sites, no_sample), LostGradientWarning,
                       stacklevel=_user_stacklevel())
@@ -470,19 +534,24 @@ def check_program(closed_jaxpr: Any, differentiated: Sequence[bool]) -> None:
 def _message(sites, no_sample: bool) -> str:
     lines = []
     if sites:
+        by_source: dict = {}
+        for site in sites:
+            by_source.setdefault(site.source, []).append(site.what)
+        many = len(by_source) > 1
         lines.append(
-            f"scgjax: the cost depends on {'a random draw' if len(sites) == 1 else 'random draws'} "
-            "made without scg.sample whose distribution depends on the differentiated inputs; "
-            "the gradient through "
-            f"{'it' if len(sites) == 1 else 'them'} is lost (estimated as 0), at:")
-        lines.extend(f"  {s.source}: {s.what}" for s in sites)
+            f"scgjax: the cost depends on {'random draws' if many else 'a random draw'} made "
+            "without scg.sample whose distribution depends on the differentiated inputs; "
+            f"the gradient through {'them' if many else 'it'} is lost (scg_grad's estimate "
+            "leaves it out). The draw meets the differentiable path in an operation without "
+            "a derivative at:")
+        lines.extend(f"  {source}: {', '.join(whats)}" for source, whats in by_source.items())
         lines.append(
-            "Draw it with scg.sample(key, d) and a numpyro distribution (e.g. "
-            "dist.Bernoulli(probs=p) for jax.random.bernoulli(key, p), dist.Categorical("
-            "logits=l) for jax.random.categorical(key, l), scg.sample(key, d) for d.sample(key) "
-            "or numpyro.sample), so that its score-function term is added. If the "
-            "discontinuity is intended (e.g. a straight-through estimator), put the "
-            "non-differentiable part under jax.lax.stop_gradient.")
+            "Draw it with scg.sample(key, d) and a numpyro distribution, so that its "
+            "score-function term is added: scg.sample(key, dist.Bernoulli(probs=p)) for "
+            "jax.random.bernoulli(key, p), scg.sample(key, dist.Categorical(logits=l)) for "
+            "jax.random.categorical(key, l), scg.sample(key, d) for d.sample(key) and for "
+            "numpyro.sample. If the discontinuity is intended (e.g. a straight-through "
+            "estimator), put the non-differentiable part under jax.lax.stop_gradient.")
     if no_sample:
         lines.append(
             "scgjax: the cost depends on jax.random draws, but the program has no "
