@@ -15,7 +15,9 @@ interpreter runs, with a small state per variable:
   whose result is only a predicate so far: in `jnp.where(x > 0, x, a * x)` (ELU, leaky
   ReLU, Huber, clipping written with `where`) the cases are functions of `x` and the
   branches usually meet at the threshold, so the predicate loses nothing; used as a
-  number, in a `cond`, or to select constants, it becomes `lost`.
+  number, in a `cond`, or to select constants, it becomes `lost`;
+* `const`: a predicate that is almost surely constant (`isfinite(x)`, `isnan(x)`,
+  `x == inf`): a numerical guard, not a site; `where` on it keeps only the case taken.
 
 A site is an operation without a derivative whose inputs carry both PRNG bits and a
 differentiable path: the draw's distribution depends on the differentiated inputs, and
@@ -459,6 +461,8 @@ def _support_of(spec, avals):
     else:
         result = (_reaching_inputs(closed.jaxpr), box["name"], box["rsample"])
     if key is not None:
+        if len(_support_cache) > 4096:  # specs with unhashable static fields hash by id
+            _support_cache.clear()
         _support_cache[key] = result
     return result
 
