@@ -103,3 +103,62 @@ def hide_frames_of(path: str) -> None:
         traceback_util.register_exclusion(path)
     except Exception:  # pragma: no cover - best effort only
         pass
+
+
+# -- Key-reuse pass (`_keys`) ---------------------------------------------------------------
+
+def is_key_dtype(dtype: Any) -> bool:
+    """Whether `dtype` is a typed PRNG key dtype (`key<fry>`)."""
+    try:
+        return jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def iter_subjaxprs_with_consts(params: dict[str, Any]) -> Iterator[tuple[Jaxpr, list[Any]]]:
+    """Every sub-jaxpr in an equation's params, as `(open jaxpr, consts)`."""
+    for j in jex.jaxprs_in_params(params):
+        yield open_jaxpr(j)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import os
+    import sysconfig
+
+    dirs = [os.path.dirname(jax.__file__), os.path.dirname(__file__)]
+    for name in ("jaxlib", "numpyro"):
+        try:
+            mod = __import__(name)
+            dirs.append(os.path.dirname(mod.__file__))
+        except Exception:  # pragma: no cover - optional
+            pass
+    for key in ("stdlib", "platstdlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.append(path)
+    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
+
+
+_LIBRARY_DIRS: tuple[str, ...] | None = None
+
+
+def user_source_info(eqn: Any) -> str:
+    """`file:line (function)` of the innermost frame of an equation's traceback that is
+    the user's: outside JAX, numpyro, scgjax, the standard library and installed
+    packages; '' when there is none (e.g. inside a jitted library function, whose
+    traceback stops at its own entry)."""
+    global _LIBRARY_DIRS
+    if _LIBRARY_DIRS is None:
+        _LIBRARY_DIRS = _library_dirs()
+    try:
+        frames = eqn.source_info.traceback.frames
+    except Exception:  # pragma: no cover - no traceback kept
+        return ""
+    for frame in frames or ():
+        path = getattr(frame, "file_name", "") or ""
+        if not path or path.startswith("<") or path.startswith(_LIBRARY_DIRS) \
+                or "site-packages" in path or "dist-packages" in path:
+            continue
+        line = getattr(frame, "line_num", None)
+        return f"{path}:{line} ({getattr(frame, 'function_name', '?')})"
+    return ""
