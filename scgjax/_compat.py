@@ -142,23 +142,23 @@ def _library_dirs() -> tuple[str, ...]:
 _LIBRARY_DIRS: tuple[str, ...] | None = None
 
 
-def user_source_info(eqn: Any) -> str:
-    """`file:line (function)` of the innermost frame of an equation's traceback that is
-    the user's: outside JAX, numpyro, scgjax, the standard library and installed
-    packages; '' when there is none (e.g. inside a jitted library function, whose
-    traceback stops at its own entry)."""
+def user_frames(eqn: Any) -> list[tuple[str, int, str]]:
+    """`(file, line, function)` of the frames of an equation's traceback that are the
+    user's, innermost first: outside JAX, numpyro, scgjax, the standard library and
+    installed packages. Empty when there are none (e.g. inside a jitted library
+    function, whose traceback stops at its own entry)."""
     global _LIBRARY_DIRS
     if _LIBRARY_DIRS is None:
         _LIBRARY_DIRS = _library_dirs()
     try:
         frames = eqn.source_info.traceback.frames
     except Exception:  # pragma: no cover - no traceback kept
-        return ""
+        return []
+    out = []
     for frame in frames or ():
         path = getattr(frame, "file_name", "") or ""
         if not path or path.startswith("<") or path.startswith(_LIBRARY_DIRS) \
                 or "site-packages" in path or "dist-packages" in path:
             continue
-        line = getattr(frame, "line_num", None)
-        return f"{path}:{line} ({getattr(frame, 'function_name', '?')})"
-    return ""
+        out.append((path, getattr(frame, "line_num", 0), getattr(frame, "function_name", "?")))
+    return out

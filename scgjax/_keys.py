@@ -140,12 +140,17 @@ class AV:
         self.vn, self.ids, self.half, self.const = vn, ids, half, const
 
 
+@functools.lru_cache(maxsize=None)
+def _is_key_dtype(dtype) -> bool:
+    return _compat.is_key_dtype(dtype)
+
+
 def _kind(aval) -> str:
     """'key' (typed PRNG keys), 'raw' (uint32[..., 2]: maybe legacy key data), 'data'."""
     dtype = getattr(aval, "dtype", None)
     if dtype is None:
         return "other"
-    if _compat.is_key_dtype(dtype):
+    if _is_key_dtype(dtype):
         return "key"
     shape = tuple(getattr(aval, "shape", ()))
     if dtype == np.uint32 and shape and shape[-1] == 2:
@@ -204,7 +209,7 @@ _NON_CONSUMING = frozenset({
     "eq", "ne", "random_unwrap", "random_wrap", "random_clone", "random_key_impl",
     "copy", "copy_p", "device_put", "optimization_barrier", "sharding_constraint",
     "reshard", "mesh_cast", "stop_gradient", "scatter", "dynamic_update_slice",
-    "select_n", "concatenate", "stack", "split", "pad", "broadcast_in_dim", "reshape",
+    "select_n", "concatenate", "stack", "split", "unstack", "pad", "broadcast_in_dim", "reshape",
     "squeeze", "expand_dims", "transpose", "rev", "slice", "dynamic_slice", "gather",
     "convert_element_type", "pjit", "jit"})
 _IDENTITY = frozenset({"copy", "copy_p", "device_put", "optimization_barrier",
@@ -216,6 +221,7 @@ _MOVES = {
     "broadcast_in_dim": ((0,), ()), "transpose": ((0,), ()), "rev": ((0,), ()),
     "expand_dims": ((0,), ()), "convert_element_type": ((0,), ()),
     "concatenate": (None, ()), "stack": (None, ()), "split": ((0,), ()),
+    "unstack": ((0,), ()),
     "dynamic_slice": ((0,), "rest"), "dynamic_update_slice": ((0, 1), "rest2"),
     "gather": ((0,), (1,)), "select_n": ("rest", (0,)),
 }
@@ -1060,6 +1066,7 @@ _EMULATORS = {
     "concatenate": lambda p, *xs: np.concatenate(xs, axis=p["dimension"]),
     "stack": lambda p, *xs: np.stack(xs, axis=p["axis"]),
     "split": _np_split,
+    "unstack": lambda p, x: [np.take(x, i, axis=p["axis"]) for i in range(x.shape[p["axis"]])],
     "dynamic_slice": _np_dynamic_slice,
     "dynamic_update_slice": _np_dynamic_update_slice,
     "select_n": _np_select_n,
@@ -1267,19 +1274,38 @@ _RULES = {
 
 # -- Messages ------------------------------------------------------------------------------
 
+def _fmt(frames) -> str:
+    return ", called from ".join(f"{f}:{line} ({fn})" for f, line, fn in frames)
+
+
 def _where_eqn(eqn) -> str:
-    return _compat.user_source_info(eqn) or _compat.source_info(eqn) or "an unknown line"
+    frames = _compat.user_frames(eqn)
+    return _fmt(frames[:1]) if frames else (_compat.source_info(eqn) or "an unknown line")
 
 
-def _where(ev: Event) -> str:
-    """The user's line for an event: the consumer's own, or that of the innermost
-    enclosing call made from user code (numpyro's and JAX's samplers are jitted)."""
-    own = _compat.source_info(ev.eqn)
+def _chain(ev: Event) -> list:
+    """The user's frames of an event, innermost first: the consumer's own, then those of
+    the enclosing calls (numpyro's and JAX's jitted samplers keep no user frames)."""
+    chain: list = []
     for eqn in (ev.eqn, *reversed(ev.stack)):
-        user = _compat.user_source_info(eqn)
-        if user:
-            return user if (eqn is ev.eqn or not own) else f"{user} (through {own})"
-    return own or "an unknown line"
+        chain.extend(f for f in _compat.user_frames(eqn) if f not in chain)
+    return chain
+
+
+def _where(ev: Event, other: Event | None = None) -> str:
+    """Where an event happened: its innermost user frames, down to the first one that
+    it does not share with `other` (so two calls of one helper are told apart)."""
+    chain = _chain(ev)
+    if not chain:
+        return _compat.source_info(ev.eqn) or "an unknown line"
+    n = 2
+    if other is not None:
+        theirs = _chain(other)
+        shared = 0
+        while shared < min(len(chain), len(theirs)) and chain[-1 - shared] == theirs[-1 - shared]:
+            shared += 1
+        n = len(chain) - shared or 2  # the same chain: one line, e.g. `f(k) + f(k)`
+    return _fmt(chain[:min(n, 3)])
 
 
 def _what(ev: Event) -> str:
@@ -1304,8 +1330,8 @@ _LOOP_FIX = ("Derive a fresh key in every iteration: carry the key and split it 
 
 def _pair_message(a: Event, b: Event) -> str:
     return (f"scgjax: PRNG key reuse: one key is consumed twice, {_BIASED}.\n"
-            f"  first:  {_what(a)} at {_where(a)}{a.note}\n"
-            f"  second: {_what(b)} at {_where(b)}{b.note}\n{_FIX}")
+            f"  first:  {_what(a)} at {_where(a, b)}{a.note}\n"
+            f"  second: {_what(b)} at {_where(b, a)}{b.note}\n{_FIX}")
 
 
 def _lanes_message(ev: Event) -> str:
@@ -1327,21 +1353,29 @@ def _loop_message(a: Event, b: Event, d: int, what: str, where: str, same: bool)
     later = "the next iteration" if d == 1 else f"{d} iterations later"
     return (f"scgjax: PRNG key reuse: in {loop}, a key consumed in one iteration is consumed "
             f"again in {later}, {_BIASED}.\n"
-            f"  first:  {_what(a)} at {_where(a)}\n"
-            f"  second: {_what(b)} at {_where(b)} ({later})\n{_LOOP_FIX}")
+            f"  first:  {_what(a)} at {_where(a, b)}\n"
+            f"  second: {_what(b)} at {_where(b, a)} ({later})\n{_LOOP_FIX}")
 
 
 # -- Entry point ---------------------------------------------------------------------------
 
 def check_key_reuse(jaxpr: Any) -> None:
     """Raises a `ValueError` naming both source lines when two consumers of one PRNG key
-    in the traced program (`jaxpr`, the open top-level jaxpr), at least one of them a
-    score-function `scg.sample`, can both run (see the module docstring for the rules)."""
+    in the traced program, at least one of them a score-function `scg.sample`, can both
+    run (see the module docstring for the rules).
+
+    `jaxpr` is the top-level jaxpr of the traced program: open (its constants are then
+    unknown, each one a distinct value) or closed (small integer constants, e.g. an
+    index array, are read)."""
+    jaxpr, values = _compat.open_jaxpr(jaxpr)
     if not _has_sample(jaxpr):
         return
     p = _Pass()
     ctx = _Ctx(events=[])
-    consts = [AV(vn=_h("constvar", i)) for i in range(len(jaxpr.constvars))]
+    if len(values) == len(jaxpr.constvars):
+        consts = [p.from_const(c, v) for c, v in zip(values, jaxpr.constvars)]
+    else:
+        consts = [AV(vn=_h("constvar", i)) for i in range(len(jaxpr.constvars))]
     args = [AV(vn=_h("input", i)) for i in range(len(jaxpr.invars))]
     p.run(jaxpr, consts, args, ctx)
     p.check(ctx.events)
