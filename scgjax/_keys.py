@@ -1,79 +1,96 @@
 """Key reuse: draws that share a PRNG key are refused at trace time.
 
 Two draws from one key are not independent: `scg.sample(key, d)` twice gives the same value
-twice, and `d.sample(key)` used as a baseline of `scg.sample(key, d, baseline=b)` is the
-draw itself. A score-function term assumes its draw is independent of everything that is
-not downstream of its parents, so such programs get biased gradients (issue 6). This
-module reads the traced jaxpr once, before the interpreter runs, and raises a `ValueError`
-naming both source lines and the fix.
+twice, and `d.sample(key)` used as the baseline of `scg.sample(key, d, baseline=b)` is the
+draw itself. A score-function term assumes that its draw is independent of everything not
+computed from it, so such programs get biased gradients (issue 6: 0.490 instead of 0.2445,
+and 0.000 instead of 1.222). This pass reads the traced jaxpr once, before the interpreter
+runs, and raises a `ValueError` that names both source lines and the fix.
 
 How it works
 ------------
-Every PRNG key element gets an *identity*: a 63-bit structural hash of how it was made
-(an input, `split(parent)[i]`, `fold_in(parent, data)`, `key(seed)`, an opaque value...).
+Every PRNG key element gets an *identity*: a 63-bit structural hash of how it was made (an
+input, `split(parent)[i]`, `fold_in(parent, data)`, `key(seed)`, an opaque value...).
 Equal identities mean equal keys; structurally different keys are taken to be different.
 Typed keys (`jax.random.key`) and legacy `uint32[..., 2]` key data share identities
 through `random_wrap` / `random_unwrap`. Integer data (fold-in data, indices, loop
 counters) gets a value number the same way, with `i + c` normalised, literals folded and
-a few integer ops evaluated, so that `fold_in(key, 3)` twice is one key and
+small integer ops evaluated, so that `fold_in(key, 3)` twice is one key and
 `fold_in(key, i)`, `fold_in(key, i + 1)` are two. Element-moving ops (slice, squeeze,
-reshape, broadcast, transpose, concatenate, stack, split, gather and dynamic slices at
-known indices, `select_n` with a known predicate) are emulated on positions, so the keys
-of `k1, k2 = split(key)` and `keys[0]`, `keys[1]` are exact.
+reshape, broadcast, transpose, concatenate, stack, split, unstack, gather and dynamic
+slices at known indices, `select_n` with a known predicate) are emulated on positions,
+so the keys of `k1, k2 = split(key)` and `keys[0]`, `keys[1]` are exact. `jit`,
+`closed_call`, `checkpoint`, `custom_jvp_call` and `custom_vjp_call` are entered (their
+primal jaxpr); sub-jaxprs with nothing to do with keys are skipped. A `cond` reads every
+branch, each under its own branch choice (two events in different branches of one cond,
+or of two conds on one predicate, cannot both happen); a cond on a known index reads
+only that branch. A loop body (`scan`, `while`) is read once, with symbols for the
+carries and for the scanned row; σ maps one iteration's symbols to the next's (a carry
+to what the body returns for it, a scanned row to the next row unless the rows repeat)
+and ι to the first iteration's values.
 
-Consumers are `scg_sample` (operand 0), `random_bits`, `random_split`, `random_fold_in`,
-`random_gamma`, `threefry2x32` on the two words of a legacy key, and any other primitive
-that takes a typed key and is not known to merely move or compare it. A *conflict* is
-one key consumed twice where at least one consumer is a score-function `scg_sample`
-(reuse among plain `jax.random` calls, e.g. inside numpyro's samplers, is not
-scgjax's concern; a pathwise draw is a deterministic function of its noise, and its
-gradient stays right whatever else shares that noise). Refused:
+Consumers are `scg_sample` (operand 0, one key per vmapped lane), `random_bits`,
+`random_split`, `random_fold_in`, `random_gamma`, `threefry2x32` on the two words of a
+legacy key, and any other primitive that takes a typed key and is not known to merely
+move or compare it. A *conflict* is one key consumed twice where at least one consumer
+is a score-function `scg_sample`. Reuse among plain `jax.random` calls (e.g. inside
+numpyro's samplers) is not scgjax's concern, and neither is noise shared by pathwise
+draws: a pathwise draw is a function of its noise, and its gradient is right whatever
+else shares that noise (common random numbers). Refused:
 
-* the same key consumed twice, e.g. by two `scg.sample`s, or by `scg.sample(key, ...)`
-  and `split(key)` / `d.sample(key)` (through numpyro's jitted samplers too);
-* a score-function draw under `jax.vmap` whose key is the same in several lanes (the key
-  is not batched, so `sample_p`'s batching rule broadcasts it, or it is batched with
-  repeated keys); pathwise draws may share a key across lanes (common random numbers);
-* in a loop (`scan`, `fori_loop`, `while_loop`), a key consumed in one iteration and
-  again one or two iterations later: a key closed over the body (the same key every
-  iteration), a carried key passed through unchanged, repeated rows of the scanned keys,
-  or a carried key consumed before the iteration that splits it.
+* one key consumed twice, e.g. by two `scg.sample`s, or by `scg.sample(key, ...)` and
+  `split(key)`, `fold_in(key, ...)` or `d.sample(key)` (through numpyro's jitted
+  samplers too), in branches that can both run;
+* a score-function draw under `jax.vmap` whose key is the same in several lanes: a key
+  that is not batched (`sample_p`'s batching rule broadcasts it), or repeated keys;
+* in a loop: a key consumed in iteration t and again in t + 1 or t + 2 (σ applied to
+  the body's events): a key closed over by the body (the same key every iteration), a
+  carried key passed through unchanged or rotated between two carries, scanned keys
+  whose rows repeat, a carried key consumed before the iteration that splits it,
+  `keys[i]` next to `keys[i + 1]`;
+* a key consumed inside a loop and outside it: the first iteration's events (ι) and, for
+  scanned keys consumed as they are, every row, are events of the enclosing scope, and so
+  are keys a loop consumed and then returned.
 
 Accepted (and exact): keys from `split` used once each; `fold_in(key, i)` with a loop
 counter or distinct literals; scanning or vmapping over split keys; a key carried and
 split each step (`key, sub = split(key)`); the same key in two branches of one
-`lax.cond` / `lax.switch` (at most one branch runs; under `vmap` with a batched
-predicate both branches run, and that is refused).
+`lax.cond` / `lax.switch` (under `vmap` with a batched predicate both branches run, and
+that is refused); a scan of length 1 over a closed-over key.
 
 Limits (what the pass assumes instead of proving)
 -------------------------------------------------
 * Keys picked at an index that is not known at trace time (`keys[t]` with `t` traced)
   are assumed distinct from every key named differently: the same traced index twice is
-  the same key, `keys[t]` and `keys[t + 1]` are different keys, but `keys[t]` and
-  `keys[0]` are taken to be different. Refusing them instead would reject `keys[i]` in
+  one key, `keys[t]` and `keys[t + 1]` are two keys, but `keys[t]` and `keys[0]` are
+  taken to be different. Refusing them instead would reject `keys[i]` in a
   `fori_loop`, the common idiom; in the first iteration of a loop whose counter starts
   at a literal the index is known and checked exactly.
 * Keys that depend on the iteration are assumed to differ between iterations: data
   passed to `fold_in` is assumed injective in the counter (`fold_in(key, i % 2)` is not
   caught), and collisions more than two iterations apart (a carry rotated among three
   keys) are not looked for.
-* Keys made inside a loop are compared with keys outside it only through the loop's
-  first iteration (and, for scanned keys consumed as they are, every row): a key made
-  in a later iteration that equals one made outside is not caught.
+* Keys made inside a loop are compared with keys outside it through the first iteration
+  (and every row of scanned keys consumed as they are): a key made in a later iteration
+  that equals one made outside (`fold_in(key, 3)` outside, `fold_in(key, i)` inside) is
+  not caught.
 * Keys that flow through ops the pass does not model (arithmetic on key data, scatters,
-  sorts, callbacks, `shard_map`) become new keys, distinct from all others.
+  sorts, callbacks, `shard_map`) become new keys, distinct from all others. Constants of
+  the top-level jaxpr are unknown unless it is passed closed.
+* A key consumed twice by plain `jax.random` calls is accepted even when what they make
+  feeds a score-function draw (`normal(key)` and `split(key)` with a child sampled).
 
 Cost: one walk over the jaxpr; each loop body is walked once and then checked on the
-key identities it consumes, and sub-jaxprs without keys are not entered, so the work is
-linear in the size of the jaxpr (inlined calls count once per call site, as in the
-interpreter) plus the number of key elements.
+identities of the keys it consumes; sub-jaxprs without keys are not entered. The work is
+linear in the size of the jaxpr (a call is read once per call site, as the interpreter
+does) plus the number of key elements.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -262,6 +279,7 @@ class _Pass:
         self.phis: dict[int, tuple[int, tuple]] = {}
         self.serial = 0                       # loops entered so far
         self.birth = 0                        # the loop whose body is being read (0: none)
+        self.effects = 0                      # effectful equations seen
 
     # -- nodes (each constructor is also how `_remake` rebuilds a node) --
 
@@ -453,13 +471,14 @@ class _Pass:
         out = [self.replay(n, subst, lo, hi, memo) for n in ids.reshape(-1).tolist()]
         return np.array(out, np.uint64).reshape(ids.shape)
 
-    def expand(self, node: int):
-        """The keys `node` may be, each with the cond branches that make it so."""
+    def expand(self, node: int, path: tuple = ()):
+        """The keys `node` may be, each with the branches taken (after `path`) that make
+        it so; combinations of branches that cannot happen together are left out."""
         if node not in self.phis:
-            return [(node, ())]
+            return [(node, path)]
         instance, alts = self.phis[node]
-        return [(leaf, ((instance, b),) + path)
-                for b, alt in enumerate(alts) for leaf, path in self.expand(alt)]
+        return [leaf for b, alt in enumerate(alts) if _compatible(path, ((instance, b),))
+                for leaf in self.expand(alt, path + ((instance, b),))]
 
     # -- abstract values --
 
@@ -568,9 +587,9 @@ class _Pass:
                     self.consume(ctx, self.key_ids(a, v.aval), eqn)
         name = eqn.primitive.name
         outs = [AV() for _ in eqn.outvars]
-        if getattr(eqn, "effects", None):
-            self.serial += 1
-            kids = (_h("effect", self.serial),)
+        if getattr(eqn, "effects", None):  # e.g. a callback: a new value each time
+            self.effects += 1
+            kids = (_h("effect", self.effects),)
         else:
             kids = tuple(self.vn(a) for a in ins)
         if len(outs) == 1 and name in ("add", "sub") and _aff_operands(eqn, ins) is not None:
@@ -813,8 +832,7 @@ class _Pass:
         owners: dict[int, list] = {}
         for i, ev in enumerate(events):
             for node in ev.ids.tolist():
-                for leaf, path in self.expand(node):
-                    full = ev.path + path
+                for leaf, full in self.expand(node, ev.path):
                     for j, other_path in owners.get(leaf, ()):
                         if j == i:
                             if ev.score and _compatible(full, other_path):
@@ -826,6 +844,7 @@ class _Pass:
 
 
 def _compatible(p: tuple, q: tuple) -> bool:
+    """Whether the branch choices `p` and `q` ((instance, branch), ...) can both hold."""
     if not p or not q:
         return True
     chosen = dict(p)
@@ -1180,7 +1199,7 @@ class _Loop:
         owners: dict[int, list] = {}
         for i, ev in enumerate(events):
             for node in ev.ids.tolist():
-                for leaf, _ in p.expand(node):
+                for leaf, _ in p.expand(node, ev.path):
                     owners.setdefault(leaf, []).append(i)
         invariant = []
         for i, ev in enumerate(events):
@@ -1190,7 +1209,7 @@ class _Loop:
                 if d > 1:
                     shifted = self._shift(shifted)
                 for node in shifted.tolist():
-                    for leaf, _ in p.expand(node):
+                    for leaf, _ in p.expand(node, ev.path):
                         for j in owners.get(leaf, ()):
                             if ev.score or events[j].score:
                                 raise ValueError(_loop_message(

@@ -209,6 +209,11 @@ def test_a_key_made_from_the_same_seed_twice_is_refused():
 
     assert_names(refused(f, THETA, KEY), "seed-1", "seed-2")
 
+    def g(t, key):
+        return bern(jax.random.key(3), t) + bern(jax.random.PRNGKey(4), t)
+
+    jax.eval_shape(scg.scg_grad(g), THETA, KEY)
+
 
 def test_a_closed_over_key_used_twice_is_refused():
     k = jax.random.key(5)
@@ -327,6 +332,16 @@ def test_keys_at_i_and_i_plus_one_in_a_fori_loop_are_refused():
     assert_names(msg, "at-i", "at-i-plus-1")
 
 
+def test_offsets_of_the_loop_counter_are_compared_across_iterations():
+    def f(t, key):
+        return lax.fori_loop(0, 4, lambda i, c: c + bern(jax.random.fold_in(key, i + 2), t)  # @plus-2
+                             + bern(jax.random.fold_in(key, i + 1), -t), 0.0)  # @plus-1
+
+    msg = refused(f, THETA, KEY)
+    assert_names(msg, "plus-2", "plus-1")
+    assert "next iteration" in msg
+
+
 def test_keys_swapped_between_two_carries_are_refused_from_three_iterations_on():
     def f(length):
         def run(t, key):
@@ -341,10 +356,16 @@ def test_keys_swapped_between_two_carries_are_refused_from_three_iterations_on()
     scg.scg_grad(f(2))(THETA, KEY)  # two iterations draw from two different keys
 
 
-def test_scanned_keys_that_repeat_are_refused(any_key):
+@pytest.mark.parametrize("use", ["as_is", "derived"])
+def test_scanned_keys_that_repeat_are_refused(use, any_key):
     def f(t, key):
         keys = jnp.stack([key, key, key])
-        return lax.scan(lambda c, k: (c + bern(k, t), None), 0.0, keys)[0]  # @repeat
+
+        def body(c, k):
+            k = k if use == "as_is" else jax.random.fold_in(k, 0)
+            return c + bern(k, t), None  # @repeat
+
+        return lax.scan(body, 0.0, keys)[0]
 
     assert at("repeat") in refused(f, THETA, any_key)
 
@@ -352,11 +373,20 @@ def test_scanned_keys_that_repeat_are_refused(any_key):
 def test_a_key_used_outside_and_scanned_over_is_refused(any_key):
     def f(t, key):
         keys = jax.random.split(key, 3)
-        z = bern(keys[2], t)  # @outside-row
-        return z + lax.scan(lambda c, k: (c + bern(k, t), None), 0.0, keys,  # @scanned-row
-                            reverse=True)[0]
+        z = bern(keys[1], t)  # @outside-row
+        return z + lax.scan(lambda c, k: (c + bern(k, t), None), 0.0, keys)[0]  # @scanned-row
 
     assert_names(refused(f, THETA, any_key), "outside-row", "scanned-row")
+
+
+def test_the_first_iteration_of_a_reversed_scan_is_its_last_row():
+    def f(t, key):
+        keys = jax.random.split(key, 3)
+        z = bern(jax.random.fold_in(keys[2], 0), t)  # @last-row
+        return z + lax.scan(lambda c, k: (c + bern(jax.random.fold_in(k, 0), t), None),  # @rev
+                            0.0, keys, reverse=True)[0]
+
+    assert_names(refused(f, THETA, KEY), "last-row", "rev")
 
 
 def test_a_key_used_outside_and_in_the_first_iteration_is_refused(any_key):
@@ -378,6 +408,40 @@ def test_a_fold_in_in_a_loop_and_a_sample_outside_on_one_key_are_refused(any_key
 
     msg = refused(f, THETA, any_key)
     assert_names(msg, "outer-sample", "loop-fold")
+
+
+def test_a_key_a_loop_returns_unchanged_is_the_key_it_was_given(any_key):
+    def f(t, key):
+        def body(i, c):
+            k, acc = c
+            return k, acc + bern(jax.random.fold_in(k, i), t)  # @passed-fold
+
+        k, acc = lax.fori_loop(0, 3, body, (key, 0.0))
+        return acc + bern(k, -t)  # @passed-after
+
+    assert_names(refused(f, THETA, any_key), "passed-fold", "passed-after")
+
+    def g(t, key):  # the key comes back unchanged, through an op JAX does not forward
+        def body(i, c):
+            k, acc = c
+            return jnp.where(acc > 100.0, k, k), acc + t
+
+        k, acc = lax.fori_loop(0, 3, body, (key, 0.0))
+        return acc + bern(k, t) + bern(key, -t)  # @untouched
+
+    assert at("untouched") in refused(g, THETA, any_key)
+
+
+def test_a_key_a_scan_consumed_and_returned_is_refused_after_it(any_key):
+    def f(t, key):
+        def body(k, _):
+            k, sub = jax.random.split(k)
+            return k, (bern(sub, t), sub)  # @returned-sub
+
+        _, (zs, subs) = lax.scan(body, key, None, length=3)
+        return zs.sum() + bern(subs[1], -t)  # @reused-sub
+
+    assert_names(refused(f, THETA, any_key), "returned-sub", "reused-sub")
 
 
 def test_inner_loop_keys_that_repeat_in_every_outer_iteration_are_refused():
@@ -578,7 +642,25 @@ def test_one_key_in_both_branches_of_a_cond_or_switch_is_accepted(any_key):
         return lax.switch(i, [lambda: bern(k2, t), lambda: bern(k2, -t),
                               lambda: 3.0 * bern(k2, 2 * t)]) + bern(k1, t)
 
-    scg.scg_grad(g)(THETA, any_key)
+    jax.eval_shape(scg.scg_grad(g), THETA, any_key)
+
+
+def test_a_branch_known_at_trace_time_is_the_only_one_read():
+    def f(t, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        k = lax.switch(1, [lambda: k1, lambda: k2])  # a cond on a known index
+        z = lax.switch(1, [lambda: bern(k1, 2 * t), lambda: bern(k3, 2 * t)])
+        return bern(k, t) + z + bern(k1, -t)
+
+    def hand(t, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        total = 0.0
+        for k, logit in ((k2, t), (k3, 2 * t), (k1, -t)):
+            z, lp = hand_bern(k, logit)
+            total = total + box(lp) * z
+        return total
+
+    assert_same_grad(f, hand, THETA)
 
 
 def test_pathwise_draws_may_share_a_key():
