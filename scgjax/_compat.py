@@ -176,3 +176,62 @@ def source_frames(eqn: Any) -> list[tuple[str, str]]:
         return out
     except Exception:  # pragma: no cover - best effort only
         return []
+
+
+# -- Key-reuse pass (`_keys`) ---------------------------------------------------------------
+
+def is_key_dtype(dtype: Any) -> bool:
+    """Whether `dtype` is a typed PRNG key dtype (`key<fry>`)."""
+    try:
+        return jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def iter_subjaxprs_with_consts(params: dict[str, Any]) -> Iterator[tuple[Jaxpr, list[Any]]]:
+    """Every sub-jaxpr in an equation's params, as `(open jaxpr, consts)`."""
+    for j in jex.jaxprs_in_params(params):
+        yield open_jaxpr(j)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import os
+    import sysconfig
+
+    dirs = [os.path.dirname(jax.__file__), os.path.dirname(__file__)]
+    for name in ("jaxlib", "numpyro"):
+        try:
+            mod = __import__(name)
+            dirs.append(os.path.dirname(mod.__file__))
+        except Exception:  # pragma: no cover - optional
+            pass
+    for key in ("stdlib", "platstdlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.append(path)
+    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
+
+
+_LIBRARY_DIRS: tuple[str, ...] | None = None
+
+
+def user_frames(eqn: Any) -> list[tuple[str, int, str]]:
+    """`(file, line, function)` of the frames of an equation's traceback that are the
+    user's, innermost first: outside JAX, numpyro, scgjax, the standard library and
+    installed packages. Empty when there are none (e.g. inside a jitted library
+    function, whose traceback stops at its own entry)."""
+    global _LIBRARY_DIRS
+    if _LIBRARY_DIRS is None:
+        _LIBRARY_DIRS = _library_dirs()
+    try:
+        frames = eqn.source_info.traceback.frames
+    except Exception:  # pragma: no cover - no traceback kept
+        return []
+    out = []
+    for frame in frames or ():
+        path = getattr(frame, "file_name", "") or ""
+        if not path or path.startswith("<") or path.startswith(_LIBRARY_DIRS) \
+                or "site-packages" in path or "dist-packages" in path:
+            continue
+        out.append((path, getattr(frame, "line_num", 0), getattr(frame, "function_name", "?")))
+    return out

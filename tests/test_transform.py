@@ -147,8 +147,9 @@ def test_fori_loop_static_bounds_records_node():
 
 def test_cond_rule_records_one_node_per_branch():
     def f(t, key):
-        z = bern(key, t)
-        return lax.switch(z.astype(jnp.int32), [lambda: bern(key, 2 * t), lambda: 3.0 * bern(key, -t)])
+        k1, k2 = jax.random.split(key)
+        z = bern(k1, t)
+        return lax.switch(z.astype(jnp.int32), [lambda: bern(k2, 2 * t), lambda: 3.0 * bern(k2, -t)])
     assert len(graph_of(f, 0.1, KEY).nodes) == 3
 
 
