@@ -90,7 +90,7 @@ def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
     site names to values used instead of drawing; `record` keeps every node's value and
     log-probability in the graph."""
     closed, dyn_leaves, rebuild_aux = _trace(f, args, kwargs, has_aux)
-    _keys.check_key_reuse(closed.jaxpr)
+    _keys.check_key_reuse(closed)
     _lint.check_program(closed, _lint.differentiated_inputs(dyn_leaves))
     ids = _draws_by_id(closed, dyn_leaves, draws) if draws else None
     graph = Graph(record)
