@@ -7,9 +7,11 @@ by version-number comparisons, so that a new release fails loudly in one place.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 from jax.extend import core as jex
 from jax.interpreters import ad as _ad
@@ -111,8 +113,7 @@ def zero_tangent(primal: Any) -> Any:
     from_primal = getattr(_ad.Zero, "from_primal_value", None)
     if from_primal is not None:  # pragma: no cover - depends on the JAX version
         return from_primal(primal)
-    typeof = getattr(jax, "typeof", None) or jax.core.get_aval
-    return _ad.Zero(typeof(primal).to_tangent_aval())
+    return _ad.Zero(jax.typeof(primal).to_tangent_aval())
 
 
 # -- Trace-time checks (_lint.py) ----------------------------------------------------------
@@ -121,8 +122,11 @@ def zero_tangent(primal: Any) -> Any:
 # through `LinearizeTracer` (0.10 and newer), `jax.jvp`/`jax.jacfwd` through `JVPTracer`;
 # either holds a tangent, which is a symbolic `Zero` where nothing is differentiated.
 _DIFFERENTIATION_TRACERS = tuple(t for t in (_ad.JVPTracer, _LinearizeTracer) if t is not None)
-_ZERO_TANGENTS = tuple(t for t in (getattr(_ad, "Zero", None), getattr(_ad, "SymbolicZero", None))
-                       if isinstance(t, type))
+_ZERO_TANGENTS = tuple(
+    t
+    for t in (getattr(_ad, "Zero", None), getattr(_ad, "SymbolicZero", None))
+    if isinstance(t, type)
+)
 try:  # pragma: no cover - depends on the JAX version
     Tracer = jax.core.Tracer
 except AttributeError:  # pragma: no cover
@@ -170,8 +174,11 @@ def source_frames(eqn: Any) -> list[tuple[str, str]]:
         summarize = getattr(source_info_util, "_summarize_frame", None)
         out = []
         for fr in frames:
-            text = summarize(fr) if summarize is not None else \
-                f"{fr.file_name}:{fr.start_line} ({fr.function_name})"
+            text = (
+                summarize(fr)
+                if summarize is not None
+                else f"{fr.file_name}:{fr.start_line} ({fr.function_name})"
+            )
             out.append((fr.file_name, text))
         return out
     except Exception:  # pragma: no cover - best effort only
@@ -179,6 +186,7 @@ def source_frames(eqn: Any) -> list[tuple[str, str]]:
 
 
 # -- Key-reuse pass (`_keys`) ---------------------------------------------------------------
+
 
 def is_key_dtype(dtype: Any) -> bool:
     """Whether `dtype` is a typed PRNG key dtype (`key<fry>`)."""
@@ -230,8 +238,13 @@ def user_frames(eqn: Any) -> list[tuple[str, int, str]]:
     out = []
     for frame in frames or ():
         path = getattr(frame, "file_name", "") or ""
-        if not path or path.startswith("<") or path.startswith(_LIBRARY_DIRS) \
-                or "site-packages" in path or "dist-packages" in path:
+        if (
+            not path
+            or path.startswith("<")
+            or path.startswith(_LIBRARY_DIRS)
+            or "site-packages" in path
+            or "dist-packages" in path
+        ):
             continue
         out.append((path, getattr(frame, "line_num", 0), getattr(frame, "function_name", "?")))
     return out

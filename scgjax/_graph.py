@@ -18,7 +18,8 @@ of `c`, the log-probabilities of exactly the node elements upstream of it
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from jax import lax
 from jax.extend import core as jex
 from jax.interpreters import ad, batching, mlir
 
-from . import _deps
+from . import _compat, _deps
 from ._deps import EMPTY, Axis, Deps
 
 NodeId = tuple[int, ...]
@@ -186,7 +187,7 @@ def _magic_box_jvp(primals, tangents):
 
 
 magic_box_p.def_impl(_magic_box_value)
-magic_box_p.def_abstract_eval(lambda tau: jax.core.ShapedArray(tau.shape, tau.dtype))
+magic_box_p.def_abstract_eval(lambda tau: _compat.ShapedArray(tau.shape, tau.dtype))
 batching.primitive_batchers[magic_box_p] = lambda args, dims: (magic_box_p.bind(*args), dims[0])
 ad.primitive_jvps[magic_box_p] = _magic_box_jvp
 mlir.register_lowering(magic_box_p, mlir.lower_fun(_magic_box_value, multiple_results=False))
@@ -218,12 +219,15 @@ def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any
     for key, rel in deps.items():
         x = log_probs[_deps.base_node(key)]
         names = _deps.lane_names(key)
-        node_rel, lane_rel = rel[:len(rel) - len(names)], rel[len(rel) - len(names):]
+        node_rel, lane_rel = rel[: len(rel) - len(names)], rel[len(rel) - len(names) :]
         kept = []  # (node axis, term axis)
         for k, entry in enumerate(node_rel):
-            if isinstance(entry, Axis) and entry.axis < len(shape) \
-                    and np.shape(x)[k] == shape[entry.axis] \
-                    and entry.axis not in {a for _, a in kept}:
+            if (
+                isinstance(entry, Axis)
+                and entry.axis < len(shape)
+                and np.shape(x)[k] == shape[entry.axis]
+                and entry.axis not in {a for _, a in kept}
+            ):
                 x = _cumulative(x, k, entry.kind)
                 kept.append((k, entry.axis))
         summed = tuple(k for k in range(np.ndim(x)) if k not in {k for k, _ in kept})
@@ -233,8 +237,12 @@ def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any
         x = jnp.transpose(x, order) if kept else x
         term_axes = sorted(a for _, a in kept)
         for name, entry in zip(names, lane_rel):
-            if isinstance(entry, Axis) and entry.kind == "eq" and entry.axis < len(shape) \
-                    and entry.axis not in term_axes:
+            if (
+                isinstance(entry, Axis)
+                and entry.kind == "eq"
+                and entry.axis < len(shape)
+                and entry.axis not in term_axes
+            ):
                 x = lax.all_gather(x, name, axis=0)  # lane j -> element j of the term axis
                 if np.shape(x)[0] == shape[entry.axis]:
                     term_axes = [entry.axis] + term_axes
@@ -249,8 +257,9 @@ def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any
     return total
 
 
-def surrogate_sum(items: Iterable[tuple[Deps, Any]], log_probs: dict[NodeId, Any],
-                  boxed: bool = True) -> Any:
+def surrogate_sum(
+    items: Iterable[tuple[Deps, Any]], log_probs: dict[NodeId, Any], boxed: bool = True
+) -> Any:
     """Σ_terms Σ_elements ⊡(τ)·c (or τ·c with `boxed=False`, linear in the log-probs)."""
     pieces = []
     for deps, term in items:

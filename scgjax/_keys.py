@@ -101,8 +101,8 @@ from . import _compat, _sample
 MASK = (1 << 63) - 1
 _M64 = (1 << 64) - 1
 _GOLD, _C1, _C2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-_MAX_CONST = 4096        # concrete integer values are tracked up to this many elements
-_MAX_EMULATE = 1 << 18   # element-moving ops are emulated up to this many elements
+_MAX_CONST = 4096  # concrete integer values are tracked up to this many elements
+_MAX_EMULATE = 1 << 18  # element-moving ops are emulated up to this many elements
 
 
 def _h(*parts) -> int:
@@ -145,6 +145,7 @@ _EMPTY = np.zeros((0,), np.uint64)
 
 # -- Abstract values -----------------------------------------------------------------------
 
+
 class AV:
     """What the pass knows of one array: its value number `vn` (computed from `ids` when
     unset), the identities `ids` of its keys (typed keys: the array's shape; legacy key
@@ -157,7 +158,7 @@ class AV:
         self.vn, self.ids, self.half, self.const = vn, ids, half, const
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_key_dtype(dtype) -> bool:
     return _compat.is_key_dtype(dtype)
 
@@ -205,14 +206,26 @@ def _key_relevant(jaxpr) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def _has_sample(jaxpr) -> bool:
-    return any(eqn.primitive is _sample.sample_p
-               or any(_has_sample(j) for j in _compat.iter_subjaxprs(eqn.params))
-               for eqn in jaxpr.eqns)
+    return any(
+        eqn.primitive is _sample.sample_p
+        or any(_has_sample(j) for j in _compat.iter_subjaxprs(eqn.params))
+        for eqn in jaxpr.eqns
+    )
 
 
-_KEY_PRIMS = frozenset({"random_bits", "random_split", "random_fold_in", "random_gamma",
-                        "random_seed", "random_wrap", "random_unwrap", "random_clone",
-                        "threefry2x32"})
+_KEY_PRIMS = frozenset(
+    {
+        "random_bits",
+        "random_split",
+        "random_fold_in",
+        "random_gamma",
+        "random_seed",
+        "random_wrap",
+        "random_unwrap",
+        "random_clone",
+        "threefry2x32",
+    }
+)
 # What a consumer does, for messages.
 _CONSUMER_WORDS = {
     "random_bits": "a jax.random draw (random_bits)",
@@ -222,29 +235,80 @@ _CONSUMER_WORDS = {
     "threefry2x32": "threefry2x32 on the key's data",
 }
 # Primitives that take a typed key without deriving randomness from it.
-_NON_CONSUMING = frozenset({
-    "eq", "ne", "random_unwrap", "random_wrap", "random_clone", "random_key_impl",
-    "copy", "copy_p", "device_put", "optimization_barrier", "sharding_constraint",
-    "reshard", "mesh_cast", "stop_gradient", "scatter", "dynamic_update_slice",
-    "select_n", "concatenate", "stack", "split", "unstack", "pad", "broadcast_in_dim", "reshape",
-    "squeeze", "expand_dims", "transpose", "rev", "slice", "dynamic_slice", "gather",
-    "convert_element_type", "pjit", "jit"})
-_IDENTITY = frozenset({"copy", "copy_p", "device_put", "optimization_barrier",
-                       "sharding_constraint", "reshard", "mesh_cast", "random_clone"})
+_NON_CONSUMING = frozenset(
+    {
+        "eq",
+        "ne",
+        "random_unwrap",
+        "random_wrap",
+        "random_clone",
+        "random_key_impl",
+        "copy",
+        "copy_p",
+        "device_put",
+        "optimization_barrier",
+        "sharding_constraint",
+        "reshard",
+        "mesh_cast",
+        "stop_gradient",
+        "scatter",
+        "dynamic_update_slice",
+        "select_n",
+        "concatenate",
+        "stack",
+        "split",
+        "unstack",
+        "pad",
+        "broadcast_in_dim",
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "transpose",
+        "rev",
+        "slice",
+        "dynamic_slice",
+        "gather",
+        "convert_element_type",
+        "pjit",
+        "jit",
+    }
+)
+_IDENTITY = frozenset(
+    {
+        "copy",
+        "copy_p",
+        "device_put",
+        "optimization_barrier",
+        "sharding_constraint",
+        "reshard",
+        "mesh_cast",
+        "random_clone",
+    }
+)
 # Element-moving primitives: (positions of the operands whose elements move,
 # positions of the operands that must be known to emulate them). None: every operand.
 _MOVES = {
-    "slice": ((0,), ()), "squeeze": ((0,), ()), "reshape": ((0,), ()),
-    "broadcast_in_dim": ((0,), ()), "transpose": ((0,), ()), "rev": ((0,), ()),
-    "expand_dims": ((0,), ()), "convert_element_type": ((0,), ()),
-    "concatenate": (None, ()), "stack": (None, ()), "split": ((0,), ()),
+    "slice": ((0,), ()),
+    "squeeze": ((0,), ()),
+    "reshape": ((0,), ()),
+    "broadcast_in_dim": ((0,), ()),
+    "transpose": ((0,), ()),
+    "rev": ((0,), ()),
+    "expand_dims": ((0,), ()),
+    "convert_element_type": ((0,), ()),
+    "concatenate": (None, ()),
+    "stack": (None, ()),
+    "split": ((0,), ()),
     "unstack": ((0,), ()),
-    "dynamic_slice": ((0,), "rest"), "dynamic_update_slice": ((0, 1), "rest2"),
-    "gather": ((0,), (1,)), "select_n": ("rest", (0,)),
+    "dynamic_slice": ((0,), "rest"),
+    "dynamic_update_slice": ((0, 1), "rest2"),
+    "gather": ((0,), (1,)),
+    "select_n": ("rest", (0,)),
 }
 
 
 # -- Events --------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Event:
@@ -252,11 +316,11 @@ class Event:
 
     ids: np.ndarray
     eqn: Any
-    stack: tuple          # enclosing higher-order equations, outermost first
-    path: tuple           # cond branches taken: ((instance, branch), ...)
-    score: bool           # a score-function scg_sample
-    sample: bool          # any scg_sample
-    note: str = ""        # e.g. " (in every iteration of the scan at ...)"
+    stack: tuple  # enclosing higher-order equations, outermost first
+    path: tuple  # cond branches taken: ((instance, branch), ...)
+    score: bool  # a score-function scg_sample
+    sample: bool  # any scg_sample
+    note: str = ""  # e.g. " (in every iteration of the scan at ...)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,15 +335,16 @@ class _Ctx:
 
 # -- The pass ------------------------------------------------------------------------------
 
+
 class _Pass:
     def __init__(self):
-        self.origin: dict[int, tuple] = {}   # node -> (birth, kind, payload, kids)
+        self.origin: dict[int, tuple] = {}  # node -> (birth, kind, payload, kids)
         self.lits: dict[int, np.ndarray] = {}
         self.affs: dict[int, tuple[int, int]] = {}
         self.phis: dict[int, tuple[int, tuple]] = {}
-        self.serial = 0                       # loops entered so far
-        self.birth = 0                        # the loop whose body is being read (0: none)
-        self.effects = 0                      # effectful equations seen
+        self.serial = 0  # loops entered so far
+        self.birth = 0  # the loop whose body is being read (0: none)
+        self.effects = 0  # effectful equations seen
 
     # -- nodes (each constructor is also how `_remake` rebuilds a node) --
 
@@ -341,20 +406,24 @@ class _Pass:
         return ids
 
     def fold(self, parents: np.ndarray, data: np.ndarray) -> np.ndarray:
-        salts = np.array([_mix1(_FOLD, d) for d in data.reshape(-1).tolist()],
-                         np.uint64).reshape(data.shape)
+        salts = np.array([_mix1(_FOLD, d) for d in data.reshape(-1).tolist()], np.uint64).reshape(
+            data.shape
+        )
         ids = _mix(parents, salts)
         if self.birth:
-            for node, p, d in zip(ids.reshape(-1).tolist(), np.broadcast_to(
-                    parents, ids.shape).reshape(-1).tolist(),
-                    np.broadcast_to(data, ids.shape).reshape(-1).tolist()):
+            for node, p, d in zip(
+                ids.reshape(-1).tolist(),
+                np.broadcast_to(parents, ids.shape).reshape(-1).tolist(),
+                np.broadcast_to(data, ids.shape).reshape(-1).tolist(),
+            ):
                 self._rec(node, "fold", None, (p, d))
         return ids
 
     def seeded(self, impl: str, data: np.ndarray) -> np.ndarray:
         tag = _h("seed", impl)
-        ids = np.array([_mix1(tag, d) for d in data.reshape(-1).tolist()],
-                       np.uint64).reshape(data.shape)
+        ids = np.array([_mix1(tag, d) for d in data.reshape(-1).tolist()], np.uint64).reshape(
+            data.shape
+        )
         if self.birth:
             for node, d in zip(ids.reshape(-1).tolist(), data.reshape(-1).tolist()):
                 self._rec(node, "seed", tag, (d,))
@@ -477,14 +546,19 @@ class _Pass:
         if node not in self.phis:
             return [(node, path)]
         instance, alts = self.phis[node]
-        return [leaf for b, alt in enumerate(alts) if _compatible(path, ((instance, b),))
-                for leaf in self.expand(alt, path + ((instance, b),))]
+        return [
+            leaf
+            for b, alt in enumerate(alts)
+            if _compatible(path, ((instance, b),))
+            for leaf in self.expand(alt, path + ((instance, b),))
+        ]
 
     # -- abstract values --
 
     def vn(self, av: AV) -> int:
         if av.vn is None:
             layout = "key" if av.half is None else ("half", av.half)
+            assert av.ids is not None
             av.vn = self.keyarr(av.ids, layout)
         return av.vn
 
@@ -521,8 +595,10 @@ class _Pass:
 
     def from_const(self, value, var) -> AV:
         """A closed-over constant of a sub-jaxpr: small integer values are read."""
-        if _kind(var.aval) != "key" and int(np.prod(getattr(var.aval, "shape", ()),
-                                                     dtype=np.int64)) <= _MAX_CONST:
+        if (
+            _kind(var.aval) != "key"
+            and int(np.prod(getattr(var.aval, "shape", ()), dtype=np.int64)) <= _MAX_CONST
+        ):
             try:
                 return self.value_av(np.asarray(value))
             except Exception:  # e.g. a tracer of an enclosing trace
@@ -559,8 +635,10 @@ class _Pass:
         subs = list(_compat.iter_subjaxprs_with_consts(eqn.params))
         if subs:
             if not any(_key_relevant(j) for j, _ in subs) and not any(
-                    _kind(v.aval) in ("key", "raw") for v in (*eqn.invars, *eqn.outvars)
-                    if hasattr(v, "aval")):
+                _kind(v.aval) in ("key", "raw")
+                for v in (*eqn.invars, *eqn.outvars)
+                if hasattr(v, "aval")
+            ):
                 return self.default(eqn, ins, ctx, consume=False)
             call = _as_call(eqn, subs)
             if call is not None:
@@ -575,8 +653,9 @@ class _Pass:
         return self.default(eqn, ins, ctx, consume=name not in _NON_CONSUMING)
 
     def consume(self, ctx: _Ctx, ids: np.ndarray, eqn, *, sample=False, score=False):
-        ctx.events.append(Event(np.asarray(ids, np.uint64).reshape(-1), eqn, ctx.stack,
-                                ctx.path, score, sample))
+        ctx.events.append(
+            Event(np.asarray(ids, np.uint64).reshape(-1), eqn, ctx.stack, ctx.path, score, sample)
+        )
 
     def default(self, eqn, ins, ctx, consume: bool) -> list:
         """An equation the pass does not model: outputs are new values of its inputs
@@ -592,19 +671,24 @@ class _Pass:
             kids = (_h("effect", self.effects),)
         else:
             kids = tuple(self.vn(a) for a in ins)
-        if len(outs) == 1 and name in ("add", "sub") and _aff_operands(eqn, ins) is not None:
-            base, off = _aff_operands(eqn, ins)
+        aff = _aff_operands(eqn, ins) if len(outs) == 1 and name in ("add", "sub") else None
+        if aff is not None:
+            base, off = aff
             outs[0].vn = self.aff(self.vn(base), off)
-        elif (len(outs) == 1 and name == "convert_element_type" and ins[0].const is None
-              and _is_intlike(eqn.invars[0].aval.dtype)
-              and _is_intlike(eqn.outvars[0].aval.dtype)):
+        elif (
+            len(outs) == 1
+            and name == "convert_element_type"
+            and ins[0].const is None
+            and _is_intlike(eqn.invars[0].aval.dtype)
+            and _is_intlike(eqn.outvars[0].aval.dtype)
+        ):
             outs[0].vn = self.vn(ins[0])
         else:
             sig = _params_sig(eqn.params)
             for j, out in enumerate(outs):
                 out.vn = self.op(eqn, sig, j, kids)
-        for out, v in zip(outs, eqn.outvars):
-            value = self.lits.get(out.vn)
+        for out in outs:
+            value = self.lits.get(out.vn) if out.vn is not None else None
             if value is not None and _is_intlike(value.dtype):
                 out.const = value
         return outs
@@ -613,8 +697,7 @@ class _Pass:
 
     def sample_site(self, eqn, ins, ctx) -> list:
         score = eqn.params.get("estimator") == "score"
-        self.consume(ctx, self.key_ids(ins[0], eqn.invars[0].aval), eqn, sample=True,
-                     score=score)
+        self.consume(ctx, self.key_ids(ins[0], eqn.invars[0].aval), eqn, sample=True, score=score)
         return self.default(eqn, ins, ctx, consume=False)
 
     def _random_bits(self, eqn, ins, ctx) -> list:
@@ -646,8 +729,14 @@ class _Pass:
 
     def _threefry(self, eqn, ins, ctx) -> list:
         k1, k2 = ins[0], ins[1]
-        if (k1.half == 0 and k2.half == 1 and k1.ids is not None and k2.ids is not None
-                and k1.ids.shape == k2.ids.shape and np.array_equal(k1.ids, k2.ids)):
+        if (
+            k1.half == 0
+            and k2.half == 1
+            and k1.ids is not None
+            and k2.ids is not None
+            and k1.ids.shape == k2.ids.shape
+            and np.array_equal(k1.ids, k2.ids)
+        ):
             self.consume(ctx, np.unique(k1.ids), eqn)
         return self.default(eqn, ins, ctx, consume=False)
 
@@ -655,25 +744,35 @@ class _Pass:
 
     def moves(self, eqn, ins, ctx) -> list:
         name = eqn.primitive.name
-        moving, control = _MOVES[name]
+        moving_spec, control_spec = _MOVES[name]
         n = len(ins)
-        moving = range(n) if moving is None else (range(1, n) if moving == "rest" else moving)
-        control = {"rest": range(1, n), "rest2": range(2, n)}.get(control, control)
-        moving, control = list(moving), list(control)
+        moving = list(
+            range(n)
+            if moving_spec is None
+            else (range(1, n) if moving_spec == "rest" else moving_spec)
+        )
+        named: dict[Any, Any] = {"rest": range(1, n), "rest2": range(2, n)}
+        control = list(named.get(control_spec, control_spec))
         # Plain values: evaluate when known.
         if all(a.const is not None for a in ins) and all(
-                _kind(v.aval) == "data" for v in eqn.outvars):
+            _kind(v.aval) == "data" for v in eqn.outvars
+        ):
             return self.default(eqn, ins, ctx, consume=False)
-        keyish = [i for i in moving if _kind(eqn.invars[i].aval) in ("key", "raw")
-                  or ins[i].ids is not None]
+        keyish = [
+            i
+            for i in moving
+            if _kind(eqn.invars[i].aval) in ("key", "raw") or ins[i].ids is not None
+        ]
         if not keyish or len(keyish) != len(moving):
             return self.default(eqn, ins, ctx, consume=False)
         out_avals = [v.aval for v in eqn.outvars]
         if any(_kind(a) not in ("key", "raw", "data") for a in out_avals) or any(
-                _kind(a) == "data" and a.dtype != np.uint32 for a in out_avals):
+            _kind(a) == "data" and a.dtype != np.uint32 for a in out_avals
+        ):
             return self.default(eqn, ins, ctx, consume=False)
         # Positions: operand i's keys are numbered from offsets[i] on.
-        tables, values, offset = [], [None] * n, 0
+        tables, offset = [], 0
+        values: list[Any] = [None] * n
         for i in moving:
             a, aval = ins[i], eqn.invars[i].aval
             if a.half is not None:
@@ -710,8 +809,7 @@ class _Pass:
         w = codes & 1
         if codes.size and np.all(w == w.reshape(-1)[0]):
             return AV(ids=table[codes >> 1], half=int(w.reshape(-1)[0]))
-        return AV(vn=self.keyarr(_mix(table[codes >> 1], (codes & 1).astype(np.uint64)),
-                                 "words"))
+        return AV(vn=self.keyarr(_mix(table[codes >> 1], (codes & 1).astype(np.uint64)), "words"))
 
     def _picks(self, eqn, ins, aval) -> AV:
         layout = "key" if _kind(aval) == "key" else "raw"
@@ -726,8 +824,9 @@ class _Pass:
 
     def _select(self, eqn, ins, aval) -> AV:
         shape = _key_shape(aval)
-        cases = [np.broadcast_to(self.key_ids(a, v.aval), shape)
-                 for a, v in zip(ins[1:], eqn.invars[1:])]
+        cases = [
+            np.broadcast_to(self.key_ids(a, v.aval), shape) for a, v in zip(ins[1:], eqn.invars[1:])
+        ]
         pred = ins[0]
         scalar = not eqn.invars[0].aval.shape
         pv = self.vn(pred)
@@ -746,14 +845,20 @@ class _Pass:
         if index.const is not None:
             b = int(np.clip(int(np.asarray(index.const).reshape(())), 0, len(branches) - 1))
             jaxpr, consts = branches[b]
-            return self.run(jaxpr, [self.from_const(c, v) for c, v in
-                                    zip(consts, jaxpr.constvars)], ops, inner)
+            return self.run(
+                jaxpr, [self.from_const(c, v) for c, v in zip(consts, jaxpr.constvars)], ops, inner
+            )
         instance = self.vn(index)
         results = []
         for b, (jaxpr, consts) in enumerate(branches):
-            results.append(self.run(
-                jaxpr, [self.from_const(c, v) for c, v in zip(consts, jaxpr.constvars)], ops,
-                inner.child(path=ctx.path + ((instance, b),))))
+            results.append(
+                self.run(
+                    jaxpr,
+                    [self.from_const(c, v) for c, v in zip(consts, jaxpr.constvars)],
+                    ops,
+                    inner.child(path=ctx.path + ((instance, b),)),
+                )
+            )
         outs = []
         for j, v in enumerate(eqn.outvars):
             alts = [r[j] for r in results]
@@ -762,8 +867,10 @@ class _Pass:
                 if all(np.array_equal(ids[0], x) for x in ids[1:]):
                     outs.append(AV(ids=ids[0]))
                     continue
-                merged = [self.phi(instance, tuple(int(x.reshape(-1)[p]) for x in ids))
-                          for p in range(ids[0].size)]
+                merged = [
+                    self.phi(instance, tuple(int(x.reshape(-1)[p]) for x in ids))
+                    for p in range(ids[0].size)
+                ]
                 outs.append(AV(ids=np.array(merged, np.uint64).reshape(ids[0].shape)))
             else:
                 vn = self.phi(instance, tuple(self.vn(a) for a in alts))
@@ -780,27 +887,34 @@ class _Pass:
         jaxpr, jconsts = _compat.open_jaxpr(params["jaxpr"])
         length, reverse = int(params["length"]), bool(params["reverse"])
         consts = ins[:num_consts]
-        init = ins[num_consts:num_consts + num_carry]
-        xs = ins[num_consts + num_carry:]
+        init = ins[num_consts : num_consts + num_carry]
+        xs = ins[num_consts + num_carry :]
         if length == 0:
             return self.default(eqn, ins, ctx, consume=False)
         loop = _Loop(self, eqn, "scan", ins)
-        carry_vars = jaxpr.invars[num_consts:num_consts + num_carry]
-        xs_vars = jaxpr.invars[num_consts + num_carry:]
-        carry = [loop.carry_symbol(j, v.aval, a) for j, (v, a) in
-                 enumerate(zip(carry_vars, init))]
-        xs_body = [loop.xs_symbol(j, v.aval, a, eqn.invars[num_consts + num_carry + j].aval,
-                                  reverse) for j, (v, a) in enumerate(zip(xs_vars, xs))]
+        carry_vars = jaxpr.invars[num_consts : num_consts + num_carry]
+        xs_vars = jaxpr.invars[num_consts + num_carry :]
+        carry = [loop.carry_symbol(j, v.aval, a) for j, (v, a) in enumerate(zip(carry_vars, init))]
+        xs_body = [
+            loop.xs_symbol(j, v.aval, a, eqn.invars[num_consts + num_carry + j].aval, reverse)
+            for j, (v, a) in enumerate(zip(xs_vars, xs))
+        ]
         body_ctx = ctx.child(events=[], stack=ctx.stack + (eqn,))
         loop.enter()
-        outs = self.run(jaxpr, [self.from_const(c, v) for c, v in zip(jconsts, jaxpr.constvars)],
-                        consts + carry + xs_body, body_ctx)
+        outs = self.run(
+            jaxpr,
+            [self.from_const(c, v) for c, v in zip(jconsts, jaxpr.constvars)],
+            consts + carry + xs_body,
+            body_ctx,
+        )
         loop.leave()
         loop.carry_outputs(outs[:num_carry], carry_vars)
         dmax = min(2, length - 1)
         final = loop.finish(body_ctx.events, ctx, dmax, outs[:num_carry], carry_vars)
-        ys = [loop.stacked(j, o, v.aval, length)
-              for j, (o, v) in enumerate(zip(outs[num_carry:], eqn.outvars[num_carry:]))]
+        ys = [
+            loop.stacked(j, o, v.aval, length)
+            for j, (o, v) in enumerate(zip(outs[num_carry:], eqn.outvars[num_carry:]))
+        ]
         return final + ys
 
     def _while(self, eqn, ins, ctx) -> list:
@@ -808,18 +922,24 @@ class _Pass:
         cn, bn = params["cond_nconsts"], params["body_nconsts"]
         cond_jaxpr, cond_consts = _compat.open_jaxpr(params["cond_jaxpr"])
         body_jaxpr, body_consts = _compat.open_jaxpr(params["body_jaxpr"])
-        cconsts, bconsts, init = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+        cconsts, bconsts, init = ins[:cn], ins[cn : cn + bn], ins[cn + bn :]
         loop = _Loop(self, eqn, "while_loop", ins)
         carry_vars = body_jaxpr.invars[bn:]
-        carry = [loop.carry_symbol(j, v.aval, a) for j, (v, a) in
-                 enumerate(zip(carry_vars, init))]
+        carry = [loop.carry_symbol(j, v.aval, a) for j, (v, a) in enumerate(zip(carry_vars, init))]
         body_ctx = ctx.child(events=[], stack=ctx.stack + (eqn,))
         loop.enter()
-        self.run(cond_jaxpr, [self.from_const(c, v) for c, v in
-                              zip(cond_consts, cond_jaxpr.constvars)], cconsts + carry, body_ctx)
-        outs = self.run(body_jaxpr, [self.from_const(c, v) for c, v in
-                                     zip(body_consts, body_jaxpr.constvars)],
-                        bconsts + carry, body_ctx)
+        self.run(
+            cond_jaxpr,
+            [self.from_const(c, v) for c, v in zip(cond_consts, cond_jaxpr.constvars)],
+            cconsts + carry,
+            body_ctx,
+        )
+        outs = self.run(
+            body_jaxpr,
+            [self.from_const(c, v) for c, v in zip(body_consts, body_jaxpr.constvars)],
+            bconsts + carry,
+            body_ctx,
+        )
         loop.leave()
         loop.carry_outputs(outs, carry_vars)
         return loop.finish(body_ctx.events, ctx, 2, outs, carry_vars)
@@ -860,8 +980,12 @@ def _aff_operands(eqn, ins):
     if b.const is not None and b.const.size == 1 and a.const is None:
         c = int(b.const.reshape(()))
         return a, (c if eqn.primitive.name == "add" else -c)
-    if eqn.primitive.name == "add" and a.const is not None and a.const.size == 1 \
-            and b.const is None:
+    if (
+        eqn.primitive.name == "add"
+        and a.const is not None
+        and a.const.size == 1
+        and b.const is None
+    ):
         return b, int(a.const.reshape(()))
     return None
 
@@ -894,6 +1018,7 @@ def _as_call(eqn, subs):
 
 
 # -- Position codes: the emulation of element-moving ops ----------------------------------
+
 
 def _codes(layout, shape, offset: int) -> np.ndarray:
     """Positions of an operand's elements: 2·(key number) + (word of the key)."""
@@ -960,11 +1085,26 @@ def _np_div(a, b):
 
 
 _ELEMENTWISE = {
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative,
-    "max": np.maximum, "min": np.minimum, "lt": np.less, "le": np.less_equal,
-    "gt": np.greater, "ge": np.greater_equal, "eq": np.equal, "ne": np.not_equal,
-    "and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor, "not": np.invert,
-    "abs": np.abs, "sign": np.sign, "rem": np.fmod, "div": _np_div,
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "neg": np.negative,
+    "max": np.maximum,
+    "min": np.minimum,
+    "lt": np.less,
+    "le": np.less_equal,
+    "gt": np.greater,
+    "ge": np.greater_equal,
+    "eq": np.equal,
+    "ne": np.not_equal,
+    "and": np.bitwise_and,
+    "or": np.bitwise_or,
+    "xor": np.bitwise_xor,
+    "not": np.invert,
+    "abs": np.abs,
+    "sign": np.sign,
+    "rem": np.fmod,
+    "div": _np_div,
     "clamp": lambda lo, x, hi: np.clip(x, lo, hi),
 }
 
@@ -989,8 +1129,9 @@ def _np_reshape(p, x, *dyn):
 
 def _np_slice(p, x):
     strides = p.get("strides") or (1,) * x.ndim
-    return x[tuple(slice(s, e, st) for s, e, st in
-                   zip(p["start_indices"], p["limit_indices"], strides))]
+    return x[
+        tuple(slice(s, e, st) for s, e, st in zip(p["start_indices"], p["limit_indices"], strides))
+    ]
 
 
 def _starts(x_shape, sizes, idx):
@@ -1016,8 +1157,10 @@ def _np_dynamic_update_slice(p, x, update, *idx):
 
 def _np_select_n(p, pred, *cases):
     which = np.asarray(pred).astype(np.int64)
-    return np.choose(np.broadcast_to(which, np.broadcast_shapes(
-        which.shape, *(np.shape(c) for c in cases))), [np.asarray(c) for c in cases])
+    return np.choose(
+        np.broadcast_to(which, np.broadcast_shapes(which.shape, *(np.shape(c) for c in cases))),
+        [np.asarray(c) for c in cases],
+    )
 
 
 def _np_gather(p, operand, indices):
@@ -1097,6 +1240,7 @@ _EMULATORS = {
 
 # -- Loops ---------------------------------------------------------------------------------
 
+
 class _Loop:
     """One `scan` / `while` being read: its symbols (the carries and the scanned slices
     of one iteration), the substitution σ that maps an iteration's values to the next's,
@@ -1113,9 +1257,9 @@ class _Loop:
         self.sigma_memo: dict[int, int] = {}
         self.iota: dict[int, int] = {}
         self.iota_memo: dict[int, int] = {}
-        self.direct: dict[int, np.ndarray] = {}   # a scanned key -> that key in every row
-        self.carry_syms: list = []                # per carry: ("keys", ids) or ("vn", vn)
-        self.consumed: dict[int, Event] = {}      # key -> the first body event consuming it
+        self.direct: dict[int, np.ndarray] = {}  # a scanned key -> that key in every row
+        self.carry_syms: list = []  # per carry: ("keys", ids) or ("vn", vn)
+        self.consumed: dict[int, Event] = {}  # key -> the first body event consuming it
         self.ctx: _Ctx | None = None
 
     def enter(self) -> None:
@@ -1152,8 +1296,9 @@ class _Loop:
             ids = [self._symbols(("x", j, d), _key_shape(aval)) for d in range(3)]
             if not repeats:
                 for d in range(2):
-                    self.sigma.update(zip(ids[d].reshape(-1).tolist(),
-                                          ids[d + 1].reshape(-1).tolist()))
+                    self.sigma.update(
+                        zip(ids[d].reshape(-1).tolist(), ids[d + 1].reshape(-1).tolist())
+                    )
             for i, node in enumerate(ids[0].reshape(-1).tolist()):
                 self.iota[node] = int(flat[first, i])
                 self.direct[node] = flat[:, i]
@@ -1168,8 +1313,11 @@ class _Loop:
         syms = [_h("sym", self.serial, ("x", j, d)) for d in range(3)]
         if distinct:
             self.sigma.update({syms[0]: syms[1], syms[1]: syms[2]})
-        self.iota[syms[0]] = (self.p.lit(np.asarray(xs.const)[first]) if xs.const is not None
-                              else _h("row", self.p.vn(xs), first))
+        self.iota[syms[0]] = (
+            self.p.lit(np.asarray(xs.const)[first])
+            if xs.const is not None
+            else _h("row", self.p.vn(xs), first)
+        )
         return AV(vn=syms[0])
 
     def carry_outputs(self, outs: list, carry_vars) -> None:
@@ -1177,8 +1325,11 @@ class _Loop:
         for (kind, sym), out, v in zip(self.carry_syms, outs, carry_vars):
             if kind == "keys":
                 new = self.p.key_ids(out, v.aval)
-                self.sigma.update((a, b) for a, b in zip(sym.reshape(-1).tolist(),
-                                                         new.reshape(-1).tolist()) if a != b)
+                self.sigma.update(
+                    (a, b)
+                    for a, b in zip(sym.reshape(-1).tolist(), new.reshape(-1).tolist())
+                    if a != b
+                )
             elif self.p.vn(out) != sym:
                 self.sigma[sym] = self.p.vn(out)
 
@@ -1212,8 +1363,9 @@ class _Loop:
                     for leaf, _ in p.expand(node, ev.path):
                         for j in owners.get(leaf, ()):
                             if ev.score or events[j].score:
-                                raise ValueError(_loop_message(
-                                    events[j], ev, d, self.what, where, i == j))
+                                raise ValueError(
+                                    _loop_message(events[j], ev, d, self.what, where, i == j)
+                                )
         p.birth = self.parent_birth
         self.ctx = ctx
         for ev, inv in zip(events, invariant):
@@ -1223,13 +1375,14 @@ class _Loop:
                 if node in self.direct:
                     ids.extend(self.direct[node].tolist())
                 else:
-                    ids.append(p.replay(node, self.iota, self.serial, self.end,
-                                        self.iota_memo))
+                    ids.append(p.replay(node, self.iota, self.serial, self.end, self.iota_memo))
             when = "every iteration" if inv else "the first iteration"
             note = ev.note or f" (in {when} of the {_LOOPS[self.what]} at {where})"
             ctx.events.append(dataclasses.replace(ev, ids=np.array(ids, np.uint64), note=note))
-        return [self._output(("carry", j), out, v.aval, None)
-                for j, (out, v) in enumerate(zip(outs, carry_vars))]
+        return [
+            self._output(("carry", j), out, v.aval, None)
+            for j, (out, v) in enumerate(zip(outs, carry_vars))
+        ]
 
     def _lift_consumed(self, ids_body: np.ndarray, ids_out: np.ndarray, when: str) -> None:
         """Keys of an output that the body consumed are consumed outside the loop too."""
@@ -1237,9 +1390,14 @@ class _Loop:
         for i, node in enumerate(ids_body.reshape(-1).tolist()):
             ev = self.consumed.get(node)
             if ev is not None:
-                self.ctx.events.append(dataclasses.replace(
-                    ev, ids=np.asarray(flat[:, i], np.uint64),
-                    note=f" (in {when} of the {_LOOPS[self.what]} at {_where_eqn(self.eqn)})"))
+                assert self.ctx is not None
+                self.ctx.events.append(
+                    dataclasses.replace(
+                        ev,
+                        ids=np.asarray(flat[:, i], np.uint64),
+                        note=f" (in {when} of the {_LOOPS[self.what]} at {_where_eqn(self.eqn)})",
+                    )
+                )
 
     def _output(self, tag, out: AV, aval, length) -> AV:
         """An output: the final carry (`length` None) or a stacked `scan` output. The
@@ -1250,19 +1408,22 @@ class _Loop:
             ids = p.key_ids(out, body_aval)
             if self._invariant(ids):
                 first = self._first(ids)
-                return AV(ids=first if length is None else
-                          np.broadcast_to(first, (length,) + first.shape))
+                return AV(
+                    ids=first if length is None else np.broadcast_to(first, (length,) + first.shape)
+                )
             new = p.elems(p.loopout(self.eqn, tag, self.in_vns), _key_shape(aval))
-            self._lift_consumed(ids, new, "the last iteration" if length is None
-                                else "an iteration")
+            self._lift_consumed(
+                ids, new, "the last iteration" if length is None else "an iteration"
+            )
             return AV(ids=new)
         vn = np.array(p.vn(out), np.uint64)
         if self._invariant(vn):
             first = int(self._first(vn))
             value = p.lits.get(first)
             if value is not None and _is_intlike(value.dtype):
-                return p.value_av(value if length is None
-                                  else np.broadcast_to(value, (length,) + value.shape))
+                return p.value_av(
+                    value if length is None else np.broadcast_to(value, (length,) + value.shape)
+                )
             return AV(vn=first if length is None else _h("stacked", first, length))
         return AV(vn=p.loopout(self.eqn, tag, self.in_vns))
 
@@ -1292,6 +1453,7 @@ _RULES = {
 
 
 # -- Messages ------------------------------------------------------------------------------
+
 
 def _fmt(frames) -> str:
     return ", called from ".join(f"{f}:{line} ({fn})" for f, line, fn in frames)
@@ -1324,7 +1486,7 @@ def _where(ev: Event, other: Event | None = None) -> str:
         while shared < min(len(chain), len(theirs)) and chain[-1 - shared] == theirs[-1 - shared]:
             shared += 1
         n = len(chain) - shared or 2  # the same chain: one line, e.g. `f(k) + f(k)`
-    return _fmt(chain[:min(n, 3)])
+    return _fmt(chain[: min(n, 3)])
 
 
 def _what(ev: Event) -> str:
@@ -1337,46 +1499,61 @@ def _what(ev: Event) -> str:
 
 
 _LOOPS = {"scan": "lax.scan / fori_loop", "while_loop": "lax.while_loop / fori_loop"}
-_BIASED = ("so what is drawn from it is not independent; a score-function term assumes "
-           "that its draw is, and its gradient estimate would be biased")
-_FIX = ("Give each draw its own key: split it, e.g. `k1, k2 = jax.random.split(key)`, and "
-        "pass k1 to one and k2 to the other (a baseline drawn with `d.sample` needs a key "
-        "of its own too).")
-_LOOP_FIX = ("Derive a fresh key in every iteration: carry the key and split it each step "
-             "(`key, sub = jax.random.split(key)`), scan over `jax.random.split(key, n)`, "
-             "or use `jax.random.fold_in(key, i)` with the loop counter.")
+_BIASED = (
+    "so what is drawn from it is not independent; a score-function term assumes "
+    "that its draw is, and its gradient estimate would be biased"
+)
+_FIX = (
+    "Give each draw its own key: split it, e.g. `k1, k2 = jax.random.split(key)`, and "
+    "pass k1 to one and k2 to the other (a baseline drawn with `d.sample` needs a key "
+    "of its own too)."
+)
+_LOOP_FIX = (
+    "Derive a fresh key in every iteration: carry the key and split it each step "
+    "(`key, sub = jax.random.split(key)`), scan over `jax.random.split(key, n)`, "
+    "or use `jax.random.fold_in(key, i)` with the loop counter."
+)
 
 
 def _pair_message(a: Event, b: Event) -> str:
-    return (f"scgjax: PRNG key reuse: one key is consumed twice, {_BIASED}.\n"
-            f"  first:  {_what(a)} at {_where(a, b)}{a.note}\n"
-            f"  second: {_what(b)} at {_where(b, a)}{b.note}\n{_FIX}")
+    return (
+        f"scgjax: PRNG key reuse: one key is consumed twice, {_BIASED}.\n"
+        f"  first:  {_what(a)} at {_where(a, b)}{a.note}\n"
+        f"  second: {_what(b)} at {_where(b, a)}{b.note}\n{_FIX}"
+    )
 
 
 def _lanes_message(ev: Event) -> str:
-    return (f"scgjax: PRNG key reuse: {_what(ev)} at {_where(ev)}{ev.note} has the same key "
-            "in several lanes of jax.vmap (a key that is not batched is broadcast to every "
-            "lane), so those lanes draw the same value and its score-function term would be "
-            "biased. Split the key into one per lane, e.g. `keys = jax.random.split(key, "
-            "n)`, and vmap over `keys` (pathwise draws may share a key).")
+    return (
+        f"scgjax: PRNG key reuse: {_what(ev)} at {_where(ev)}{ev.note} has the same key "
+        "in several lanes of jax.vmap (a key that is not batched is broadcast to every "
+        "lane), so those lanes draw the same value and its score-function term would be "
+        "biased. Split the key into one per lane, e.g. `keys = jax.random.split(key, "
+        "n)`, and vmap over `keys` (pathwise draws may share a key)."
+    )
 
 
 def _loop_message(a: Event, b: Event, d: int, what: str, where: str, same: bool) -> str:
     loop = f"the {_LOOPS.get(what, what)} at {where}"
     if same:
         every = "every iteration" if d == 1 else "every other iteration"
-        return (f"scgjax: PRNG key reuse: {_what(b)} at {_where(b)} consumes the same key in "
-                f"{every} of {loop} (a key closed over by the loop body, carried through "
-                f"it unchanged, or scanned over with repeated rows), so the iterations draw "
-                f"the same value and its score-function term would be biased.\n{_LOOP_FIX}")
+        return (
+            f"scgjax: PRNG key reuse: {_what(b)} at {_where(b)} consumes the same key in "
+            f"{every} of {loop} (a key closed over by the loop body, carried through "
+            f"it unchanged, or scanned over with repeated rows), so the iterations draw "
+            f"the same value and its score-function term would be biased.\n{_LOOP_FIX}"
+        )
     later = "the next iteration" if d == 1 else f"{d} iterations later"
-    return (f"scgjax: PRNG key reuse: in {loop}, a key consumed in one iteration is consumed "
-            f"again in {later}, {_BIASED}.\n"
-            f"  first:  {_what(a)} at {_where(a, b)}\n"
-            f"  second: {_what(b)} at {_where(b, a)} ({later})\n{_LOOP_FIX}")
+    return (
+        f"scgjax: PRNG key reuse: in {loop}, a key consumed in one iteration is consumed "
+        f"again in {later}, {_BIASED}.\n"
+        f"  first:  {_what(a)} at {_where(a, b)}\n"
+        f"  second: {_what(b)} at {_where(b, a)} ({later})\n{_LOOP_FIX}"
+    )
 
 
 # -- Entry point ---------------------------------------------------------------------------
+
 
 def check_key_reuse(jaxpr: Any) -> None:
     """Raises a `ValueError` naming both source lines when two consumers of one PRNG key

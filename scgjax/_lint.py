@@ -35,7 +35,8 @@ import os
 import sys
 import sysconfig
 import warnings
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,7 @@ def differentiated_inputs(leaves: Sequence[Any]) -> list[bool]:
 
 # -- The per-variable state ----------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Site:
     """An operation where a draw's gradient is lost: where, and what it is."""
@@ -69,33 +71,62 @@ EMPTY: frozenset = frozenset()
 
 
 class State(NamedTuple):
-    prng: bool = False          # derived from PRNG bits
-    diff: bool = False          # a differentiable path from a differentiated input
-    lost: frozenset = EMPTY     # sites whose lost gradient this value carries
-    guard: frozenset = EMPTY    # sites of a threshold predicate (lost unless a piecewise select)
-    const: bool | None = None   # a predicate that is almost surely True/False (isfinite, isnan)
+    prng: bool = False  # derived from PRNG bits
+    diff: bool = False  # a differentiable path from a differentiated input
+    lost: frozenset = EMPTY  # sites whose lost gradient this value carries
+    guard: frozenset = EMPTY  # sites of a threshold predicate (lost unless a piecewise select)
+    const: bool | None = None  # a predicate that is almost surely True/False (isfinite, isnan)
 
 
 CLEAN = State()
 
 # Primitives whose outputs are PRNG bits (or draws made from them).
-PRNG_SOURCES = frozenset({"random_bits", "random_gamma", "threefry2x32", "rng_bit_generator",
-                          "rng_uniform"})
+PRNG_SOURCES = frozenset(
+    {"random_bits", "random_gamma", "threefry2x32", "rng_bit_generator", "rng_uniform"}
+)
 # Floating-point outputs whose derivative is zero.
 ZERO_DERIVATIVE = frozenset({"floor", "ceil", "round", "sign", "nextafter"})
 COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
 # Operations that keep a predicate a predicate (a `guard`, an a.s. constant), on booleans.
-PREDICATE_OPS = frozenset({"not", "and", "or", "xor", "broadcast_in_dim", "reshape", "squeeze",
-                           "expand_dims", "transpose", "copy", "copy_p", "convert_element_type",
-                           "reduce_or", "reduce_and", "slice", "dynamic_slice", "concatenate",
-                           "rev"})
+PREDICATE_OPS = frozenset(
+    {
+        "not",
+        "and",
+        "or",
+        "xor",
+        "broadcast_in_dim",
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "transpose",
+        "copy",
+        "copy_p",
+        "convert_element_type",
+        "reduce_or",
+        "reduce_and",
+        "slice",
+        "dynamic_slice",
+        "concatenate",
+        "rev",
+    }
+)
 # Call-like primitives: the param holding the sub-jaxpr, whose inputs are the equation's.
-CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-         "remat2": "jaxpr", "checkpoint": "jaxpr", "shard_map": "jaxpr"}
+CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+    "shard_map": "jaxpr",
+}
 # Custom derivative rules: their derivative is the user's, so nothing inside is a site
 # and every floating-point output is differentiable in every input (conservative).
-CUSTOM_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-                "custom_vjp_call_jaxpr": "fun_jaxpr"}
+CUSTOM_CALLS = {
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
 
 
 def _union(sets) -> frozenset:
@@ -108,8 +139,12 @@ def _union(sets) -> frozenset:
 
 def _join(states) -> State:
     states = list(states)
-    return State(any(s.prng for s in states), any(s.diff for s in states),
-                 _union(s.lost for s in states), _union(s.guard for s in states))
+    return State(
+        any(s.prng for s in states),
+        any(s.diff for s in states),
+        _union(s.lost for s in states),
+        _union(s.guard for s in states),
+    )
 
 
 def _is_inexact(x) -> bool:
@@ -134,14 +169,20 @@ def _aval_bool(v) -> bool:
 
 # -- Where a site is -----------------------------------------------------------------------
 
-_LIBRARY_DIRS = tuple(os.path.normcase(os.path.realpath(p)) + os.sep for p in {
-    sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib", "platstdlib")} if p)
+_LIBRARY_DIRS = tuple(
+    os.path.normcase(os.path.realpath(p)) + os.sep
+    for p in {sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib", "platstdlib")}
+    if p
+)
 
 
 def _in_library(filename: str) -> bool:
     path = os.path.normcase(os.path.realpath(filename))
-    return path.startswith(_LIBRARY_DIRS) or f"{os.sep}site-packages{os.sep}" in path \
+    return (
+        path.startswith(_LIBRARY_DIRS)
+        or f"{os.sep}site-packages{os.sep}" in path
         or f"{os.sep}dist-packages{os.sep}" in path
+    )
 
 
 def _describe_frames(frames) -> str:
@@ -179,6 +220,7 @@ def _what(eqn, out) -> str:
 
 
 # -- The pass ------------------------------------------------------------------------------
+
 
 class _Pass:
     def __init__(self):
@@ -228,8 +270,15 @@ class _Pass:
             if name in COMPARISONS or name == "is_finite":
                 const = _constant_predicate(eqn)
                 if const is not None:  # isfinite, isnan, x == inf: no site
-                    return [State(any(s.prng for s in ins), False,
-                                  _union(s.lost | s.guard for s in ins), EMPTY, const)]
+                    return [
+                        State(
+                            any(s.prng for s in ins),
+                            False,
+                            _union(s.lost | s.guard for s in ins),
+                            EMPTY,
+                            const,
+                        )
+                    ]
             if all(s == CLEAN for s in ins) and name not in PRNG_SOURCES:
                 return [CLEAN] * len(eqn.outvars)
             if name == "stop_gradient":  # the user's declaration: no gradient wanted here
@@ -247,8 +296,9 @@ class _Pass:
             if len(_compat.open_jaxpr(j)[0].invars) == len(ins):
                 outs = self.closed(j, ins, here, True)
                 diff = any(s.diff for s in ins)
-                return [s._replace(diff=diff and _aval_inexact(v))
-                        for s, v in zip(outs, eqn.outvars)]
+                return [
+                    s._replace(diff=diff and _aval_inexact(v)) for s, v in zip(outs, eqn.outvars)
+                ]
         if name == "scan":
             return self.scan(eqn, ins, here, opaque)
         if name == "while":
@@ -299,8 +349,7 @@ class _Pass:
             lost = lost | case_guard
         # A piecewise definition: the cases are functions of the compared value (they carry
         # PRNG bits and a differentiable path) or constants.
-        piecewise = any(s.prng and s.diff for s in cases) and \
-            all(s.prng == s.diff for s in cases)
+        piecewise = any(s.prng and s.diff for s in cases) and all(s.prng == s.diff for s in cases)
         if not piecewise:
             lost = lost | pred.guard
         return State(prng, diff, lost, out_guard)
@@ -310,18 +359,24 @@ class _Pass:
         params = eqn.params
         spec = params["spec"]
         n_leaves = spec.treedef.num_leaves
-        key, leaves = ins[0], ins[1:1 + n_leaves]
+        key, leaves = ins[0], ins[1 : 1 + n_leaves]
         if params["estimator"] == "score" and any(s.diff for s in leaves):
             _check_support(eqn, [s.diff for s in leaves], frames)
         lost = _union(s.lost | s.guard for s in (key, *leaves))
-        diff = params["estimator"] == "pathwise" and any(s.diff for s in leaves) \
+        diff = (
+            params["estimator"] == "pathwise"
+            and any(s.diff for s in leaves)
             and _aval_inexact(eqn.outvars[0])
+        )
         return State(False, diff, lost)
 
     def scan(self, eqn, ins, frames, opaque) -> list[State]:
         num_consts, num_carry = _compat.scan_layout(eqn.params)
-        consts, init, xs = ins[:num_consts], ins[num_consts:num_consts + num_carry], \
-            ins[num_consts + num_carry:]
+        consts, init, xs = (
+            ins[:num_consts],
+            ins[num_consts : num_consts + num_carry],
+            ins[num_consts + num_carry :],
+        )
         carry = list(init)
         while True:
             outs = self.closed(eqn.params["jaxpr"], consts + carry + xs, frames, opaque)
@@ -333,7 +388,7 @@ class _Pass:
     def while_loop(self, eqn, ins, frames, opaque) -> list[State]:
         p = eqn.params
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
-        cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], [_join([s]) for s in ins[cn + bn:]]
+        cconsts, bconsts, carry = ins[:cn], ins[cn : cn + bn], [_join([s]) for s in ins[cn + bn :]]
         while True:
             (pred,) = self.closed(p["cond_jaxpr"], cconsts + carry, frames, opaque)
             # How many iterations run depends on the predicate.
@@ -356,8 +411,9 @@ class _Pass:
         joined = _join(ins)
         results = [joined]
         for j in _compat.iter_subjaxprs(eqn.params):
-            results.extend(self.jaxpr(j, [CLEAN] * len(j.constvars), [joined] * len(j.invars),
-                                      frames, opaque))
+            results.extend(
+                self.jaxpr(j, [CLEAN] * len(j.constvars), [joined] * len(j.invars), frames, opaque)
+            )
         s = _join(results)
         return [State(s.prng, s.diff and _aval_inexact(v), s.lost | s.guard) for v in eqn.outvars]
 
@@ -382,10 +438,20 @@ def _has_subjaxprs(eqn) -> bool:
 
 
 # `x OP inf` for a value that is finite (almost surely, for a continuous draw).
-_AGAINST_INF = {("eq", 1): False, ("ne", 1): True, ("lt", 1): True, ("le", 1): True,
-                ("gt", 1): False, ("ge", 1): False,
-                ("eq", -1): False, ("ne", -1): True, ("lt", -1): False, ("le", -1): False,
-                ("gt", -1): True, ("ge", -1): True}
+_AGAINST_INF = {
+    ("eq", 1): False,
+    ("ne", 1): True,
+    ("lt", 1): True,
+    ("le", 1): True,
+    ("gt", 1): False,
+    ("ge", 1): False,
+    ("eq", -1): False,
+    ("ne", -1): True,
+    ("lt", -1): False,
+    ("le", -1): False,
+    ("gt", -1): True,
+    ("ge", -1): True,
+}
 _FLIPPED = {"eq": "eq", "ne": "ne", "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
 
 
@@ -423,9 +489,21 @@ def _combine_constants(name, ins) -> bool | None:
         return False if all(c is False for c in consts) else None
     if name == "xor":
         return None if None in consts else bool(sum(consts) % 2)
-    if name in ("reduce_or", "reduce_and", "broadcast_in_dim", "reshape", "squeeze",
-                "expand_dims", "transpose", "copy", "copy_p", "convert_element_type",
-                "slice", "dynamic_slice", "rev"):
+    if name in (
+        "reduce_or",
+        "reduce_and",
+        "broadcast_in_dim",
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "transpose",
+        "copy",
+        "copy_p",
+        "convert_element_type",
+        "slice",
+        "dynamic_slice",
+        "rev",
+    ):
         return consts[0] if consts else None
     return None
 
@@ -451,8 +529,11 @@ def _support_of(spec, avals):
         support = d.support
         box["name"] = _constraint_name(support)
         box["rsample"] = bool(d.has_rsample)
-        return [jnp.asarray(x) for x in jax.tree_util.tree_leaves(support)
-                if isinstance(x, (jax.Array, _compat.Tracer))]
+        return [
+            jnp.asarray(x)
+            for x in jax.tree_util.tree_leaves(support)
+            if isinstance(x, (jax.Array, _compat.Tracer))
+        ]
 
     try:
         closed = jax.make_jaxpr(bounds)(*(jax.ShapeDtypeStruct(s, d) for s, d in avals))
@@ -491,27 +572,32 @@ def _check_support(eqn, leaf_diff, frames) -> None:
     params = eqn.params
     spec, n_batch = params["spec"], params["n_batch"]
     n_leaves = spec.treedef.num_leaves
-    avals = tuple((tuple(v.aval.shape[n_batch:]), v.aval.dtype)
-                  for v in eqn.invars[1:1 + n_leaves])
+    avals = tuple(
+        (tuple(v.aval.shape[n_batch:]), v.aval.dtype) for v in eqn.invars[1 : 1 + n_leaves]
+    )
     found = _support_of(spec, avals)
     if found is None:
         return
     depends, support_name, rsample = found
     if not any(leaf_diff[i] for i in depends):
         return
-    fix = ("Use estimator='pathwise' (or 'auto'): " + spec.name + " is reparameterizable, "
-           "and the pathwise derivative accounts for the moving support."
-           if rsample else
-           "It has no reparameterized sampler: hold the support's bounds fixed (e.g. with "
-           "jax.lax.stop_gradient) or reparameterize the draw by hand.")
+    fix = (
+        "Use estimator='pathwise' (or 'auto'): " + spec.name + " is reparameterizable, "
+        "and the pathwise derivative accounts for the moving support."
+        if rsample
+        else "It has no reparameterized sampler: hold the support's bounds fixed (e.g. with "
+        "jax.lax.stop_gradient) or reparameterize the draw by hand."
+    )
     raise ValueError(
         f"scgjax.sample: estimator='score' on {spec.name} at {_describe_frames(frames)}, "
         f"whose support ({support_name}) depends on parameters that are being "
         "differentiated. The score-function estimator assumes a support that does not "
-        "move, and misses the boundary term: its gradient would be biased. " + fix)
+        "move, and misses the boundary term: its gradient would be biased. " + fix
+    )
 
 
 # -- The check ------------------------------------------------------------------------------
+
 
 def check_program(closed_jaxpr: Any, differentiated: Sequence[bool]) -> None:
     """Warns (`LostGradientWarning`) or raises for a program whose gradient scgjax
@@ -520,8 +606,9 @@ def check_program(closed_jaxpr: Any, differentiated: Sequence[bool]) -> None:
     const_diff = differentiated_inputs(list(closed_jaxpr.consts))
     if not any(differentiated) and not any(const_diff):
         return  # nothing is differentiated: no gradient to lose
-    in_states = [State(diff=bool(d) and _aval_inexact(v))
-                 for v, d in zip(jaxpr.invars, differentiated)]
+    in_states = [
+        State(diff=bool(d) and _aval_inexact(v)) for v, d in zip(jaxpr.invars, differentiated)
+    ]
     const_states = [State(diff=d) for d in const_diff]
     run = _Pass()
     outs = run.jaxpr(jaxpr, const_states, in_states, (), False)
@@ -531,8 +618,9 @@ def check_program(closed_jaxpr: Any, differentiated: Sequence[bool]) -> None:
     sites = sorted(cost.lost | cost.guard, key=lambda s: (s.source, s.what))
     no_sample = cost.prng and not run.has_sample
     if sites or no_sample:
-        warnings.warn(_message(sites, no_sample), LostGradientWarning,
-                      stacklevel=_user_stacklevel())
+        warnings.warn(
+            _message(sites, no_sample), LostGradientWarning, stacklevel=_user_stacklevel()
+        )
 
 
 def _message(sites, no_sample: bool) -> str:
@@ -547,7 +635,8 @@ def _message(sites, no_sample: bool) -> str:
             "without scg.sample whose distribution depends on the differentiated inputs; "
             f"the gradient through {'them' if many else 'it'} is lost (scg_grad's estimate "
             "leaves it out). The draw meets the differentiable path in an operation without "
-            "a derivative at:")
+            "a derivative at:"
+        )
         lines.extend(f"  {source}: {', '.join(whats)}" for source, whats in by_source.items())
         lines.append(
             "Draw it with scg.sample(key, d) and a numpyro distribution, so that its "
@@ -555,17 +644,19 @@ def _message(sites, no_sample: bool) -> str:
             "jax.random.bernoulli(key, p), scg.sample(key, dist.Categorical(logits=l)) for "
             "jax.random.categorical(key, l), scg.sample(key, d) for d.sample(key) and for "
             "numpyro.sample. If the discontinuity is intended (e.g. a straight-through "
-            "estimator), put the non-differentiable part under jax.lax.stop_gradient.")
+            "estimator), put the non-differentiable part under jax.lax.stop_gradient."
+        )
     if no_sample:
         lines.append(
             "scgjax: the cost depends on jax.random draws, but the program has no "
             "scg.sample: scgjax sees no stochastic node, and its gradient is plain jax.grad's, "
             "right only for draws reparameterized by hand (e.g. loc + scale * "
-            "jax.random.normal(key)). Draw the random variables with scg.sample.")
+            "jax.random.normal(key)). Draw the random variables with scg.sample."
+        )
     return "\n".join(lines)
 
 
-_OWN_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax,))
+_OWN_DIRS = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (jax,))
 
 
 def _user_stacklevel() -> int:
@@ -573,6 +664,7 @@ def _user_stacklevel() -> int:
     skip = (os.path.dirname(os.path.abspath(__file__)) + os.sep, *_OWN_DIRS)
     try:
         import jaxlib
+
         skip = skip + (os.path.dirname(jaxlib.__file__) + os.sep,)
     except Exception:  # pragma: no cover
         pass

@@ -29,7 +29,8 @@ from __future__ import annotations
 import copy
 import functools
 import types
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ def register_score_log_prob(cls: type):
     return register
 
 
-def score_log_prob(d: dist.Distribution, value: jax.Array) -> jax.Array:
+def score_log_prob(d: dist.Distribution, value: jax.Array) -> Any:
     """The log-density of `value` as `d` draws it, with derivatives that are right at
     every parameter value and every order, also when the guarded distribution is
     wrapped (`to_event`, `mask`, `expand`, ...)."""
@@ -72,16 +73,20 @@ def _guarded(d: dist.Distribution) -> dist.Distribution:
         guarded_base = _guarded(base)
         if guarded_base is not base:
             out = copy.copy(d)
-            out.base_dist = guarded_base
+            setattr(out, "base_dist", guarded_base)  # noqa: B010 (not a declared attribute)
             return out
     return d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _guarded_class(cls: type) -> type:
     guard = _GUARDS[cls]
-    return types.new_class(f"Guarded{cls.__name__}", (cls,), {},
-                           lambda ns: ns.update(log_prob=lambda self, value: guard(self, value)))
+    return types.new_class(
+        f"Guarded{cls.__name__}",
+        (cls,),
+        {},
+        lambda ns: ns.update(log_prob=lambda self, value: guard(self, value)),
+    )
 
 
 def softplus(x: jax.Array) -> jax.Array:
