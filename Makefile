@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PY_NEWEST := $(VENV_NEWEST)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: demo test test-newest bench mutation clean
+.PHONY: demo test test-newest lint bench mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: $(VENV)/.installed
 test-newest: $(VENV_NEWEST)/.installed
 	$(PY_NEWEST) -c "import jax; print('jax', jax.__version__)"
 	$(PY_NEWEST) -m pytest $(PYTEST_ARGS) tests
+
+# ruff (lint and format) and pyright (basic), configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check scgjax tests examples benchmarks
+	$(VENV)/bin/ruff format --check scgjax tests examples benchmarks
+	$(VENV)/bin/pyright
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py

@@ -35,6 +35,7 @@ Run:  python benchmarks/overhead.py            (30-60 s on 2 CPU cores)
       python benchmarks/overhead.py --quick    (~15 s, rough numbers)
       python benchmarks/overhead.py --help
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,11 @@ def make_vae_hand(lq_box="element", lp_box="element", recon_box="example"):
                 return jnp.sum(boxes["example"] * jnp.sum(term, axis=-1))
             return boxes["whole"] * jnp.sum(term)
 
-        recon_part = (jnp.sum(boxes["example"] * -recon) if recon_box == "example"
-                      else boxes["whole"] * -jnp.sum(recon))
+        recon_part = (
+            jnp.sum(boxes["example"] * -recon)
+            if recon_box == "example"
+            else boxes["whole"] * -jnp.sum(recon)
+        )
         return (boxed(lq, lq_box) + boxed(-lp, lp_box) + recon_part) / lq.shape[0]
 
     return hand
@@ -132,7 +136,7 @@ def _vae_variants():
         for lp_box in GRANULARITY:
             for recon_box in GRANULARITY[1:]:
                 name = f"log q: {lq_box}, log p: {lp_box}, recon: {recon_box}"
-                out[name] = (lambda a=lq_box, b=lp_box, c=recon_box: make_vae_hand(a, b, c))
+                out[name] = lambda a=lq_box, b=lp_box, c=recon_box: make_vae_hand(a, b, c)
     # Without plates, every piece is boxed whole.
     out = {"whole": out.pop("log q: whole, log p: whole, recon: whole"), **out}
     return out
@@ -206,8 +210,7 @@ def _max_rel_err(a, b):
 
 def _norm_err(g_scg, g_hand):
     """max over keys and leaves of max|scg - hand| / max|hand| (normwise)."""
-    return max(_max_rel_err(gs[name], gh[name])
-               for gs, gh in zip(g_scg, g_hand) for name in gs)
+    return max(_max_rel_err(gs[name], gh[name]) for gs, gh in zip(g_scg, g_hand) for name in gs)
 
 
 def match_estimator(case, args_for_key, keys, rtol):
@@ -231,17 +234,24 @@ def match_estimator(case, args_for_key, keys, rtol):
             errors[variant] = _norm_err(g_scg, g_hands[variant])
     best = min(errors, key=errors.get)
     if errors[best] > rtol:
-        lines = "\n".join(f"  hand[{v}]: max |scg - hand| / max|hand| = {e:.3e}"
-                          for v, e in sorted(errors.items(), key=lambda kv: kv[1]))
+        lines = "\n".join(
+            f"  hand[{v}]: max |scg - hand| / max|hand| = {e:.3e}"
+            for v, e in sorted(errors.items(), key=lambda kv: kv[1])
+        )
         raise AssertionError(
             f"{case}: scg.scg_grad matches none of the hand-written estimators "
-            f"(rtol={rtol}):\n{lines}")
+            f"(rtol={rtol}):\n{lines}"
+        )
     for gs, gh in zip(g_scg, g_hands[best]):
         for name in gs:
             scale = float(np.max(np.abs(np.asarray(gh[name]))))
             np.testing.assert_allclose(
-                np.asarray(gs[name]), np.asarray(gh[name]), rtol=rtol, atol=rtol * scale,
-                err_msg=f"{case}: scg vs hand[{best}], leaf {name!r}")
+                np.asarray(gs[name]),
+                np.asarray(gh[name]),
+                rtol=rtol,
+                atol=rtol * scale,
+                err_msg=f"{case}: scg vs hand[{best}], leaf {name!r}",
+            )
     return best, errors[best], errors
 
 
@@ -252,7 +262,7 @@ def time_compiles(makers, args, reps):
     for name in order:  # one discarded round: first-use costs inside JAX
         jax.jit(makers[name]()).lower(*args).compile()
     for r in range(reps):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             fn = makers[name]()  # fresh function objects: no tracing cache hit
             t0 = time.perf_counter()
             lowered = jax.jit(fn).lower(*args)
@@ -282,7 +292,9 @@ def _hlo_instructions(compiled):
         return None
     if not text:
         return None
-    return sum(1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//"))
+    return sum(
+        1 for line in text.splitlines() if " = " in line and not line.lstrip().startswith("//")
+    )
 
 
 _fmt_t = wl.fmt_t
@@ -313,13 +325,19 @@ def main(argv=None):
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
         "host_cpus": os.cpu_count(),
-        "reps": a.reps, "inner": a.inner, "compile_reps": a.compile_reps,
+        "reps": a.reps,
+        "inner": a.inner,
+        "compile_reps": a.compile_reps,
     }
     print("# scgjax overhead benchmark\n")
-    print(f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} device(s)), "
-          f"host CPUs: {os.cpu_count()}")
-    print(f"jax {env_info['jax']}, jaxlib {env_info['jaxlib']}, numpyro {env_info['numpyro']}, "
-          f"python {env_info['python']}")
+    print(
+        f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} device(s)), "
+        f"host CPUs: {os.cpu_count()}"
+    )
+    print(
+        f"jax {env_info['jax']}, jaxlib {env_info['jaxlib']}, numpyro {env_info['numpyro']}, "
+        f"python {env_info['python']}"
+    )
     print(f"reps={a.reps} x inner={a.inner} calls, compile reps={a.compile_reps}\n", flush=True)
 
     t_start = time.perf_counter()
@@ -332,64 +350,92 @@ def main(argv=None):
 
         check_keys = [jax.random.PRNGKey(i) for i in (42, 7)]
         variant, err, report = match_estimator(
-            case, lambda k: (params, k, data), check_keys, a.rtol)
+            case, lambda k: (params, k, data), check_keys, a.rtol
+        )
         others = sorted((e, v) for v, e in report.items() if v != variant)
-        print(f"[{case}] scg gradient == hand[{variant}] gradient "
-              f"(normwise rel err {err:.1e}"
-              + (f"; next closest: hand[{others[0][1]}] at {others[0][0]:.1e}" if others else "")
-              + ")", flush=True)
+        print(
+            f"[{case}] scg gradient == hand[{variant}] gradient "
+            f"(normwise rel err {err:.1e}"
+            + (f"; next closest: hand[{others[0][1]}] at {others[0][0]:.1e}" if others else "")
+            + ")",
+            flush=True,
+        )
 
         fns = {"scg": jax.jit(make_scg(case)), "hand": jax.jit(make_hand(case, variant))}
         run, _ = wl.time_runs(fns, args, a.reps, a.inner)
         comp = time_compiles(
             {"scg": lambda: make_scg(case), "hand": lambda: make_hand(case, variant)},
-            args, a.compile_reps)
+            args,
+            a.compile_reps,
+        )
         row = {
-            "case": case, "title": spec["title"], "estimator": variant, "grad_rel_err": err,
+            "case": case,
+            "title": spec["title"],
+            "estimator": variant,
+            "grad_rel_err": err,
             "estimator_errors": report,
-            "run_scg": run["scg"], "run_hand": run["hand"],
+            "run_scg": run["scg"],
+            "run_hand": run["hand"],
             "run_ratio": run["scg"] / run["hand"],
-            "compile_scg": comp["scg"]["total"], "compile_hand": comp["hand"]["total"],
+            "compile_scg": comp["scg"]["total"],
+            "compile_hand": comp["hand"]["total"],
             "compile_ratio": comp["scg"]["total"] / comp["hand"]["total"],
-            "lower_scg": comp["scg"]["lower"], "lower_hand": comp["hand"]["lower"],
-            "xla_scg": comp["scg"]["compile"], "xla_hand": comp["hand"]["compile"],
-            "hlo_scg": comp["scg"]["hlo"], "hlo_hand": comp["hand"]["hlo"],
+            "lower_scg": comp["scg"]["lower"],
+            "lower_hand": comp["hand"]["lower"],
+            "xla_scg": comp["scg"]["compile"],
+            "xla_hand": comp["hand"]["compile"],
+            "hlo_scg": comp["scg"]["hlo"],
+            "hlo_hand": comp["hand"]["hlo"],
         }
         rows.append(row)
-        print(f"[{case}] run {_fmt_t(row['run_scg'])} vs {_fmt_t(row['run_hand'])} "
-              f"(x{row['run_ratio']:.3f}); trace+compile {_fmt_t(row['compile_scg'])} vs "
-              f"{_fmt_t(row['compile_hand'])} (x{row['compile_ratio']:.2f})", flush=True)
+        print(
+            f"[{case}] run {_fmt_t(row['run_scg'])} vs {_fmt_t(row['run_hand'])} "
+            f"(x{row['run_ratio']:.3f}); trace+compile {_fmt_t(row['compile_scg'])} vs "
+            f"{_fmt_t(row['compile_hand'])} (x{row['compile_ratio']:.2f})",
+            flush=True,
+        )
 
     def ok(x, target):
         return "ok" if x <= target else "**over**"
 
     print()
-    print(f"Device: {dev.device_kind} ({dev.platform}); jax {env_info['jax']}; "
-          f"host CPUs {os.cpu_count()}\n")
-    print("| workload | hand estimator | run scg | run hand | run ratio "
-          f"(≤ {RUN_TARGET}) | trace+compile scg | trace+compile hand | "
-          f"compile ratio (≤ {COMPILE_TARGET:g}) |")
+    print(
+        f"Device: {dev.device_kind} ({dev.platform}); jax {env_info['jax']}; "
+        f"host CPUs {os.cpu_count()}\n"
+    )
+    print(
+        "| workload | hand estimator | run scg | run hand | run ratio "
+        f"(≤ {RUN_TARGET}) | trace+compile scg | trace+compile hand | "
+        f"compile ratio (≤ {COMPILE_TARGET:g}) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['title']} | {r['estimator']} | {_fmt_t(r['run_scg'])} | "
-              f"{_fmt_t(r['run_hand'])} | {r['run_ratio']:.3f} {ok(r['run_ratio'], RUN_TARGET)} | "
-              f"{_fmt_t(r['compile_scg'])} | {_fmt_t(r['compile_hand'])} | "
-              f"{r['compile_ratio']:.2f} {ok(r['compile_ratio'], COMPILE_TARGET)} |")
+        print(
+            f"| {r['title']} | {r['estimator']} | {_fmt_t(r['run_scg'])} | "
+            f"{_fmt_t(r['run_hand'])} | {r['run_ratio']:.3f} {ok(r['run_ratio'], RUN_TARGET)} | "
+            f"{_fmt_t(r['compile_scg'])} | {_fmt_t(r['compile_hand'])} | "
+            f"{r['compile_ratio']:.2f} {ok(r['compile_ratio'], COMPILE_TARGET)} |"
+        )
     print()
     print("Trace+compile split (median): trace/lower | XLA compile; optimized HLO instructions\n")
     print("| workload | lower scg | lower hand | XLA scg | XLA hand | HLO instrs scg / hand |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {_fmt_t(r['lower_scg'])} | {_fmt_t(r['lower_hand'])} | "
-              f"{_fmt_t(r['xla_scg'])} | {_fmt_t(r['xla_hand'])} | "
-              f"{r['hlo_scg']} / {r['hlo_hand']} |")
+        print(
+            f"| {r['case']} | {_fmt_t(r['lower_scg'])} | {_fmt_t(r['lower_hand'])} | "
+            f"{_fmt_t(r['xla_scg'])} | {_fmt_t(r['xla_hand'])} | "
+            f"{r['hlo_scg']} / {r['hlo_hand']} |"
+        )
     print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.1f} s")
 
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"env": env_info, "rows": rows}, fh, indent=2)
-    missed = [r["case"] for r in rows
-              if r["run_ratio"] > RUN_TARGET or r["compile_ratio"] > COMPILE_TARGET]
+    missed = [
+        r["case"]
+        for r in rows
+        if r["run_ratio"] > RUN_TARGET or r["compile_ratio"] > COMPILE_TARGET
+    ]
     if a.strict and missed:
         print(f"targets missed: {', '.join(missed)}", file=sys.stderr)
         return 1

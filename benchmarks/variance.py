@@ -44,6 +44,7 @@ Run:  python benchmarks/variance.py            (about a minute on 2 CPU cores)
       python benchmarks/variance.py --quick    (rough numbers, ~30 s)
       python benchmarks/variance.py --help
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +112,7 @@ def digit_images(n=VAE_BATCH, seed=0, flip=0.03):
         if rng.rand() < 0.3:  # a bolder stroke
             glyph = np.maximum(glyph, np.pad(glyph, ((0, 0), (1, 0)))[:, :-1])
         r, c = rng.randint(0, VAE_SIDE - 7 + 1), rng.randint(0, VAE_SIDE - 5 + 1)
-        out[i, r:r + 7, c:c + 5] = glyph
+        out[i, r : r + 7, c : c + 5] = glyph
     noise = rng.rand(*out.shape) < flip
     out = np.where(noise, 1.0 - out, out)
     return jnp.asarray(out.reshape(n, VAE_PIXELS))
@@ -288,8 +289,9 @@ def make_ma(cost_ma, init_state, params, data, decay, warmup, key):
 
     def step(params, state, data, key):
         g, ds = grad_ds(params, state, data, key)
-        new_state = {n: decay * s + (1.0 - decay) * _batch_mean_to(ds[n], s.shape)
-                     for n, s in state.items()}
+        new_state = {
+            n: decay * s + (1.0 - decay) * _batch_mean_to(ds[n], s.shape) for n, s in state.items()
+        }
         return g, new_state
 
     step = jax.jit(step)
@@ -307,10 +309,14 @@ def vae_rows(params, x, a):
     ]
     rows += _scg_rows(vae_cost, vae_cost_ma, vae_ma_init, params, x, a)
     rows += [
-        Row("NumPyro TraceGraph (plate batch)",
-            lambda: _fixed(make_numpyro_grad(_np_model_batch, _np_guide_batch))()),
-        Row("NumPyro TraceGraph (plates batch×latent)",
-            lambda: _fixed(make_numpyro_grad(_np_model_nested, _np_guide_nested))()),
+        Row(
+            "NumPyro TraceGraph (plate batch)",
+            lambda: _fixed(make_numpyro_grad(_np_model_batch, _np_guide_batch))(),
+        ),
+        Row(
+            "NumPyro TraceGraph (plates batch×latent)",
+            lambda: _fixed(make_numpyro_grad(_np_model_nested, _np_guide_nested))(),
+        ),
     ]
     return rows
 
@@ -328,17 +334,25 @@ def _scg_rows(cost, cost_ma, ma_init, params, data, a):
     rows = [Row("scgjax default", lambda: _fixed(scg.scg_grad(cost))(), scg_f=cost)]
     for k in a.loo:
         opts = dict(num_samples=k, baseline="leave_one_out", key_argnum=-1)
-        rows.append(Row(f"scgjax LOO K={k}",
-                        lambda opts=opts: _fixed(scg.scg_grad(cost, **opts))(),
-                        scg_f=cost, scg_opts=opts))
+        rows.append(
+            Row(
+                f"scgjax LOO K={k}",
+                lambda opts=opts: _fixed(scg.scg_grad(cost, **opts))(),
+                scg_f=cost,
+                scg_opts=opts,
+            )
+        )
 
     def build_ma():
-        state, step = make_ma(cost_ma, ma_init, params, data, a.ma_decay, a.ma_warmup,
-                              jax.random.PRNGKey(12345))
+        state, step = make_ma(
+            cost_ma, ma_init, params, data, a.ma_decay, a.ma_warmup, jax.random.PRNGKey(12345)
+        )
         draw = scg.scg_grad(cost_ma)  # the same estimator, with the state held fixed
-        return (lambda p, d, k: draw(p, state, d, k),
-                lambda p, d, k: step(p, state, d, k),  # timed with the EMA update
-                (state,))
+        return (
+            lambda p, d, k: draw(p, state, d, k),
+            lambda p, d, k: step(p, state, d, k),  # timed with the EMA update
+            (state,),
+        )
 
     rows.append(Row(f"scgjax moving avg (decay {a.ma_decay:g})", build_ma, scg_f=cost_ma))
     return rows
@@ -367,8 +381,10 @@ def own_stats(row, params, data, key, num_draws, chunk):
     def stats(params, data, keys):
         def one_chunk(ks):
             g = jax.vmap(lambda k: row.grad_draw(params, data, k))(ks)
-            return (jax.tree.map(lambda v: v.mean(0), g),
-                    jax.tree.map(lambda v: v.var(0, ddof=1), g))
+            return (
+                jax.tree.map(lambda v: v.mean(0), g),
+                jax.tree.map(lambda v: v.var(0, ddof=1), g),
+            )
 
         return lax.map(one_chunk, keys)
 
@@ -379,8 +395,13 @@ def own_stats(row, params, data, key, num_draws, chunk):
 def scg_stats(row, params, data, key, num_draws, chunk):
     """Same, through scg.gradient_variance, chunk draws per call."""
     n_chunks = num_draws // chunk
-    gv = scg.gradient_variance(row.scg_f, argnums=0, num_draws=chunk, key_argnum=-1,
-                               **{k: v for k, v in row.scg_opts.items() if k != "key_argnum"})
+    gv = scg.gradient_variance(
+        row.scg_f,
+        argnums=0,
+        num_draws=chunk,
+        key_argnum=-1,
+        **{k: v for k, v in row.scg_opts.items() if k != "key_argnum"},
+    )
     keys = jax.random.split(key, n_chunks)
 
     @jax.jit
@@ -397,8 +418,10 @@ def _tree_combine(means, variances, chunk):
     leaves_m, tree = jax.tree.flatten(means)
     leaves_v = jax.tree.leaves(variances)
     out = [_combine(m, v, chunk) for m, v in zip(leaves_m, leaves_v)]
-    return (jax.tree.unflatten(tree, [o[0] for o in out]),
-            jax.tree.unflatten(tree, [o[1] for o in out]))
+    return (
+        jax.tree.unflatten(tree, [o[0] for o in out]),
+        jax.tree.unflatten(tree, [o[1] for o in out]),
+    )
 
 
 time_runs = wl.time_runs
@@ -427,17 +450,27 @@ def same_gradient(fn_a, fn_b, params, data, keys, rtol):
 
 CASES = {
     "vae": dict(
-        title=(f"discrete VAE (B={VAE_BATCH}, {VAE_PIXELS} px digit-like, "
-               f"{VAE_LATENTS} Bernoulli latents)"),
-        problem=vae_problem, rows=vae_rows, groups=VAE_GROUPS, cost=vae_cost,
+        title=(
+            f"discrete VAE (B={VAE_BATCH}, {VAE_PIXELS} px digit-like, "
+            f"{VAE_LATENTS} Bernoulli latents)"
+        ),
+        problem=vae_problem,
+        rows=vae_rows,
+        groups=VAE_GROUPS,
+        cost=vae_cost,
         hands=["hand per-element", "hand per-row", "REINFORCE (whole, hand)"],
-        reference="hand per-element", numpyro=True,
+        reference="hand per-element",
+        numpyro=True,
     ),
     "rl": dict(
         title=f"policy gradient, lax.scan T={RL_HORIZON} (state {RL_STATE}, {RL_ACTIONS} actions)",
-        problem=rl_problem, rows=rl_rows, groups=RL_GROUPS, cost=rl_cost,
+        problem=rl_problem,
+        rows=rl_rows,
+        groups=RL_GROUPS,
+        cost=rl_cost,
         hands=["hand causal (reward-to-go)", "REINFORCE (whole, hand)"],
-        reference="hand causal (reward-to-go)", numpyro=False,
+        reference="hand causal (reward-to-go)",
+        numpyro=False,
     ),
 }
 
@@ -476,8 +509,11 @@ def run_case(case, a, log):
         try:
             row.prepare()
             key = jax.random.fold_in(base_key, i)  # every row gets independent draws
-            use_gv = (row.scg_f is not None and a.variance_impl != "own"
-                      and hasattr(scg, "gradient_variance"))
+            use_gv = (
+                row.scg_f is not None
+                and a.variance_impl != "own"
+                and hasattr(scg, "gradient_variance")
+            )
             if use_gv:
                 try:
                     mean, var = scg_stats(row, params, data, key, a.draws, a.chunk)
@@ -485,8 +521,10 @@ def run_case(case, a, log):
                 except Exception as e:  # noqa: BLE001 - report, fall back
                     if a.variance_impl == "scg":
                         raise
-                    log(f"  [{case}] {row.name}: scg.gradient_variance failed "
-                        f"({_short_error(e)}); using own vmapped draws")
+                    log(
+                        f"  [{case}] {row.name}: scg.gradient_variance failed "
+                        f"({_short_error(e)}); using own vmapped draws"
+                    )
                     use_gv = False
             if not use_gv:
                 mean, var = own_stats(row, params, data, key, a.draws, a.chunk)
@@ -496,25 +534,34 @@ def run_case(case, a, log):
         except Exception as e:  # noqa: BLE001 - a missing feature is a row, not a crash
             res["error"] = _short_error(e)
             if row.name.startswith("NumPyro") and _version(numpyro.__version__) < (0, 22):
-                res["error"] += (f" (numpyro {numpyro.__version__}'s TraceGraph_ELBO fails "
-                                 f"under jax {jax.__version__}; numpyro 0.22 works)")
+                res["error"] += (
+                    f" (numpyro {numpyro.__version__}'s TraceGraph_ELBO fails "
+                    f"under jax {jax.__version__}; numpyro 0.22 works)"
+                )
             if a.verbose:
                 traceback.print_exc()
-        log(f"  [{case}] {row.name}: "
-            + (f"variance done ({res['via']}, {time.perf_counter() - t0:.1f} s)"
-               if res["error"] is None else f"unavailable: {res['error']}"))
+        log(
+            f"  [{case}] {row.name}: "
+            + (
+                f"variance done ({res['via']}, {time.perf_counter() - t0:.1f} s)"
+                if res["error"] is None
+                else f"unavailable: {res['error']}"
+            )
+        )
 
     # Bias check: every row against the lowest-variance row (independent draws); that
     # row against the lowest-variance hand-written one.
     done = [r for r in results if r["error"] is None]
 
     def total_var(r):
-        return sum(r["var"][g] / max(min(o["var"][g] for o in done), 1e-300)
-                   for g, _ in spec["groups"])
+        return sum(
+            r["var"][g] / max(min(o["var"][g] for o in done), 1e-300) for g, _ in spec["groups"]
+        )
 
     best = min(done, key=total_var)["name"] if done else None
-    best_hand = min((r for r in done if r["name"] in spec["hands"]), key=total_var,
-                    default={"name": None})["name"]
+    best_hand = min(
+        (r for r in done if r["name"] in spec["hands"]), key=total_var, default={"name": None}
+    )["name"]
     n = a.draws
     for res in results:
         ref_name = best_hand if res["name"] == best else best
@@ -525,8 +572,11 @@ def run_case(case, a, log):
         z2 = []
         for _, leaf in spec["groups"]:
             se2 = (np.asarray(v[leaf]) + np.asarray(rv[leaf])) / n
-            z2.append(((np.asarray(m[leaf]) - np.asarray(rm[leaf])) ** 2
-                       / np.maximum(se2, 1e-300)).ravel())
+            z2.append(
+                (
+                    (np.asarray(m[leaf]) - np.asarray(rm[leaf])) ** 2 / np.maximum(se2, 1e-300)
+                ).ravel()
+            )
         res["z2"] = float(np.mean(np.concatenate(z2)))
 
     # Which hand-written surrogate is the scgjax default's estimator?
@@ -536,8 +586,9 @@ def run_case(case, a, log):
     match, match_err = None, {}
     for hand in spec["hands"]:
         try:
-            ok, err = same_gradient(scg_fn, by_name[hand].grad_draw, params, data,
-                                    check_keys, a.rtol)
+            ok, err = same_gradient(
+                scg_fn, by_name[hand].grad_draw, params, data, check_keys, a.rtol
+            )
         except Exception as e:  # noqa: BLE001
             ok, err = False, float("nan")
             log(f"  [{case}] comparing with {hand} failed: {_short_error(e)}")
@@ -545,11 +596,15 @@ def run_case(case, a, log):
         if ok and match is None:
             match = hand
     if match:
-        log(f"  [{case}] scgjax default == {match} (assert_allclose rtol={a.rtol}, "
-            f"max rel err {match_err[match]:.1e})")
+        log(
+            f"  [{case}] scgjax default == {match} (assert_allclose rtol={a.rtol}, "
+            f"max rel err {match_err[match]:.1e})"
+        )
     else:
-        log(f"  [{case}] WARNING: scgjax default matches no hand-written estimator: "
-            + ", ".join(f"{h} {e:.1e}" for h, e in match_err.items()))
+        log(
+            f"  [{case}] WARNING: scgjax default matches no hand-written estimator: "
+            + ", ".join(f"{h} {e:.1e}" for h, e in match_err.items())
+        )
 
     # Time per gradient step, all rows interleaved in one process.
     time_ref = match or spec["reference"]
@@ -563,15 +618,29 @@ def run_case(case, a, log):
     target = None
     if "scgjax default" in fns and time_ref in fns:
         pair = {"scgjax default": fns["scgjax default"], time_ref: fns[time_ref]}
-        t_pair, r_pair = time_runs(pair, (params, data, key), a.pair_reps, a.pair_inner,
-                                   ref=time_ref)
-        target = {"scg": t_pair["scgjax default"], "hand": t_pair[time_ref],
-                  "ratio": r_pair["scgjax default"]}
-        log(f"  [{case}] time/step scgjax default {_fmt_t(target['scg'])} vs {time_ref} "
-            f"{_fmt_t(target['hand'])}: paired ratio {target['ratio']:.3f}")
-    return {"case": case, "title": spec["title"], "groups": [g for g, _ in spec["groups"]],
-            "rows": results, "match": match, "match_err": match_err,
-            "time_ref": time_ref, "time_target": target, "draws": a.draws}
+        t_pair, r_pair = time_runs(
+            pair, (params, data, key), a.pair_reps, a.pair_inner, ref=time_ref
+        )
+        target = {
+            "scg": t_pair["scgjax default"],
+            "hand": t_pair[time_ref],
+            "ratio": r_pair["scgjax default"],
+        }
+        log(
+            f"  [{case}] time/step scgjax default {_fmt_t(target['scg'])} vs {time_ref} "
+            f"{_fmt_t(target['hand'])}: paired ratio {target['ratio']:.3f}"
+        )
+    return {
+        "case": case,
+        "title": spec["title"],
+        "groups": [g for g, _ in spec["groups"]],
+        "rows": results,
+        "match": match,
+        "match_err": match_err,
+        "time_ref": time_ref,
+        "time_target": target,
+        "draws": a.draws,
+    }
 
 
 def _abbrev(name):
@@ -581,18 +650,27 @@ def _abbrev(name):
 def print_case(out, print_=print):
     groups = out["groups"]
     print_(f"\n### {out['title']}\n")
-    print_("| estimator | " + " | ".join(f"var {g}" for g in groups)
-           + f" | time/step | × {out['time_ref']} | z² vs (≈1) |")
+    print_(
+        "| estimator | "
+        + " | ".join(f"var {g}" for g in groups)
+        + f" | time/step | × {out['time_ref']} | z² vs (≈1) |"
+    )
     print_("|---|" + "---|" * len(groups) + "---|---|---|")
     for r in out["rows"]:
         if r["error"] is not None:
-            print_(f"| {r['name']} | " + " | ".join("n/a" for _ in groups)
-                   + f" | n/a | | unavailable: {r['error'][:200]} |")
+            print_(
+                f"| {r['name']} | "
+                + " | ".join("n/a" for _ in groups)
+                + f" | n/a | | unavailable: {r['error'][:200]} |"
+            )
             continue
         ratio = "—" if r.get("time_ratio") is None else f"{r['time_ratio']:.2f}"
         z2 = "—" if r["z2"] is None else f"{r['z2']:.2f} ({_abbrev(r['z2_ref'])})"
-        print_(f"| {r['name']} | " + " | ".join(_fmt_v(r["var"][g]) for g in groups)
-               + f" | {_fmt_t(r['time'])} | {ratio} | {z2} |")
+        print_(
+            f"| {r['name']} | "
+            + " | ".join(_fmt_v(r["var"][g]) for g in groups)
+            + f" | {_fmt_t(r['time'])} | {ratio} | {z2} |"
+        )
 
 
 def check_targets(out, print_=print):
@@ -605,18 +683,24 @@ def check_targets(out, print_=print):
     t = out.get("time_target")
     if t:
         ok = t["ratio"] <= RUN_TARGET
-        print_(f"- [{out['case']}] time/step scgjax default / {out['time_ref']} = "
-               f"{t['ratio']:.3f} ({_fmt_t(t['scg'])} vs {_fmt_t(t['hand'])}; target ≤ "
-               f"{RUN_TARGET}): {'ok' if ok else 'MISSED'}")
+        print_(
+            f"- [{out['case']}] time/step scgjax default / {out['time_ref']} = "
+            f"{t['ratio']:.3f} ({_fmt_t(t['scg'])} vs {_fmt_t(t['hand'])}; target ≤ "
+            f"{RUN_TARGET}): {'ok' if ok else 'MISSED'}"
+        )
         if not ok:
             missed.append("time")
     if out["match"] is None:
-        print_(f"- [{out['case']}] scgjax default is not the same estimator as any "
-               "hand-written surrogate (see the log above): MISSED")
+        print_(
+            f"- [{out['case']}] scgjax default is not the same estimator as any "
+            "hand-written surrogate (see the log above): MISSED"
+        )
         missed.append("estimator")
     else:
-        print_(f"- [{out['case']}] scgjax default gives the same gradient as "
-               f"{out['match']} (assert_allclose, 2 keys): ok")
+        print_(
+            f"- [{out['case']}] scgjax default gives the same gradient as "
+            f"{out['match']} (assert_allclose, 2 keys): ok"
+        )
     for name, r in by.items():
         if not name.startswith("NumPyro") or r["error"] is not None:
             continue
@@ -625,9 +709,11 @@ def check_targets(out, print_=print):
         tol = 1.0 + 2.0 * math.sqrt(2.0 / out["draws"])
         worse = [g for g in out["groups"] if default["var"][g] > tol * r["var"][g]]
         ratios = ", ".join(f"{g} {default['var'][g] / r['var'][g]:.3g}" for g in out["groups"])
-        print_(f"- [{out['case']}] variance scgjax default / {name}: {ratios} "
-               f"(target ≤ 1, noise tolerance {tol:.2f}): "
-               f"{'ok' if not worse else 'MISSED for ' + ', '.join(worse)}")
+        print_(
+            f"- [{out['case']}] variance scgjax default / {name}: {ratios} "
+            f"(target ≤ 1, noise tolerance {tol:.2f}): "
+            f"{'ok' if not worse else 'MISSED for ' + ', '.join(worse)}"
+        )
         if worse:
             missed.append(name)
     return missed
@@ -650,23 +736,38 @@ def _loadavg(now=False):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="vae,rl", help="comma-separated subset of: vae,rl")
-    p.add_argument("--draws", type=int, default=1000,
-                   help="gradient draws per estimator for the variance (default 1000)")
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=1000,
+        help="gradient draws per estimator for the variance (default 1000)",
+    )
     p.add_argument("--chunk", type=int, default=50, help="draws vmapped at once")
     p.add_argument("--loo", default="4,8", help="K values for the leave-one-out rows")
     p.add_argument("--ma-decay", type=float, default=0.9, help="moving-average decay")
     p.add_argument("--ma-warmup", type=int, default=100, help="moving-average warm-up steps")
     p.add_argument("--reps", type=int, default=15, help="interleaved timing repetitions")
     p.add_argument("--inner", type=int, default=10, help="calls per timing repetition")
-    p.add_argument("--pair-reps", type=int, default=40,
-                   help="repetitions of the scgjax-default vs hand-written timing")
+    p.add_argument(
+        "--pair-reps",
+        type=int,
+        default=40,
+        help="repetitions of the scgjax-default vs hand-written timing",
+    )
     p.add_argument("--pair-inner", type=int, default=25, help="calls per pair repetition")
     p.add_argument("--rtol", type=float, default=1e-4, help="same-estimator tolerance")
-    p.add_argument("--variance-impl", choices=["auto", "scg", "own"], default="auto",
-                   help="scgjax rows: scg.gradient_variance if available (auto), always "
-                        "(scg), or vmapped draws here (own)")
-    p.add_argument("--quick", action="store_true",
-                   help="draws=200, reps=5, inner=5, pair-reps=10, pair-inner=10")
+    p.add_argument(
+        "--variance-impl",
+        choices=["auto", "scg", "own"],
+        default="auto",
+        help="scgjax rows: scg.gradient_variance if available (auto), always "
+        "(scg), or vmapped draws here (own)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="draws=200, reps=5, inner=5, pair-reps=10, pair-inner=10",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     p.add_argument("--verbose", action="store_true", help="tracebacks for failed rows")
@@ -680,19 +781,29 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     env = {
-        "jax": jax.__version__, "numpyro": numpyro.__version__,
-        "python": platform.python_version(), "platform": dev.platform,
-        "device_kind": dev.device_kind, "host_cpus": os.cpu_count(),
-        "draws": a.draws, "reps": a.reps, "inner": a.inner,
+        "jax": jax.__version__,
+        "numpyro": numpyro.__version__,
+        "python": platform.python_version(),
+        "platform": dev.platform,
+        "device_kind": dev.device_kind,
+        "host_cpus": os.cpu_count(),
+        "draws": a.draws,
+        "reps": a.reps,
+        "inner": a.inner,
         "gradient_variance": hasattr(scg, "gradient_variance"),
     }
     print("# scgjax gradient-variance benchmark\n")
-    print(f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} device(s)), "
-          f"host CPUs: {os.cpu_count()}; jax {jax.__version__}, numpyro "
-          f"{numpyro.__version__}, python {env['python']}")
-    print(f"{a.draws} gradient draws per estimator (chunks of {a.chunk}); timing "
-          f"{a.reps} reps x {a.inner} calls; moving average decay {a.ma_decay:g}, "
-          f"warm-up {a.ma_warmup} steps\n", flush=True)
+    print(
+        f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} device(s)), "
+        f"host CPUs: {os.cpu_count()}; jax {jax.__version__}, numpyro "
+        f"{numpyro.__version__}, python {env['python']}"
+    )
+    print(
+        f"{a.draws} gradient draws per estimator (chunks of {a.chunk}); timing "
+        f"{a.reps} reps x {a.inner} calls; moving average decay {a.ma_decay:g}, "
+        f"warm-up {a.ma_warmup} steps\n",
+        flush=True,
+    )
 
     def log(msg):
         print(msg, flush=True)
@@ -700,19 +811,25 @@ def main(argv=None):
     _loadavg()
     t_start = time.perf_counter()
     outs = [run_case(c, a, log) for c in cases]
-    print(f"\nDevice: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
-          f"numpyro {numpyro.__version__}; host CPUs {os.cpu_count()}; {a.draws} draws")
-    print("var X = mean over the group's entries of the per-entry variance of one "
-          "gradient step's estimate (LOO K: the step averages K samples, ≈K× compute).")
+    print(
+        f"\nDevice: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
+        f"numpyro {numpyro.__version__}; host CPUs {os.cpu_count()}; {a.draws} draws"
+    )
+    print(
+        "var X = mean over the group's entries of the per-entry variance of one "
+        "gradient step's estimate (LOO K: the step averages K samples, ≈K× compute)."
+    )
     for out in outs:
         print_case(out)
     print("\nTargets:")
     missed = []
     for out in outs:
         missed += check_targets(out)
-    print(f"\ntotal benchmark time: {time.perf_counter() - t_start:.1f} s; "
-          f"load average {_loadavg()} at the start, {_loadavg(now=True)} at the end "
-          f"(timings assume an otherwise idle machine)")
+    print(
+        f"\ntotal benchmark time: {time.perf_counter() - t_start:.1f} s; "
+        f"load average {_loadavg()} at the start, {_loadavg(now=True)} at the end "
+        f"(timings assume an otherwise idle machine)"
+    )
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"env": env, "cases": outs}, fh, indent=2, default=str)

@@ -13,6 +13,7 @@
 Functions here take ``(params, data, key)``, key last; ``overhead.py`` wraps them in
 its ``(params, key, data)`` order.
 """
+
 from __future__ import annotations
 
 import os
@@ -179,7 +180,7 @@ def time_runs(fns, args, reps, inner, ref=None):
     times = {name: [] for name in fns}
     order = list(fns)
     for r in range(reps):
-        for name in (order if r % 2 == 0 else order[::-1]):
+        for name in order if r % 2 == 0 else order[::-1]:
             fn = fns[name]
             t0 = time.perf_counter()
             for _ in range(inner):
@@ -188,8 +189,10 @@ def time_runs(fns, args, reps, inner, ref=None):
     med = {name: statistics.median(t) for name, t in times.items()}
     ratio = {}
     if ref in times:
-        ratio = {name: statistics.median(a / b for a, b in zip(t, times[ref]))
-                 for name, t in times.items()}
+        ratio = {
+            name: statistics.median(a / b for a, b in zip(t, times[ref]))
+            for name, t in times.items()
+        }
     return med, ratio
 
 

@@ -46,8 +46,12 @@ def cost(params, x, key, baseline):
 
 def init_params(key):
     k1, k2 = jax.random.split(key)
-    return {"enc": 0.1 * jax.random.normal(k1, (D, H)), "enc_b": jnp.zeros(H),
-            "dec": 0.1 * jax.random.normal(k2, (H, D)), "dec_b": jnp.zeros(D)}
+    return {
+        "enc": 0.1 * jax.random.normal(k1, (D, H)),
+        "enc_b": jnp.zeros(H),
+        "dec": 0.1 * jax.random.normal(k2, (H, D)),
+        "dec_b": jnp.zeros(D),
+    }
 
 
 def baseline_net(phi, x):
@@ -77,30 +81,36 @@ def main(steps: int):
         updates, opt_state = opt.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
         ema = 0.9 * ema + 0.1 * target
-        loss, g_phi = jax.value_and_grad(
-            lambda p: jnp.mean((baseline_net(p, x) - target) ** 2))(phi)
+        loss, g_phi = jax.value_and_grad(lambda p: jnp.mean((baseline_net(p, x) - target) ** 2))(
+            phi
+        )
         updates, base_state = base_opt.update(g_phi, base_state, phi)
         phi = optax.apply_updates(phi, updates)
         return params, opt_state, ema, phi, base_state, loss
 
     key = jax.random.key(1)
-    for i in range(steps):
+    for _ in range(steps):
         key, sub = jax.random.split(key)
         params, opt_state, ema, phi, base_state, loss = step(
-            params, opt_state, ema, phi, base_state, sub)
+            params, opt_state, ema, phi, base_state, sub
+        )
     print(f"after {steps} steps: baseline regression loss {loss:.2e}")
 
     # Compare the estimators' variance at the trained parameters, same data.
     x = data(jax.random.key(123))
     variance = {}
-    for label, b in [("no baseline", jnp.zeros((B, 1))), ("moving average", ema),
-                     ("learned (Optax)", baseline_net(phi, x))]:
+    for label, b in [
+        ("no baseline", jnp.zeros((B, 1))),
+        ("moving average", ema),
+        ("learned (Optax)", baseline_net(phi, x)),
+    ]:
         _, var = scg.gradient_variance(cost, num_draws=4000, key_argnum=2)(
-            params, x, jax.random.key(5), b)
+            params, x, jax.random.key(5), b
+        )
         variance[label] = float(jnp.mean(var["enc"]))
-    _, var = scg.gradient_variance(cost, num_draws=4000, num_samples=4,
-                                   baseline="leave_one_out", key_argnum=2)(
-        params, x, jax.random.key(5), jnp.zeros((B, 1)))
+    _, var = scg.gradient_variance(
+        cost, num_draws=4000, num_samples=4, baseline="leave_one_out", key_argnum=2
+    )(params, x, jax.random.key(5), jnp.zeros((B, 1)))
     variance["leave-one-out, K=4 (4x compute)"] = float(jnp.mean(var["enc"]))
     print(f"{'baseline':<34} {'mean variance of d/d enc':>26}")
     for label, v in variance.items():

@@ -17,8 +17,8 @@ import scgjax as scg
 
 def f(theta, key):
     k1, k2 = jax.random.split(key)
-    z = scg.sample(k1, dist.Bernoulli(logits=theta[0]))   # score function
-    x = scg.sample(k2, dist.Normal(theta[1] * z, 1.0))    # pathwise
+    z = scg.sample(k1, dist.Bernoulli(logits=theta[0]))  # score function
+    x = scg.sample(k2, dist.Normal(theta[1] * z, 1.0))  # pathwise
     return (x - 2.0) ** 2 + 0.5 * z
 
 
@@ -36,17 +36,18 @@ def main():
     print(scg.describe(f)(theta, key))
     print()
 
-    grads = jax.jit(jax.vmap(scg.scg_grad(f), in_axes=(None, 0)))(
-        theta, jax.random.split(key, n))
+    grads = jax.jit(jax.vmap(scg.scg_grad(f), in_axes=(None, 0)))(theta, jax.random.split(key, n))
     mean = grads.mean(0)
     stderr = grads.std(0) / n**0.5
     exact = jax.grad(expected_cost)(theta)
 
-    print(f"one sample:   f(θ, key) = {f(theta, key):.4f}, "
-          f"surrogate = {scg.surrogate(f)(theta, key):.4f} (equal by construction)")
-    print(f"{'parameter':<10} {'estimate (mean of %d)' % n:>24} {'± s.e.':>8} {'exact':>9}")
+    print(
+        f"one sample:   f(θ, key) = {f(theta, key):.4f}, "
+        f"surrogate = {scg.surrogate(f)(theta, key):.4f} (equal by construction)"
+    )
+    print(f"{'parameter':<10} {f'estimate (mean of {n})':>24} {'± s.e.':>8} {'exact':>9}")
     for i in range(theta.shape[0]):
-        print(f"{'θ%d' % i:<10} {mean[i]:>24.4f} {stderr[i]:>8.4f} {exact[i]:>9.4f}")
+        print(f"{f'θ{i}':<10} {mean[i]:>24.4f} {stderr[i]:>8.4f} {exact[i]:>9.4f}")
     ok = bool(jnp.all(jnp.abs(mean - exact) < 5 * stderr))
     print("estimate agrees with the exact gradient within 5 standard errors:", ok)
 

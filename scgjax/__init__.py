@@ -11,18 +11,28 @@ from . import _compat
 
 _compat.hide_frames_of(_os.path.dirname(__file__))
 
-from ._lint import LostGradientWarning as LostGradientWarning  # noqa: E402
+from ._lint import LostGradientWarning as LostGradientWarning
 from ._sample import sample as sample
+from ._surrogate import Site as Site
+from ._surrogate import Trace as Trace
+from ._surrogate import describe as describe
 from ._surrogate import gradient_variance as gradient_variance
 from ._surrogate import scg_grad as scg_grad
 from ._surrogate import scg_value_and_grad as scg_value_and_grad
-from ._surrogate import describe as describe
 from ._surrogate import surrogate as surrogate
 from ._surrogate import trace as trace
-from ._surrogate import Site as Site
-from ._surrogate import Trace as Trace
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["LostGradientWarning", "Site", "Trace", "describe", "gradient_variance", "sample",
-           "scg_grad", "scg_value_and_grad", "surrogate", "trace"]
+__all__ = [
+    "LostGradientWarning",
+    "Site",
+    "Trace",
+    "describe",
+    "gradient_variance",
+    "sample",
+    "scg_grad",
+    "scg_value_and_grad",
+    "surrogate",
+    "trace",
+]

@@ -7,9 +7,11 @@ by version-number comparisons, so that a new release fails loudly in one place.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
+import jax.core
 import jax.numpy as jnp
 from jax.extend import core as jex
 from jax.interpreters import ad as _ad
@@ -111,5 +113,138 @@ def zero_tangent(primal: Any) -> Any:
     from_primal = getattr(_ad.Zero, "from_primal_value", None)
     if from_primal is not None:  # pragma: no cover - depends on the JAX version
         return from_primal(primal)
-    typeof = getattr(jax, "typeof", None) or jax.core.get_aval
-    return _ad.Zero(typeof(primal).to_tangent_aval())
+    return _ad.Zero(jax.typeof(primal).to_tangent_aval())
+
+
+# -- Trace-time checks (_lint.py) ----------------------------------------------------------
+
+# The tracers of forward- and reverse-mode differentiation. `jax.grad`/`jax.vjp` trace
+# through `LinearizeTracer` (0.10 and newer), `jax.jvp`/`jax.jacfwd` through `JVPTracer`;
+# either holds a tangent, which is a symbolic `Zero` where nothing is differentiated.
+_DIFFERENTIATION_TRACERS = tuple(t for t in (_ad.JVPTracer, _LinearizeTracer) if t is not None)
+_ZERO_TANGENTS = tuple(
+    t
+    for t in (getattr(_ad, "Zero", None), getattr(_ad, "SymbolicZero", None))
+    if isinstance(t, type)
+)
+try:  # pragma: no cover - depends on the JAX version
+    Tracer = jax.core.Tracer
+except AttributeError:  # pragma: no cover
+    from jax._src.core import Tracer
+
+
+def is_differentiated(x: Any) -> bool:
+    """Whether `x` is being differentiated by an enclosing `jax.grad`, `jax.vjp`,
+    `jax.jvp`, `jax.jacfwd`/`jacrev` or `jax.hessian`, also when vmap's batch tracers wrap
+    the differentiation tracer or are wrapped by it, and under `jit` inside the
+    differentiation. (Under `jax.grad(jax.jit(f))` the differentiation happens after `f`
+    is traced, and is not visible.)"""
+    for _ in range(64):  # a chain of nested transforms; bounded for safety
+        if not isinstance(x, Tracer):
+            return False
+        if _DIFFERENTIATION_TRACERS and isinstance(x, _DIFFERENTIATION_TRACERS):
+            tangent = getattr(x, "tangent", None)
+            if not (_ZERO_TANGENTS and isinstance(tangent, _ZERO_TANGENTS)):
+                return True
+        inner = None
+        # The value a tracer wraps: `primal` (JVP, linearize), `val` (vmap's BatchTracer,
+        # shard_map's tracer). A tracer forwards unknown attributes to its aval, so read
+        # the instance's own slots only.
+        for attr in ("primal", "val"):
+            try:
+                v = object.__getattribute__(x, attr)
+            except AttributeError:
+                continue
+            if isinstance(v, Tracer):
+                inner = v
+                break
+        x = inner
+    return False
+
+
+def source_frames(eqn: Any) -> list[tuple[str, str]]:
+    """The user frames of an equation's source info, innermost first, as `(file name,
+    'file:line:col (function)')`; empty when JAX does not say (e.g. inside a cached
+    `jit` sub-jaxpr)."""
+    try:
+        from jax._src import source_info_util
+
+        tb = eqn.source_info.traceback
+        frames = list(source_info_util.user_frames(tb)) if tb is not None else []
+        summarize = getattr(source_info_util, "_summarize_frame", None)
+        out = []
+        for fr in frames:
+            text = (
+                summarize(fr)
+                if summarize is not None
+                else f"{fr.file_name}:{fr.start_line} ({fr.function_name})"
+            )
+            out.append((fr.file_name, text))
+        return out
+    except Exception:  # pragma: no cover - best effort only
+        return []
+
+
+# -- Key-reuse pass (`_keys`) ---------------------------------------------------------------
+
+
+def is_key_dtype(dtype: Any) -> bool:
+    """Whether `dtype` is a typed PRNG key dtype (`key<fry>`)."""
+    try:
+        return jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    except TypeError:
+        return False
+
+
+def iter_subjaxprs_with_consts(params: dict[str, Any]) -> Iterator[tuple[Jaxpr, list[Any]]]:
+    """Every sub-jaxpr in an equation's params, as `(open jaxpr, consts)`."""
+    for j in jex.jaxprs_in_params(params):
+        yield open_jaxpr(j)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import os
+    import sysconfig
+
+    dirs = [os.path.dirname(jax.__file__), os.path.dirname(__file__)]
+    for name in ("jaxlib", "numpyro"):
+        try:
+            mod = __import__(name)
+            dirs.append(os.path.dirname(mod.__file__))
+        except Exception:  # pragma: no cover - optional
+            pass
+    for key in ("stdlib", "platstdlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            dirs.append(path)
+    return tuple(d.rstrip(os.sep) + os.sep for d in dirs)
+
+
+_LIBRARY_DIRS: tuple[str, ...] | None = None
+
+
+def user_frames(eqn: Any) -> list[tuple[str, int, str]]:
+    """`(file, line, function)` of the frames of an equation's traceback that are the
+    user's, innermost first: outside JAX, numpyro, scgjax, the standard library and
+    installed packages. Empty when there are none (e.g. inside a jitted library
+    function, whose traceback stops at its own entry)."""
+    global _LIBRARY_DIRS
+    if _LIBRARY_DIRS is None:
+        _LIBRARY_DIRS = _library_dirs()
+    try:
+        frames = eqn.source_info.traceback.frames
+    except Exception:  # pragma: no cover - no traceback kept
+        return []
+    out = []
+    for frame in frames or ():
+        path = getattr(frame, "file_name", "") or ""
+        if (
+            not path
+            or path.startswith("<")
+            or path.startswith(_LIBRARY_DIRS)
+            or "site-packages" in path
+            or "dist-packages" in path
+        ):
+            continue
+        out.append((path, getattr(frame, "line_num", 0), getattr(frame, "function_name", "?")))
+    return out

@@ -36,14 +36,16 @@ P = _compat.primitives
 
 # -- Crossing a combinator boundary ------------------------------------------------------
 
+
 def pack(vals: list[Val]) -> tuple[list[Any], list[tuple]]:
     """Arrays and static structure of `vals` (values first, then each one's terms)."""
     arrays, struct = [], []
     for v in vals:
         arrays.append(v.value)
-        if v.has_terms:
-            keys = tuple(v.terms)
-            arrays.extend(v.terms[k] for k in keys)
+        if v.terms is not None:
+            terms = v.terms
+            keys = tuple(terms)
+            arrays.extend(terms[k] for k in keys)
             struct.append((v.deps, keys))
         else:
             struct.append((v.deps, None))
@@ -60,7 +62,7 @@ def unpack(arrays: list[Any], struct: list[tuple], lift=None) -> list[Val]:
         if keys is None:
             vals.append(Val(value, lift(deps)))
         else:
-            items = [(lift(k[0]), t) for k, t in zip(keys, arrays[i:i + len(keys)])]
+            items = [(lift(k[0]), t) for k, t in zip(keys, arrays[i : i + len(keys)])]
             i += len(keys)
             vals.append(_graph.make_val(value, lift(deps), items))
     return vals
@@ -103,6 +105,7 @@ def _slice_struct(x) -> jax.ShapeDtypeStruct:
 
 # -- jit and other calls -----------------------------------------------------------------
 
+
 def _call_rule(wrap):
     """A rule for call-like primitives: `wrap(fn, params)` re-enters JAX around `fn`."""
 
@@ -126,12 +129,15 @@ def _call_rule(wrap):
 
 higher_order_rules[P.jit_p] = _call_rule(lambda fn, params: jax.jit(fn))
 higher_order_rules[P.remat_p] = _call_rule(
-    lambda fn, params: jax.checkpoint(fn, prevent_cse=params.get("prevent_cse", True),
-                                      policy=params.get("policy")))
+    lambda fn, params: jax.checkpoint(
+        fn, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy")
+    )
+)
 higher_order_rules[P.closed_call_p] = _call_rule(lambda fn, params: fn)
 
 
 # -- scan ----------------------------------------------------------------------------------
+
 
 def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, tuple]:
     """Carries updated as `c = c + x` or `c = γ·c + x` (in either operand order), with `γ`
@@ -143,8 +149,11 @@ def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, tuple]:
     consts = set(jaxpr.invars[:num_consts])
 
     def source(v):  # looks through dtype conversions (e.g. of a weakly typed carry)
-        while not isinstance(v, _compat.Literal) and v in producer \
-                and producer[v].primitive.name in ("convert_element_type", "copy", "copy_p"):
+        while (
+            not isinstance(v, _compat.Literal)
+            and v in producer
+            and producer[v].primitive.name in ("convert_element_type", "copy", "copy_p")
+        ):
             v = producer[v].invars[0]
         return v
 
@@ -170,9 +179,12 @@ def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, tuple]:
         a, b = eqn.invars
         for mine, other in ((a, b), (b, a)):
             is_carry, gamma = scaled_carry(mine, c_in)
-            if is_carry and not isinstance(other, _compat.Literal) \
-                    and source(other) is not c_in \
-                    and tuple(other.aval.shape) == tuple(c_in.aval.shape):  # no broadcast
+            if (
+                is_carry
+                and not isinstance(other, _compat.Literal)
+                and source(other) is not c_in
+                and tuple(other.aval.shape) == tuple(c_in.aval.shape)
+            ):  # no broadcast
                 out[j] = (other, gamma)
                 break
     return out
@@ -195,20 +207,27 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     level, reverse, length = sub.level, params["reverse"], params["length"]
     accumulators = _accumulators(jaxpr, num_consts, num_carry)
     # A discount γ must not depend on a draw.
-    accumulators = {j: (x, g) for j, (x, g) in accumulators.items()
-                    if g is None or isinstance(g, _compat.Literal)
-                    or not invals[jaxpr.invars.index(g)].deps}
+    accumulators = {
+        j: (x, g)
+        for j, (x, g) in accumulators.items()
+        if g is None or isinstance(g, _compat.Literal) or not invals[jaxpr.invars.index(g)].deps
+    }
     acc_index = sorted(accumulators)
     init_terms = {j: invals[num_consts + j] for j in acc_index}
     invals = [v.collapsed() for v in invals]
     consts = invals[:num_consts]
-    init = invals[num_consts:num_consts + num_carry]
-    xs = invals[num_consts + num_carry:]
+    init = invals[num_consts : num_consts + num_carry]
+    xs = invals[num_consts + num_carry :]
     before = "gt" if reverse else "lt"  # the iterations that ran before this one
 
     def slice_deps(d: Deps) -> Deps:  # xs[t] inside the body
-        return d.map_entries(lambda e: (Loop(level, e.kind) if e.axis == 0 else Axis(e.axis - 1, e.kind))
-                             if isinstance(e, Axis) else e)
+        return d.map_entries(
+            lambda e: (
+                (Loop(level, e.kind) if e.axis == 0 else Axis(e.axis - 1, e.kind))
+                if isinstance(e, Axis)
+                else e
+            )
+        )
 
     def carry_in(d: Deps) -> Deps:  # what the previous iterations left in the carry
         def fn(e):
@@ -216,11 +235,17 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
                 kind = _deps.compose_kind(e.kind, before)
                 return ALL if kind is None else Loop(level, kind)
             return e
+
         return d.map_entries(fn)
 
     def lift_stacked(d: Deps) -> Deps:  # a per-step output, stacked on axis 0
-        return d.map_entries(lambda e: Axis(0, e.kind) if isinstance(e, Loop) and e.level == level
-                             else (Axis(e.axis + 1, e.kind) if isinstance(e, Axis) else e))
+        return d.map_entries(
+            lambda e: (
+                Axis(0, e.kind)
+                if isinstance(e, Loop) and e.level == level
+                else (Axis(e.axis + 1, e.kind) if isinstance(e, Axis) else e)
+            )
+        )
 
     def lift_final(d: Deps) -> Deps:  # the final carry: every iteration
         return d.map_entries(lambda e: ALL if isinstance(e, Loop) and e.level == level else e)
@@ -228,34 +253,45 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     xs_body = [Val(None, slice_deps(v.deps)) for v in xs]
     extra = [accumulators[j][0] for j in acc_index]
     # Replayed draws of the body's nodes are stacked along the loop: scanned like xs.
-    draw_ids = sorted(sub.draws) if sub.draws else []
-    draw_xs = [jnp.asarray(sub.draws[n]) for n in draw_ids]
-    for n, d in zip(draw_ids, draw_xs):
+    draws = sub.draws or {}
+    draw_ids = sorted(draws)
+    draw_xs = [jnp.asarray(draws[n]) for n in draw_ids]
+    for d in draw_xs:
         if np.ndim(d) == 0 or np.shape(d)[0] != length:
             raise ValueError(
                 f"scgjax: a replayed draw inside a scan of length {length} needs a leading "
-                f"axis of that length (one value per iteration), got shape {np.shape(d)}.")
+                f"axis of that length (one value per iteration), got shape {np.shape(d)}."
+            )
 
     def body_fn(carry_deps, meta):
         def body(carry, x):
-            x, x_draws = x[:len(xs)], x[len(xs):]
+            x, x_draws = x[: len(xs)], x[len(xs) :]
             here = dataclasses.replace(sub, draws=dict(zip(draw_ids, x_draws)) or None)
-            args = (consts + [Val(c, d) for c, d in zip(carry, carry_deps)]
-                    + [Val(a, v.deps) for a, v in zip(x, xs_body)])
+            args = (
+                consts
+                + [Val(c, d) for c, d in zip(carry, carry_deps)]
+                + [Val(a, v.deps) for a, v in zip(x, xs_body)]
+            )
             arrays, log_probs, baseline_total = _run(here, jaxpr, jconsts, args, meta, extra)
             outs = unpack(arrays, meta["struct"])
             meta["carry_deps"] = [v.deps for v in outs[:num_carry]]
             n_carry_arrays = _n_arrays(meta["struct"][:num_carry])
-            return ([v.value for v in outs[:num_carry]],
-                    (arrays[n_carry_arrays:], log_probs, baseline_total))
+            return (
+                [v.value for v in outs[:num_carry]],
+                (arrays[n_carry_arrays:], log_probs, baseline_total),
+            )
+
         return body
 
     # The carries' dependencies: the least fixpoint over one iteration.
     carry_deps = [carry_in(v.deps) for v in init]
     while True:
         meta: dict = {}
-        jax.eval_shape(body_fn(carry_deps, meta), [_shape_struct(v.value) for v in init],
-                       [_slice_struct(v.value) for v in xs] + [_slice_struct(d) for d in draw_xs])
+        jax.eval_shape(
+            body_fn(carry_deps, meta),
+            [_shape_struct(v.value) for v in init],
+            [_slice_struct(v.value) for v in xs] + [_slice_struct(d) for d in draw_xs],
+        )
         grown = [carry_in(_deps.join([a, b])) for a, b in zip(carry_deps, meta["carry_deps"])]
         if grown == carry_deps:
             break
@@ -263,8 +299,13 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
 
     meta = {}
     carry, (ys_arrays, log_probs, baseline_total) = lax.scan(
-        body_fn(carry_deps, meta), [v.value for v in init], [v.value for v in xs] + draw_xs,
-        length=length, reverse=reverse, unroll=params["unroll"])
+        body_fn(carry_deps, meta),
+        [v.value for v in init],
+        [v.value for v in xs] + draw_xs,
+        length=length,
+        reverse=reverse,
+        unroll=params["unroll"],
+    )
     nodes = [dataclasses.replace(n, shape=(length,) + n.shape) for n in meta["nodes"]]
     _adopt(ctx, meta, log_probs, baseline_total, nodes)
     ys_and_increments = unpack(list(ys_arrays), meta["struct"][num_carry:], lift_stacked)
@@ -278,10 +319,15 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         gamma = accumulators[j][1]
         g = None
         if gamma is not None:
-            g = gamma.val if isinstance(gamma, _compat.Literal) else \
-                invals[jaxpr.invars.index(gamma)].value
-        items = [(d, t if g is None else t * _discount(g, length, t))
-                 for d, t in init_terms[j].term_items()]
+            g = (
+                gamma.val
+                if isinstance(gamma, _compat.Literal)
+                else invals[jaxpr.invars.index(gamma)].value
+            )
+        items = [
+            (d, t if g is None else t * _discount(g, length, t))
+            for d, t in init_terms[j].term_items()
+        ]
         steps_after = jnp.arange(length) if reverse else length - 1 - jnp.arange(length)
         for d, t in inc.term_items():
             n = np.ndim(t)
@@ -298,6 +344,7 @@ higher_order_rules[P.scan_p] = _scan_rule
 
 # -- cond / switch -------------------------------------------------------------------------
 
+
 def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     branches = [_compat.open_jaxpr(b) for b in eqn.params["branches"]]
     which, *ops = invals
@@ -311,6 +358,7 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         def fn(*values):
             args = [Val(x, v.deps) for x, v in zip(values, ops)]
             return _run(sub, jaxpr, consts, args, meta)
+
         return fn
 
     # First pass: what each branch returns and which nodes it draws.
@@ -321,8 +369,9 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         metas.append(meta)
         shapes.append(lp_shapes)
     n_out = len(metas[0]["struct"])
-    out_keys = [_union_keys((m["struct"][j], m["out_shapes"][j]) for m in metas)
-                for j in range(n_out)]
+    out_keys = [
+        _union_keys((m["struct"][j], m["out_shapes"][j]) for m in metas) for j in range(n_out)
+    ]
     # Every branch's node arrays; a branch not taken gives zeros (log-prob 0, and when
     # recording, value 0 and drawn flag False).
     score = [(b, i) for b, lp_shapes in enumerate(shapes) for i in range(len(lp_shapes))]
@@ -337,26 +386,34 @@ def _cond_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
             result = [v.value for v in vals]
             for j, v in enumerate(vals):
                 terms = {(d, tuple(np.shape(t))): t for d, t in v.term_items()}
-                result.extend(terms[k] if k in terms else jnp.zeros(k[1], jnp.result_type(v.value))
-                              for k in out_keys[j])
-            result.extend(log_probs[i] if bb == b else jnp.zeros(shapes[bb][i].shape, shapes[bb][i].dtype)
-                          for bb, i in score)
+                result.extend(
+                    terms[k] if k in terms else jnp.zeros(k[1], jnp.result_type(v.value))
+                    for k in out_keys[j]
+                )
+            result.extend(
+                log_probs[i] if bb == b else jnp.zeros(shapes[bb][i].shape, shapes[bb][i].dtype)
+                for bb, i in score
+            )
             result.append(jnp.asarray(baseline_total, jnp.float32))
             return result
+
         return out
 
-    results = lax.switch(which.value, [unified(b) for b in range(len(branches))],
-                         *[v.value for v in ops])
+    results = lax.switch(
+        which.value, [unified(b) for b in range(len(branches))], *[v.value for v in ops]
+    )
     values, rest = results[:n_out], results[n_out:]
     outs = []
     for j in range(n_out):
-        terms_j, rest = rest[:len(out_keys[j])], rest[len(out_keys[j]):]
+        terms_j, rest = rest[: len(out_keys[j])], rest[len(out_keys[j]) :]
         deps_j = _deps.join([which.deps] + [m["struct"][j][0] for m in metas])
         items = [(_deps.join([k[0], which.deps]), t) for k, t in zip(out_keys[j], terms_j)]
         outs.append(_graph.make_val(values[j], deps_j, items))
     log_probs, baseline_total = rest[:-1], rest[-1]
-    meta = {"nodes": [node for m in metas for node in m["nodes"]],
-            "has_baseline": any(m["has_baseline"] for m in metas)}
+    meta = {
+        "nodes": [node for m in metas for node in m["nodes"]],
+        "has_baseline": any(m["has_baseline"] for m in metas),
+    }
     _adopt(ctx, meta, log_probs, baseline_total)
     return outs
 
@@ -365,7 +422,7 @@ def _union_keys(entries) -> list:
     """Every term key `(deps, shape)` that a branch gives output `j`, in a fixed order."""
     keys: dict = {}
     for (deps, ks), shape in entries:
-        for k in (ks if ks is not None else [(deps, shape)]):
+        for k in ks if ks is not None else [(deps, shape)]:
             keys.setdefault(k, None)
     return list(keys)
 
@@ -375,36 +432,44 @@ higher_order_rules[P.cond_p] = _cond_rule
 
 # -- while ---------------------------------------------------------------------------------
 
+
 def _while_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     params = eqn.params
     cond_jaxpr, cond_jconsts = _compat.open_jaxpr(params["cond_jaxpr"])
     body_jaxpr, body_jconsts = _compat.open_jaxpr(params["body_jaxpr"])
     cn, bn = params["cond_nconsts"], params["body_nconsts"]
     invals = [v.collapsed() for v in invals]
-    cconsts, bconsts, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+    cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
     if jaxpr_has_sample(cond_jaxpr):
         raise NotImplementedError(
             "scgjax: scg.sample inside the condition of a lax.while_loop is not "
-            "supported. Draw it in the loop body and carry the result.")
+            "supported. Draw it in the loop body and carry the result."
+        )
     if any(_compat.is_reverse_mode_tracer(v.value) for v in invals):
         raise ValueError(
             "scgjax: a scg.sample inside lax.while_loop needs reverse-mode "
             "differentiation through the loop (its log-probability depends on the "
             "differentiated inputs), and JAX cannot reverse-differentiate a while_loop. "
             "Use lax.scan, or lax.fori_loop with static (Python int) bounds, which "
-            "lowers to scan. Forward mode (jax.jvp, jax.jacfwd) and the value work.")
+            "lowers to scan. Forward mode (jax.jvp, jax.jacfwd) and the value work."
+        )
     sub = ctx.child(index)
     if (sub.draws or ctx.graph.record) and jaxpr_has_sample(body_jaxpr):
         raise NotImplementedError(
             "scgjax: draws inside lax.while_loop cannot be replayed or traced (the number "
             "of iterations is not known when tracing). Use lax.scan, or lax.fori_loop with "
-            "static bounds.")
+            "static bounds."
+        )
     init_structs = [_shape_struct(v.value) for v in init]
 
     def run_cond(carry_deps, carry):
         args = cconsts + [Val(c, d) for c, d in zip(carry, carry_deps)]
-        return eval_jaxpr(dataclasses.replace(sub, graph=Graph()), cond_jaxpr,
-                          [Val(c) for c in cond_jconsts], args)[0]
+        return eval_jaxpr(
+            dataclasses.replace(sub, graph=Graph()),
+            cond_jaxpr,
+            [Val(c) for c in cond_jconsts],
+            args,
+        )[0]
 
     def trip_deps(carry_deps) -> Deps:
         """What the number of iterations depends on."""
@@ -427,6 +492,7 @@ def _while_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
             meta["carry_deps"] = [v.deps for v in outs]
             totals = [t + lp for t, lp in zip(totals, log_probs)] if totals else log_probs
             return [v.value for v in outs], totals, baseline_total + bt
+
         return body
 
     carry_deps = [v.deps for v in init]
@@ -442,8 +508,10 @@ def _while_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     zeros = [jnp.zeros(s.shape, s.dtype) for s in lp_structs]
     meta = {}
     carry, totals, baseline_total = lax.while_loop(
-        lambda s: run_cond(carry_deps, s[0]).value, body_fn(carry_deps, meta),
-        ([v.value for v in init], zeros, jnp.zeros((), jnp.float32)))
+        lambda s: run_cond(carry_deps, s[0]).value,
+        body_fn(carry_deps, meta),
+        ([v.value for v in init], zeros, jnp.zeros((), jnp.float32)),
+    )
     _adopt(ctx, meta, totals, baseline_total)
     return [Val(c, d) for c, d in zip(carry, carry_deps)]
 
@@ -453,6 +521,7 @@ higher_order_rules[P.while_p] = _while_rule
 
 # -- custom derivatives: a sample inside would bypass the custom rule ----------------------
 
+
 def _custom_rule(kind: str):
     def rule(ctx, index, eqn, invals):
         name = eqn.params.get("name", "")
@@ -460,7 +529,9 @@ def _custom_rule(kind: str):
             f"scgjax: scg.sample inside a jax.{kind} function{f' ({name})' if name else ''} "
             f"is not supported: its custom derivative rule cannot see the sample's "
             f"score-function term. Draw the sample outside the {kind} function and pass "
-            f"the value in.")
+            f"the value in."
+        )
+
     return rule
 
 

@@ -12,6 +12,14 @@ level), saying which elements along that node axis reach a given element of the 
 * `Loop(level, kind)`: inside a `scan` body, the node axis that the loop at `level`
   stacks, related in the same way to the current iteration.
 
+Collectives over named axes (`lax.psum` under `jax.vmap(..., axis_name=...)`, `pmap` or
+`shard_map`) make a value in one lane depend on nodes drawn in other lanes. The lanes are
+not axes of the node's log-probability (the interpreter runs inside the mapped trace), so
+such a dependency is keyed by `Lanes(node, names)` instead of the node id, and its
+relations carry one more entry per named axis, after the node-axis entries: `ALL` (every
+lane) or `Axis(a)` (lane `j` ↔ element `j` of value axis `a`, as `all_gather` makes).
+A dependency keyed by the node id itself is on the node in the value's own lane.
+
 A value depends on the union of its relations' elements. Several relations are kept only
 while they are disjoint (then their log-probabilities add without double counting), which
 is what nested loops need: a cost at inner step `u` of outer step `t` depends on every
@@ -25,12 +33,17 @@ under-approximating would bias the estimator, so every rule errs towards `ALL`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
 
 ALL = None
 # A kind is the set of orderings {"<", "=", ">"} of node index j against value index i.
-_ORDERS = {"eq": frozenset("="), "le": frozenset("<="), "lt": frozenset("<"),
-           "ge": frozenset(">="), "gt": frozenset(">")}
+_ORDERS = {
+    "eq": frozenset("="),
+    "le": frozenset("<="),
+    "lt": frozenset("<"),
+    "ge": frozenset(">="),
+    "gt": frozenset(">"),
+}
 _KIND_OF = {v: k for k, v in _ORDERS.items()}
 MAX_RELATIONS = 4
 
@@ -47,7 +60,25 @@ class Loop:
     kind: str = "eq"
 
 
-Entry = Optional[object]  # ALL | Axis | Loop
+@dataclasses.dataclass(frozen=True)
+class Lanes:
+    """The key of a dependency on `node` in other lanes of the named axes `names`
+    (sorted); its relations end with one entry per name."""
+
+    node: tuple
+    names: tuple
+
+
+def base_node(key) -> tuple:
+    """The node id of a dependency key (a node id or `Lanes`)."""
+    return key.node if isinstance(key, Lanes) else key
+
+
+def lane_names(key) -> tuple:
+    return key.names if isinstance(key, Lanes) else ()
+
+
+Entry = Axis | Loop | None  # ALL (None) | Axis | Loop
 Rel = tuple  # tuple[Entry, ...]
 
 
@@ -94,8 +125,13 @@ def _within(r1: Rel, r2: Rel) -> bool:
 
 
 def _disjoint(r1: Rel, r2: Rel) -> bool:
-    return any(a is not None and b is not None and _target(a) == _target(b)
-               and not (_ORDERS[a.kind] & _ORDERS[b.kind]) for a, b in zip(r1, r2))
+    return any(
+        a is not None
+        and b is not None
+        and _target(a) == _target(b)
+        and not (_ORDERS[a.kind] & _ORDERS[b.kind])
+        for a, b in zip(r1, r2)
+    )
 
 
 def _exact_union(r1: Rel, r2: Rel) -> Rel | None:
@@ -108,36 +144,46 @@ def _exact_union(r1: Rel, r2: Rel) -> Rel | None:
     if a is None or b is None or _target(a) != _target(b):
         return None
     kind = _KIND_OF.get(_ORDERS[a.kind] | _ORDERS[b.kind])
-    return None if kind is None else r1[:diff[0]] + (dataclasses.replace(a, kind=kind),) + r1[diff[0] + 1:]
+    return (
+        None
+        if kind is None
+        else r1[: diff[0]] + (dataclasses.replace(a, kind=kind),) + r1[diff[0] + 1 :]
+    )
 
 
 def _normalize(rels: Iterable[Rel]) -> tuple:
     """A set of disjoint relations covering `rels` (merging those that overlap)."""
-    rels = list(dict.fromkeys(rels))
+    out: list[Rel] = list(dict.fromkeys(rels))
     changed = True
     while changed:
         changed = False
-        for i in range(len(rels)):
-            for j in range(i + 1, len(rels)):
-                a, b = rels[i], rels[j]
-                if _exact_union(a, b) is not None:
-                    rels = [r for k, r in enumerate(rels) if k not in (i, j)] + [_exact_union(a, b)]
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                a, b = out[i], out[j]
+                union = _exact_union(a, b)
+                if union is not None:
+                    out = [r for k, r in enumerate(out) if k not in (i, j)] + [union]
                     changed = True
                     break
                 if _within(a, b) or _within(b, a) or not _disjoint(a, b):
-                    merged = b if _within(a, b) else a if _within(b, a) else \
-                        tuple(meet(x, y) for x, y in zip(a, b))
-                    rels = [r for k, r in enumerate(rels) if k not in (i, j)] + [merged]
+                    merged = (
+                        b
+                        if _within(a, b)
+                        else a
+                        if _within(b, a)
+                        else tuple(meet(x, y) for x, y in zip(a, b))
+                    )
+                    out = [r for k, r in enumerate(out) if k not in (i, j)] + [merged]
                     changed = True
                     break
             if changed:
                 break
-    if len(rels) > MAX_RELATIONS:
-        merged = rels[0]
-        for r in rels[1:]:
+    if len(out) > MAX_RELATIONS:
+        merged = out[0]
+        for r in out[1:]:
             merged = tuple(meet(x, y) for x, y in zip(merged, r))
-        rels = [merged]
-    return tuple(sorted(rels, key=repr))
+        out = [merged]
+    return tuple(sorted(out, key=repr))
 
 
 class Deps:
@@ -148,13 +194,13 @@ class Deps:
     def __init__(self, mapping: dict | None = None):
         """`mapping`: node id → one relation."""
         self._map = {n: (rel,) for n, rel in (mapping or {}).items()}
-        self._hash = hash(tuple(sorted(self._map.items(), key=lambda kv: kv[0])))
+        self._hash = hash(tuple(sorted(self._map.items(), key=lambda kv: repr(kv[0]))))
 
     @classmethod
     def _of(cls, relsets: dict) -> Deps:
         out = cls()
-        out._map = {n: _normalize(rels) for n, rels in relsets.items()}
-        out._hash = hash(tuple(sorted(out._map.items(), key=lambda kv: kv[0])))
+        out._map = {n: _normalize(rels) for n, rels in _merge_lanes(relsets).items()}
+        out._hash = hash(tuple(sorted(out._map.items(), key=lambda kv: repr(kv[0]))))
         return out
 
     def __hash__(self):
@@ -183,10 +229,11 @@ class Deps:
         return [(n, rel) for n, rels in self._map.items() for rel in rels]
 
     def map_entries(self, fn: Callable[[Entry], Entry]) -> Deps:
-        return Deps._of({n: [tuple(fn(e) for e in rel) for rel in rels]
-                         for n, rels in self._map.items()})
+        return Deps._of(
+            {n: [tuple(fn(e) for e in rel) for rel in rels] for n, rels in self._map.items()}
+        )
 
-    def map_axes(self, axis_map: Callable[[int], Optional[int]]) -> Deps:
+    def map_axes(self, axis_map: Callable[[int], int | None]) -> Deps:
         """Moves value-axis entries with `axis_map` (None: that entry becomes ALL)."""
 
         def fn(e):
@@ -206,6 +253,53 @@ class Deps:
 EMPTY = Deps()
 
 
+def _merge_lanes(relsets: dict) -> dict:
+    """One key per node: a node reached in its own lane and through other lanes (or
+    through lanes of different named axes) becomes one `Lanes` key over every name,
+    an own-lane relation counting as every lane of the names it lacks (a cover: the
+    own lane is one of them). Keeps relations disjoint per node, so log-probs add."""
+    by_node: dict = {}
+    for key in relsets:
+        by_node.setdefault(base_node(key), []).append(key)
+    if all(len(keys) == 1 for keys in by_node.values()):
+        return relsets
+    out = {}
+    for node, keys in by_node.items():
+        if len(keys) == 1:
+            out[keys[0]] = relsets[keys[0]]
+            continue
+        names = tuple(sorted({n for k in keys for n in lane_names(k)}))
+        rels = []
+        for k in keys:
+            have = dict(zip(lane_names(k), range(len(lane_names(k)))))
+            for rel in relsets[k]:
+                head = rel[: len(rel) - len(have)]
+                tail = rel[len(rel) - len(have) :]
+                rels.append(tuple(head) + tuple(tail[have[n]] if n in have else ALL for n in names))
+        out[Lanes(node, names)] = rels
+    return out
+
+
+def across_lanes(deps: Deps, names: tuple, entry_of: Callable[[str], Entry]) -> Deps:
+    """`deps` reached through a collective over the named axes `names`: each key gains
+    an entry per name it does not have yet, `entry_of(name)` (`ALL`, or `Axis(a)` for the
+    axis that `all_gather` makes); names it has keep their entries (every lane's copy
+    already depends on those lanes in the same way). Shift value axes first."""
+    out: dict = {}
+    for key, rels in deps._map.items():
+        old = lane_names(key)
+        new_names = tuple(sorted(set(old) | set(names)))
+        moved = []
+        for rel in rels:
+            head, tail = rel[: len(rel) - len(old)], dict(zip(old, rel[len(rel) - len(old) :]))
+            # A name the key already has keeps its entry: every lane's copy already
+            # depends on those lanes in the same way.
+            entries = [tail[n] if n in tail else entry_of(n) for n in new_names]
+            moved.append(tuple(head) + tuple(entries))
+        out.setdefault(Lanes(base_node(key), new_names), []).extend(moved)
+    return Deps._of(out)
+
+
 def join(deps: Iterable[Deps]) -> Deps:
     """The dependencies of a value computed elementwise from values with `deps`."""
     out: dict = {}
@@ -217,7 +311,7 @@ def join(deps: Iterable[Deps]) -> Deps:
 
 # -- How operand axes move to output axes --------------------------------------------------
 
-AxisMap = Callable[[int], Optional[int]]
+AxisMap = Callable[[int], int | None]
 
 
 def _identity(a):
@@ -228,7 +322,8 @@ def _nothing(a):
     return None
 
 
-ELEMENTWISE = frozenset("""
+ELEMENTWISE = frozenset(
+    """
     neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin cos tan
     asin acos atan sinh cosh asinh acosh atanh lgamma digamma erf erfc erf_inv abs sqrt
     rsqrt cbrt integer_pow pow add add_any sub mul div rem max min atan2 nextafter and or
@@ -236,7 +331,8 @@ ELEMENTWISE = frozenset("""
     imag real conj population_count shift_left shift_right_logical shift_right_arithmetic
     copy copy_p reduce_precision igamma igammac random_gamma_grad bessel_i0e bessel_i1e
     polygamma zeta regularized_incomplete_beta
-""".split())
+""".split()
+)
 
 
 def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
@@ -249,17 +345,26 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
     if name == "broadcast_in_dim":
         dims = params["broadcast_dimensions"]
         (shape,) = in_shapes[:1]
-        return [lambda a: dims[a] if shape[a] == out_shape[dims[a]] else None] + \
-            [_nothing] * (len(in_shapes) - 1)
+        return [lambda a: dims[a] if shape[a] == out_shape[dims[a]] else None] + [_nothing] * (
+            len(in_shapes) - 1
+        )
     if name == "transpose":
         perm = list(params["permutation"])
         return [lambda a: perm.index(a)]
-    if name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-                "reduce_or", "argmax", "argmin", "reduce_xor"):
+    if name in (
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "reduce_and",
+        "reduce_or",
+        "argmax",
+        "argmin",
+        "reduce_xor",
+    ):
         axes = set(params["axes"])
         kept = [a for a in range(len(in_shapes[0])) if a not in axes]
-        return [lambda a: kept.index(a) if a in kept else None] + \
-            [_nothing] * (len(in_shapes) - 1)
+        return [lambda a: kept.index(a) if a in kept else None] + [_nothing] * (len(in_shapes) - 1)
     if name == "squeeze":
         dims = set(d % len(in_shapes[0]) for d in params["dimensions"])
         kept = [a for a in range(len(in_shapes[0])) if a not in dims]
@@ -279,8 +384,10 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
         n_batch = len(lb)
         lhs_free = [a for a in range(len(in_shapes[0])) if a not in lc and a not in lb]
         rhs_free = [a for a in range(len(in_shapes[1])) if a not in rc and a not in rb]
-        for contract, batch, free, offset in ((lc, lb, lhs_free, n_batch),
-                                              (rc, rb, rhs_free, n_batch + len(lhs_free))):
+        for _contract, batch, free, offset in (
+            (lc, lb, lhs_free, n_batch),
+            (rc, rb, rhs_free, n_batch + len(lhs_free)),
+        ):
             maps.append(_dot_map(list(batch), free, offset))
         return maps
     if name in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
@@ -288,8 +395,11 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
     if name in ("concatenate", "pad"):
         dim = params.get("dimension")
         if name == "pad":
-            changed = {a for a, (lo, hi, inner) in enumerate(params["padding_config"])
-                       if (lo, hi, inner) != (0, 0, 0)}
+            changed = {
+                a
+                for a, (lo, hi, inner) in enumerate(params["padding_config"])
+                if (lo, hi, inner) != (0, 0, 0)
+            }
             return [lambda a: None if a in changed else a, _nothing]
         return [lambda a: None if a == dim else a] * len(in_shapes)
     if name == "stack":
@@ -298,9 +408,13 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
     if name == "slice":
         shape = in_shapes[0]
         strides = params["strides"] or (1,) * len(shape)
-        full = {a for a in range(len(shape))
-                if params["start_indices"][a] == 0 and params["limit_indices"][a] == shape[a]
-                and strides[a] == 1}
+        full = {
+            a
+            for a in range(len(shape))
+            if params["start_indices"][a] == 0
+            and params["limit_indices"][a] == shape[a]
+            and strides[a] == 1
+        }
         return [lambda a: a if a in full else None]
     return [_nothing] * len(in_shapes)
 
@@ -322,6 +436,7 @@ def _dot_map(batch, free, offset) -> AxisMap:
         if a in free:
             return offset + free.index(a)
         return None
+
     return m
 
 
@@ -363,8 +478,9 @@ def move(eqn, deps: Deps, axis_map: AxisMap, n_in: int, n_out: int) -> Deps:
 def through(eqn, in_deps: list[Deps], in_shapes, out_shape) -> Deps:
     """The output's dependencies for a single-output equation without samples."""
     maps = axis_rule(eqn, in_shapes, out_shape)
-    return join(move(eqn, d, m, len(s), len(out_shape))
-                for d, m, s in zip(in_deps, maps, in_shapes) if d)
+    return join(
+        move(eqn, d, m, len(s), len(out_shape)) for d, m, s in zip(in_deps, maps, in_shapes) if d
+    )
 
 
 def node_rel(loop_levels: tuple[int, ...], ndim: int) -> Rel:

@@ -18,7 +18,8 @@ of `c`, the log-probabilities of exactly the node elements upstream of it
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ from jax import lax
 from jax.extend import core as jex
 from jax.interpreters import ad, batching, mlir
 
+from . import _compat, _deps
 from ._deps import EMPTY, Axis, Deps
 
 NodeId = tuple[int, ...]
@@ -162,13 +164,18 @@ def magic_box(tau: jax.Array) -> jax.Array:
     estimate is differentiated as the function of θ and the draws that it is, while the
     outer graph adds the inner draws' own score terms (MAML, LOLA written naturally).
     Under plain JAX transforms (`jax.hessian(scg.surrogate(f))`, `jax.jacfwd` of
-    `scg_grad`) it differentiates like `exp(τ − ⊥τ)`, at every order.
+    `scg_grad`) it differentiates like `exp(τ − ⊥τ)`, at every order. Its value is 1
+    without reading τ, so the forward pass of a surrogate computes no log-probability.
     """
     return magic_box_p.bind(tau)
 
 
 def _magic_box_value(tau):
-    return jnp.exp(tau - tau)  # 1, and NaN where τ is not finite, as exp(τ − ⊥τ) is
+    # 1 without reading τ: the forward pass computes no log-probability for a score
+    # term (XLA drops it), only the backward pass its derivative. exp(τ − ⊥τ) would be
+    # NaN where τ = −∞ (a replayed draw of probability 0, weighed by p = 0 in an
+    # exact expectation).
+    return jnp.ones(jnp.shape(tau), jnp.result_type(tau))
 
 
 def _magic_box_jvp(primals, tangents):
@@ -180,7 +187,7 @@ def _magic_box_jvp(primals, tangents):
 
 
 magic_box_p.def_impl(_magic_box_value)
-magic_box_p.def_abstract_eval(lambda tau: jax.core.ShapedArray(tau.shape, tau.dtype))
+magic_box_p.def_abstract_eval(lambda tau: _compat.ShapedArray(tau.shape, tau.dtype))
 batching.primitive_batchers[magic_box_p] = lambda args, dims: (magic_box_p.bind(*args), dims[0])
 ad.primitive_jvps[magic_box_p] = _magic_box_jvp
 mlir.register_lowering(magic_box_p, mlir.lower_fun(_magic_box_value, multiple_results=False))
@@ -205,15 +212,22 @@ def _cumulative(x, axis: int, kind: str):
 
 def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
     """For each element of a term of `shape`, the sum of the log-probabilities of the
-    node elements it depends on (a node's relations are disjoint, so they add)."""
+    node elements it depends on (a node's relations are disjoint, so they add). A
+    dependency through other lanes of named axes (`_deps.Lanes`) sums or gathers the
+    log-probabilities over those lanes (`lax.psum`, `lax.all_gather`)."""
     total = None
-    for node_id, rel in deps.items():
-        x = log_probs[node_id]
+    for key, rel in deps.items():
+        x = log_probs[_deps.base_node(key)]
+        names = _deps.lane_names(key)
+        node_rel, lane_rel = rel[: len(rel) - len(names)], rel[len(rel) - len(names) :]
         kept = []  # (node axis, term axis)
-        for k, entry in enumerate(rel):
-            if isinstance(entry, Axis) and entry.axis < len(shape) \
-                    and np.shape(x)[k] == shape[entry.axis] \
-                    and entry.axis not in {a for _, a in kept}:
+        for k, entry in enumerate(node_rel):
+            if (
+                isinstance(entry, Axis)
+                and entry.axis < len(shape)
+                and np.shape(x)[k] == shape[entry.axis]
+                and entry.axis not in {a for _, a in kept}
+            ):
                 x = _cumulative(x, k, entry.kind)
                 kept.append((k, entry.axis))
         summed = tuple(k for k in range(np.ndim(x)) if k not in {k for k, _ in kept})
@@ -221,13 +235,31 @@ def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any
         # Remaining node axes are in node order; put them in term-axis order.
         order = sorted(range(len(kept)), key=lambda i: kept[i][1])
         x = jnp.transpose(x, order) if kept else x
-        x = lax.broadcast_in_dim(x, shape, tuple(sorted(a for _, a in kept)))
+        term_axes = sorted(a for _, a in kept)
+        for name, entry in zip(names, lane_rel):
+            if (
+                isinstance(entry, Axis)
+                and entry.kind == "eq"
+                and entry.axis < len(shape)
+                and entry.axis not in term_axes
+            ):
+                x = lax.all_gather(x, name, axis=0)  # lane j -> element j of the term axis
+                if np.shape(x)[0] == shape[entry.axis]:
+                    term_axes = [entry.axis] + term_axes
+                    continue
+                x = jnp.sum(x, axis=0)
+            else:
+                x = lax.psum(x, name)  # every lane (a cover for other kinds)
+        perm = sorted(range(len(term_axes)), key=lambda i: term_axes[i])
+        x = jnp.transpose(x, perm) if perm != list(range(len(perm))) else x
+        x = lax.broadcast_in_dim(x, shape, tuple(sorted(term_axes)))
         total = x if total is None else total + x
     return total
 
 
-def surrogate_sum(items: Iterable[tuple[Deps, Any]], log_probs: dict[NodeId, Any],
-                  boxed: bool = True) -> Any:
+def surrogate_sum(
+    items: Iterable[tuple[Deps, Any]], log_probs: dict[NodeId, Any], boxed: bool = True
+) -> Any:
     """Σ_terms Σ_elements ⊡(τ)·c (or τ·c with `boxed=False`, linear in the log-probs)."""
     pieces = []
     for deps, term in items:
@@ -268,6 +300,6 @@ def node_weights(cost: Val) -> dict[NodeId, int]:
     """How many cost terms each score node weights."""
     out: dict[NodeId, int] = {}
     for deps, _ in cost.term_items():
-        for n in deps:
+        for n in {_deps.base_node(k) for k in deps}:
             out[n] = out.get(n, 0) + 1
     return out

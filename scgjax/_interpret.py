@@ -18,9 +18,11 @@ Rules live in registries:
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +31,25 @@ import numpyro.distributions as dist
 from jax import lax
 
 from . import _compat, _deps, _graph, _logprob, _sample
-from ._deps import EMPTY, Axis, Deps
+from ._deps import ALL, EMPTY, Axis, Deps
 from ._graph import Graph, NodeId, StochasticNode, Val
 
 higher_order_rules: dict[Any, Callable] = {}
 term_rules: dict[str, Callable] = {}
 # Higher-order primitives whose rule also runs without samples inside, whenever an input
 # depends on a node: it tracks dependencies per output and carries cost terms through.
-DATAFLOW_RULES = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint", "scan",
-                            "cond"})
+DATAFLOW_RULES = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint", "scan", "cond"})
 # Call-like primitives without samples whose dependencies are read off their jaxpr.
-STATIC_CALLS = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-                "custom_vjp_call_jaxpr": "fun_jaxpr", "jit": "jaxpr", "pjit": "jaxpr",
-                "closed_call": "call_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}
+STATIC_CALLS = {
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
 
 
 @dataclasses.dataclass
@@ -70,7 +78,7 @@ class Context:
         """The replayed values of the nodes whose ids start with `path`."""
         if not self.draws:
             return None
-        return {n: v for n, v in self.draws.items() if n[:len(path)] == path} or None
+        return {n: v for n, v in self.draws.items() if n[: len(path)] == path} or None
 
     @property
     def level(self) -> int:
@@ -79,6 +87,7 @@ class Context:
 
 
 # -- Does a jaxpr draw samples? ----------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=4096)
 def _jaxpr_has_sample(jaxpr: _compat.Jaxpr) -> bool:
@@ -97,8 +106,10 @@ def jaxpr_has_sample(jaxpr) -> bool:
 
 # -- The evaluation loop -----------------------------------------------------------------
 
-def eval_jaxpr(ctx: Context, jaxpr: _compat.Jaxpr, consts: list[Val], args: list[Val],
-               extra_outvars=()) -> list[Val]:
+
+def eval_jaxpr(
+    ctx: Context, jaxpr: _compat.Jaxpr, consts: list[Val], args: list[Val], extra_outvars=()
+) -> list[Val]:
     """Evaluates `jaxpr` on `Val`s, recording stochastic nodes in `ctx.graph`; returns the
     outputs, then the values of `extra_outvars` (inner variables a rule asks for)."""
     env: dict[Any, Val] = {}
@@ -127,12 +138,15 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
         return [sample_rule(ctx, index, eqn, invals)]
     if prim is _graph.magic_box_p:
         return [frozen_box_rule(invals[0])]
+    if prim.name in COLLECTIVES and any(v.deps for v in invals):
+        return collective_rule(eqn, invals)
     if eqn_has_sample(eqn) or (prim.name in DATAFLOW_RULES and any(v.deps for v in invals)):
         rule = higher_order_rules.get(prim)
         if rule is None:
             raise NotImplementedError(
                 f"scgjax: scg.sample inside `{prim.name}` is not supported"
-                f"{_at(eqn)}. Draw the sample outside the `{prim.name}` and pass it in.")
+                f"{_at(eqn)}. Draw the sample outside the `{prim.name}` and pass it in."
+            )
         return rule(ctx, index, eqn, invals)
     return default_rule(eqn, invals)
 
@@ -148,7 +162,12 @@ def default_rule(eqn, invals: list[Val]) -> list[Val]:
         rule = term_rules.get(eqn.primitive.name)
         items = rule(eqn, invals, outs[0]) if rule is not None else None
         if items is not None:
+            note_fallbacks(
+                eqn, [d for v in invals for d, _ in v.term_items()], [d for d, _ in items]
+            )
             return [_graph.make_val(outs[0], out_deps[0], items)]
+    if eqn.primitive.name not in STATIC_CALLS:
+        note_fallbacks(eqn, [d for v in invals for d, _ in v.term_items()], out_deps)
     return [Val(o, d) for o, d in zip(outs, out_deps)]
 
 
@@ -162,8 +181,40 @@ def output_deps(eqn, in_deps: list[Deps]) -> list[Deps]:
     in_shapes = [_aval_shape(v) for v in eqn.invars]
     if len(eqn.outvars) == 1:
         return [_deps.through(eqn, in_deps, in_shapes, _aval_shape(eqn.outvars[0]))]
-    coarse = _deps.join(d.coarsened() for d in in_deps)
-    return [coarse] * len(eqn.outvars)
+    return [_deps.join(d.coarsened() for d in in_deps)] * len(eqn.outvars)
+
+
+# Where alignment fell back to "every element", collected while `describe` runs:
+# (node id, node axis) -> [(primitive, source)].
+_FALLBACKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fallbacks", default=None)
+
+
+def note_fallbacks(eqn, in_deps: list[Deps], out_deps: list[Deps], what: str | None = None):
+    """Records, for `describe`, each node axis that an input is aligned with and no
+    output is (a plate or time order lost at this equation)."""
+    log = _FALLBACKS.get()
+    if log is None:
+        return
+
+    def aligned(deps_list):
+        out = set()
+        for d in deps_list:
+            for key, rel in d.items():
+                n_node = len(rel) - len(_deps.lane_names(key))
+                out.update(
+                    (_deps.base_node(key), k)
+                    for k, e in enumerate(rel[:n_node])
+                    if isinstance(e, Axis)
+                )
+        return out
+
+    lost = aligned(in_deps) - aligned(out_deps)
+    if lost:
+        where = (what or eqn.primitive.name, _compat.source_info(eqn))
+        for node_axis in lost:
+            entries = log.setdefault(node_axis, [])
+            if where not in entries:
+                entries.append(where)
 
 
 def static_deps(jaxpr, const_deps: list[Deps], in_deps: list[Deps]) -> list[Deps]:
@@ -177,6 +228,8 @@ def static_deps(jaxpr, const_deps: list[Deps], in_deps: list[Deps]) -> list[Deps
     for eqn in jaxpr.eqns:
         ins = [read(v) for v in eqn.invars]
         outs = output_deps(eqn, ins) if any(ins) else [EMPTY] * len(eqn.outvars)
+        if any(ins) and eqn.primitive.name not in STATIC_CALLS:
+            note_fallbacks(eqn, ins, outs)
         for v, d in zip(eqn.outvars, outs):
             if not isinstance(v, _compat.DropVar):
                 env[v] = d
@@ -201,7 +254,123 @@ def frozen_box_rule(tau: Val) -> Val:
     return Val(lax.stop_gradient(_graph.magic_box_p.bind(tau.value)))
 
 
+# -- Collectives over named axes ---------------------------------------------------------
+
+# Sums over lanes (positional int axes, which `vmap` inside the program leaves, reduce
+# like `reduce_sum`).
+_LANE_SUMS = frozenset({"psum", "psum2", "psum_invariant"})
+# Casts between invariant and varying types (`shard_map`): the value is unchanged.
+_LANE_CASTS = frozenset({"pvary", "pcast", "pbroadcast"})
+COLLECTIVES = (
+    _LANE_SUMS
+    | _LANE_CASTS
+    | frozenset(
+        {
+            "pmax",
+            "pmin",
+            "all_gather",
+            "all_gather_invariant",
+            "ppermute",
+            "all_to_all",
+            "reduce_scatter",
+            "psum_scatter",
+        }
+    )
+)
+
+
+def _names(axes) -> tuple:
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    return tuple(a for a in axes if not isinstance(a, int))
+
+
+def collective_rule(eqn, invals: list[Val]) -> list[Val]:
+    """A collective makes each lane's value depend on the other lanes' draws.
+
+    * `psum` over named axes: the value depends on the node in every lane (`ALL`);
+      each cost term goes through as the lanes' terms gathered on a new pending axis
+      (`all_gather`), so lane `j`'s term keeps exactly lane `j`'s log-probabilities
+      (the per-lane surrogate `Σ_j ⊡(τ_j)·c_j`, the same numbers as a hand-written
+      DiCE of the pmean'd loss). Positional axes (what `vmap` inside the program leaves)
+      reduce like `reduce_sum`.
+    * `all_gather` (untiled, one name): element `j` of the new axis is lane `j`'s;
+      linear, so terms are gathered too.
+    * casts (`pvary`): unchanged. Anything else (`pmax`, `ppermute`, `all_to_all`,
+      `reduce_scatter`, tiled gathers, `axis_index_groups`): every lane, every element.
+    """
+    outs = _compat.bind_equation(eqn, [v.value for v in invals])
+    name, params = eqn.primitive.name, eqn.params
+    if name in _LANE_CASTS:
+        return [
+            _graph.make_val(o, v.deps, v.term_items()) if v.has_terms else Val(o, v.deps)
+            for o, v in zip(outs, invals)
+        ]
+    if params.get("axis_index_groups") is not None:
+        return [_coarse_lanes(o, v, ()) for o, v in zip(outs, invals)]
+    if name in _LANE_SUMS:
+        names = _names(params["axes"])
+        positional = tuple(a for a in params["axes"] if isinstance(a, int))
+        return [_lane_sum(o, v, names, positional) for o, v in zip(outs, invals)]
+    if name in ("all_gather", "all_gather_invariant"):
+        names = _names(params["axis_name"])
+        if len(names) == 1 and not params.get("tiled") and len(outs) == 1:
+            return [_gathered(eqn, outs[0], invals[0], names[0])]
+    axes = params.get("axes", params.get("axis_name", ()))
+    return [_coarse_lanes(o, v, _names(axes)) for o, v in zip(outs, invals)]
+
+
+def _coarse_lanes(out, v: Val, names: tuple) -> Val:
+    if not v.deps:
+        return Val(out)
+    deps = v.deps.coarsened()
+    return Val(out, _deps.across_lanes(deps, names, lambda n: ALL) if names else deps)
+
+
+def _lane_sum(out, v: Val, names: tuple, positional: tuple) -> Val:
+    if not v.deps:
+        return Val(out)
+    deps, items = v.deps, v.term_items()
+    for n in names:
+        deps = _deps.across_lanes(deps, (n,), lambda _: ALL)
+        gathered = []
+        for d, t in items:
+            axis = np.ndim(t)  # a new pending axis: the lanes
+            gathered.append(
+                (
+                    _deps.across_lanes(d, (n,), lambda _, a=axis: Axis(a)),
+                    lax.all_gather(t, n, axis=axis),
+                )
+            )
+        items = gathered
+    if positional:
+        kept = [a for a in range(np.ndim(v.value)) if a not in positional]
+        deps = deps.map_axes(lambda a: kept.index(a) if a in kept else None)
+        reduced = _reduce_terms(Val(v.value, v.deps, _as_terms(items)), set(positional), kept)
+        items = reduced if reduced is not None else [(deps, out)]
+    return _graph.make_val(out, deps, items)
+
+
+def _as_terms(items) -> dict:
+    terms: dict = {}
+    for d, t in items:
+        key = (d, tuple(np.shape(t)))
+        terms[key] = t if key not in terms else terms[key] + t
+    return terms
+
+
+def _gathered(eqn, out, v: Val, name: str) -> Val:
+    axis = eqn.params["all_gather_dimension"]
+
+    def moved(d: Deps) -> Deps:
+        d = d.map_axes(lambda a: a + 1 if a >= axis else a)
+        return _deps.across_lanes(d, (name,), lambda _: Axis(axis))
+
+    items = [(moved(d), lax.all_gather(t, name, axis=axis)) for d, t in v.term_items()]
+    return _graph.make_val(out, moved(v.deps), items)
+
+
 # -- Stochastic nodes --------------------------------------------------------------------
+
 
 def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     """Draws the value (or takes it from `ctx.draws`); for a score node also records its
@@ -209,7 +378,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     params = eqn.params
     n_leaves = params["spec"].treedef.num_leaves
     key = invals[0].value
-    leaves = [v.value for v in invals[1:1 + n_leaves]]
+    leaves = [v.value for v in invals[1 : 1 + n_leaves]]
     baseline = invals[1 + n_leaves] if params.get("has_baseline") else None
     spec, n_batch = params["spec"], params["n_batch"]
     pathwise = params["estimator"] == "pathwise"
@@ -222,15 +391,26 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 f"scgjax: cannot replay the pathwise {spec.name} draw"
                 f"{f' {name!r}' if name else ''}{_at(eqn)}: its gradient flows through its "
                 "value, which a replayed value would cut. Replay score-function draws only "
-                "(or pass estimator='score' for this site).")
-        value = _sample.draw(key, leaves, spec=spec, sample_shape=params["sample_shape"],
-                             n_batch=n_batch, reparameterized=True)
-        deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
+                "(or pass estimator='score' for this site)."
+            )
+        value = _sample.draw(
+            key,
+            leaves,
+            spec=spec,
+            sample_shape=params["sample_shape"],
+            n_batch=n_batch,
+            reparameterized=True,
+        )
+        deps = _parent_deps(eqn, invals[: 1 + n_leaves], value)
+        note_fallbacks(
+            eqn, [v.deps for v in invals[: 1 + n_leaves]], [deps], f"the parameters of {spec.name}"
+        )
         node = StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value), source, name)
         record = None
         if ctx.graph.record:
-            lp = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
-                                  score_log_prob=lambda d, v: d.log_prob(v))
+            lp = _sample.log_prob(
+                value, leaves, spec=spec, n_batch=n_batch, score_log_prob=lambda d, v: d.log_prob(v)
+            )
             record = (value, lp, jnp.ones(jnp.shape(lp), bool))
         ctx.graph.add(node, record=record)
         return Val(value, deps)
@@ -241,18 +421,35 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 f"scgjax: the replayed value of the {spec.name} draw"
                 f"{f' {name!r}' if name else ''}{_at(eqn)} has shape {np.shape(replayed)}, "
                 f"but the draw has shape {tuple(shape)}"
-                f"{' (per iteration of its loop)' if ctx.loop_levels else ''}.")
+                f"{' (per iteration of its loop)' if ctx.loop_levels else ''}."
+            )
         value = lax.stop_gradient(jnp.asarray(replayed).astype(eqn.outvars[0].aval.dtype))
     else:
-        # A score draw is bound as `sample_p` again (without its baseline, which belongs
-        # to this estimator): when this transform runs inside another scgjax transform,
-        # the outer one sees the draw as a node of its own graph (MAML, LOLA).
-        value = lax.stop_gradient(_sample.sample_p.bind(
-            key, *map(jnp.asarray, leaves), spec=spec, sample_shape=params["sample_shape"],
-            estimator="score", n_batch=n_batch, has_baseline=False, name=name))
-    deps = _parent_deps(eqn, invals[:1 + n_leaves], value)
-    log_prob = _sample.log_prob(value, leaves, spec=spec, n_batch=n_batch,
-                                score_log_prob=_logprob.score_log_prob)
+        # A score draw is bound as `sample_p` again, with its baseline: when this
+        # transform runs inside another scgjax transform, the outer one sees the draw as
+        # a node of its own graph (MAML, LOLA), and `scg_grad(surrogate(f))` is
+        # `scg_grad(f)`.
+        extra = [] if baseline is None else [jnp.asarray(baseline.value)]
+        value = lax.stop_gradient(
+            _sample.sample_p.bind(
+                key,
+                *map(jnp.asarray, leaves),
+                *extra,
+                spec=spec,
+                sample_shape=params["sample_shape"],
+                estimator="score",
+                n_batch=n_batch,
+                has_baseline=baseline is not None,
+                name=name,
+            )
+        )
+    deps = _parent_deps(eqn, invals[: 1 + n_leaves], value)
+    note_fallbacks(
+        eqn, [v.deps for v in invals[: 1 + n_leaves]], [deps], f"the parameters of {spec.name}"
+    )
+    log_prob = _sample.log_prob(
+        value, leaves, spec=spec, n_batch=n_batch, score_log_prob=_logprob.score_log_prob
+    )
     node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source, name)
     record = (value, log_prob, jnp.ones(jnp.shape(log_prob), bool)) if ctx.graph.record else None
     ctx.graph.add(node, log_prob, record)
@@ -264,7 +461,8 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 f"scgjax.sample: the baseline of this {spec.name} draw has shape "
                 f"{np.shape(baseline.value)}, which does not broadcast to the shape of its "
                 f"log-probability, {np.shape(log_prob)}{_at(eqn)}. Give one baseline per "
-                "log-probability element, or one that broadcasts (e.g. shape (B, 1)).") from None
+                "log-probability element, or one that broadcasts (e.g. shape (B, 1))."
+            ) from None
         ctx.graph.baseline_terms.append(_graph.baseline_term(log_prob, baseline.value))
     own = Deps({node_id: _deps.node_rel(ctx.loop_levels, jnp.ndim(log_prob))})
     return Val(value, _deps.join([deps, own]))
@@ -290,8 +488,12 @@ def _parent_deps(eqn, invals: list[Val], value) -> Deps:
         if not v.deps:
             continue
         shape = tuple(np.shape(v.value)[n_batch:])
-        elementwise = (i > 0 and not event_shape and len(shape) == len(batch_shape) + extra
-                       and shape[:len(batch_shape)] == batch_shape)
+        elementwise = (
+            i > 0
+            and not event_shape
+            and len(shape) == len(batch_shape) + extra
+            and shape[: len(batch_shape)] == batch_shape
+        )
 
         def axis_map(a, elementwise=elementwise):
             if a < n_batch:
@@ -306,8 +508,10 @@ def _parent_deps(eqn, invals: list[Val], value) -> Deps:
 
 # -- Linear equations: how cost terms pass through them ----------------------------------
 
-def _term_items_through(eqn, invals: list[Val], out, position: int,
-                        others: list | None = None) -> list[tuple[Deps, Any]]:
+
+def _term_items_through(
+    eqn, invals: list[Val], out, position: int, others: list | None = None
+) -> list[tuple[Deps, Any]]:
     """The terms of `invals[position]` pushed through `eqn` (the other operands fixed to
     `others`, default their values), vmapped over each term's pending axes."""
     values = [v.value for v in invals] if others is None else list(others)
@@ -340,8 +544,7 @@ def _sum_of_operands(eqn, invals, out, positions):
     """Operands at `positions` enter linearly and jointly (add, sub, concatenate, the
     cases of select_n): each operand's terms pushed through `eqn` itself with zeros in
     place of the others, so the equation applies its own signs (`sub(0, t) = -t`)."""
-    zeros = [jnp.zeros_like(v.value) if i in positions else v.value
-             for i, v in enumerate(invals)]
+    zeros = [jnp.zeros_like(v.value) if i in positions else v.value for i, v in enumerate(invals)]
     items = []
     for p in positions:
         items.extend(_term_items_through(eqn, invals, out, p, others=zeros))
@@ -403,8 +606,14 @@ def _reduce_terms(v: Val, axes: set, kept: list[int], weight=None):
     n_in = np.ndim(v.value)
     items, split = [], v.has_terms
     for deps, t in v.term_items():
-        aligned = sorted({e.axis for _, rel in deps.items() for e in rel
-                          if isinstance(e, Axis) and e.axis in axes})
+        aligned = sorted(
+            {
+                e.axis
+                for _, rel in deps.items()
+                for e in rel
+                if isinstance(e, Axis) and e.axis in axes
+            }
+        )
         split = split or bool(aligned)
         summed = sorted(axes - set(aligned))
         order = list(kept) + aligned + list(range(n_in, np.ndim(t))) + summed
@@ -437,13 +646,17 @@ def _dot_general(eqn, invals, out):
         if np.ndim(w_value) != len(wc) + len(wb):
             return _linear_in_one(p)(eqn, invals, out)
         # The partner laid out on x's axes.
-        dims = tuple(xc[list(wc).index(k)] if k in wc else xb[list(wb).index(k)]
-                     for k in range(np.ndim(w_value)))
+        dims = tuple(
+            xc[list(wc).index(k)] if k in wc else xb[list(wb).index(k)]
+            for k in range(np.ndim(w_value))
+        )
 
         def weight(t, dims=dims, w_value=w_value):
             full = dims + tuple(range(n_x, np.ndim(t)))
-            shaped = jnp.transpose(w_value, np.argsort(dims)) if dims else w_value
-            return t * lax.broadcast_in_dim(shaped, np.shape(t), tuple(sorted(full[:len(dims)])))
+            shaped = (
+                jnp.transpose(w_value, tuple(int(a) for a in np.argsort(dims))) if dims else w_value
+            )
+            return t * lax.broadcast_in_dim(shaped, np.shape(t), tuple(sorted(full[: len(dims)])))
 
         free = [a for a in range(n_x) if a not in xc and a not in xb]
         return _reduce_terms(x, set(xc), list(xb) + free, weight)
@@ -457,8 +670,10 @@ def _exact(rule, position: int = 0):
 
     def checked(eqn, invals, out):
         ins = jnp.result_type(invals[position].value)
-        if not (jnp.issubdtype(jnp.result_type(out), jnp.inexact)
-                and (jnp.issubdtype(ins, jnp.inexact) or eqn.primitive.name == "convert_element_type")):
+        if not (
+            jnp.issubdtype(jnp.result_type(out), jnp.inexact)
+            and (jnp.issubdtype(ins, jnp.inexact) or eqn.primitive.name == "convert_element_type")
+        ):
             return None
         return rule(eqn, invals, out)
 
@@ -466,8 +681,18 @@ def _exact(rule, position: int = 0):
 
 
 # Keyed by primitive name: some (e.g. `stack`) are not exported by every JAX version.
-for _name in ("neg", "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose",
-              "copy", "copy_p", "real", "cumsum"):
+for _name in (
+    "neg",
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "transpose",
+    "copy",
+    "copy_p",
+    "real",
+    "cumsum",
+):
     term_rules[_name] = _unary_linear
 term_rules["convert_element_type"] = _exact(_unary_linear)
 term_rules["reduce_sum"] = _reduce_sum

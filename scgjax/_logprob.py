@@ -11,9 +11,10 @@ behaviours break that:
 * `d.mask(m)` draws from its base distribution but its `log_prob` is 0 where `m` is
   False, which would drop the score term of a masked-out draw that reaches the cost.
 
-A guard keeps numpyro's own *value* (so XLA can share it with a cost that computes the
-same log-probability, as an ELBO does) and takes every derivative from a smooth,
-branch-free-at-the-kink formula: `⊥(numpyro) + (smooth − ⊥(smooth))`. It does not use a
+A guard keeps numpyro's own *value* (what `scgjax.trace` reports) and takes every
+derivative from a smooth formula with no kink at 0: `⊥(numpyro) + (smooth − ⊥(smooth))`.
+(In a surrogate the value is never computed: the magic box is 1 without reading its
+argument, so XLA keeps only the derivative, in the backward pass.) It does not use a
 `jax.custom_jvp`: JAX's partial evaluation of a `scan` body can replace a custom-JVP
 function by its primal implementation, so forward-over-reverse derivatives inside a loop
 (`jax.hessian` of a surrogate with a `scan`) would differentiate numpyro's kinks again.
@@ -28,7 +29,8 @@ from __future__ import annotations
 import copy
 import functools
 import types
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +50,7 @@ def register_score_log_prob(cls: type):
     return register
 
 
-def score_log_prob(d: dist.Distribution, value: jax.Array) -> jax.Array:
+def score_log_prob(d: dist.Distribution, value: jax.Array) -> Any:
     """The log-density of `value` as `d` draws it, with derivatives that are right at
     every parameter value and every order, also when the guarded distribution is
     wrapped (`to_event`, `mask`, `expand`, ...)."""
@@ -71,16 +73,20 @@ def _guarded(d: dist.Distribution) -> dist.Distribution:
         guarded_base = _guarded(base)
         if guarded_base is not base:
             out = copy.copy(d)
-            out.base_dist = guarded_base
+            setattr(out, "base_dist", guarded_base)  # noqa: B010 (not a declared attribute)
             return out
     return d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _guarded_class(cls: type) -> type:
     guard = _GUARDS[cls]
-    return types.new_class(f"Guarded{cls.__name__}", (cls,), {},
-                           lambda ns: ns.update(log_prob=lambda self, value: guard(self, value)))
+    return types.new_class(
+        f"Guarded{cls.__name__}",
+        (cls,),
+        {},
+        lambda ns: ns.update(log_prob=lambda self, value: guard(self, value)),
+    )
 
 
 def softplus(x: jax.Array) -> jax.Array:

@@ -11,13 +11,13 @@ primitive's params. Outside the transforms the primitive draws exactly what
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
-from jax import lax
 from jax.interpreters import ad, batching, mlir
 
 from . import _compat
@@ -110,7 +110,8 @@ def sample(
         raise ValueError(
             f"scgjax.sample: a baseline only applies to score-function nodes, but this "
             f"{type(d).__name__} draw is pathwise. Drop baseline=, or pass "
-            "estimator='score'.")
+            "estimator='score'."
+        )
     key = _check_key(key)
     leaves, treedef = jax.tree_util.tree_flatten(d)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
@@ -152,7 +153,8 @@ def _check_key(key: Any) -> jax.Array:
         if jnp.ndim(key) != 0:
             raise TypeError(
                 f"scgjax.sample expects a single key, got a batch of shape {jnp.shape(key)}; "
-                "use jax.vmap over the keys, or sample_shape for i.i.d. draws.")
+                "use jax.vmap over the keys, or sample_shape for i.i.d. draws."
+            )
         return key
     key = jnp.asarray(key)
     if key.dtype != jnp.uint32 or key.ndim < 1 or key.shape[-1] != 2:
@@ -198,17 +200,28 @@ def log_prob(value, leaves, *, spec, n_batch, score_log_prob):
 
 def _impl(key, *operands, spec, sample_shape, estimator, n_batch, has_baseline, name):
     del estimator, name
-    leaves = operands[:len(operands) - has_baseline]
+    leaves = operands[: len(operands) - has_baseline]
     return draw(
-        key, leaves, spec=spec, sample_shape=sample_shape, n_batch=n_batch,
+        key,
+        leaves,
+        spec=spec,
+        sample_shape=sample_shape,
+        n_batch=n_batch,
         reparameterized=False,
     )
 
 
 def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch, has_baseline, name):
     out = jax.eval_shape(
-        partial(_impl, spec=spec, sample_shape=sample_shape, estimator=estimator,
-                n_batch=n_batch, has_baseline=has_baseline, name=name),
+        partial(
+            _impl,
+            spec=spec,
+            sample_shape=sample_shape,
+            estimator=estimator,
+            n_batch=n_batch,
+            has_baseline=has_baseline,
+            name=name,
+        ),
         jax.ShapeDtypeStruct(key.shape, key.dtype),
         *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves),
     )
@@ -218,13 +231,18 @@ def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch, has_bas
 def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
     size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
     moved = [
-        jnp.broadcast_to(x, (size, *x.shape)) if d is None
-        else jnp.moveaxis(x, d, 0)
+        jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
         for x, d in zip(args, dims)
     ]
-    out = sample_p.bind(*moved, spec=spec, sample_shape=sample_shape,
-                        estimator=estimator, n_batch=n_batch + 1,
-                        has_baseline=has_baseline, name=name)
+    out = sample_p.bind(
+        *moved,
+        spec=spec,
+        sample_shape=sample_shape,
+        estimator=estimator,
+        n_batch=n_batch + 1,
+        has_baseline=has_baseline,
+        name=name,
+    )
     return out, 0
 
 
@@ -233,17 +251,24 @@ def _jvp(primals, tangents, *, spec, sample_shape, estimator, n_batch, has_basel
         # The value does not move with the parameters. The primal stays a `sample_p`
         # equation, so a transform that traces this derivative (an scgjax transform
         # around `jax.grad` of another) still sees the draw.
-        out = sample_p.bind(*primals, spec=spec, sample_shape=sample_shape,
-                            estimator=estimator, n_batch=n_batch,
-                            has_baseline=has_baseline, name=name)
+        out = sample_p.bind(
+            *primals,
+            spec=spec,
+            sample_shape=sample_shape,
+            estimator=estimator,
+            n_batch=n_batch,
+            has_baseline=has_baseline,
+            name=name,
+        )
         return out, _compat.zero_tangent(out)
     n = len(primals) - has_baseline
     key, *leaves = primals[:n]
     leaf_tangents = [ad.instantiate_zeros(t) for t in tangents[1:n]]
 
     def fn(*leaves):
-        return draw(key, leaves, spec=spec, sample_shape=sample_shape, n_batch=n_batch,
-                    reparameterized=True)
+        return draw(
+            key, leaves, spec=spec, sample_shape=sample_shape, n_batch=n_batch, reparameterized=True
+        )
 
     return jax.jvp(fn, leaves, leaf_tangents)
 

@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _control_flow  # noqa: F401  (registers the higher-order rules)
-from . import _compat, _graph, _interpret, _keys, _lint
+from . import (
+    _compat,
+    _control_flow,  # noqa: F401  (registers the higher-order rules)
+    _deps,
+    _graph,
+    _interpret,
+    _keys,
+    _lint,
+)
 from ._graph import Graph, Val
 
 
@@ -26,7 +34,7 @@ def _is_array_like(x: Any) -> bool:
     """Arrays and tracers are traced; everything else, Python scalars included, is held
     static, as `jax.grad` does with the arguments it does not differentiate (a
     differentiated Python scalar reaches us as a tracer)."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.core.Tracer))
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, _compat.Tracer))
 
 
 def _split_static(tree):
@@ -38,7 +46,8 @@ def _split_static(tree):
     def rebuild(dyn):
         it = iter(dyn)
         return jax.tree_util.tree_unflatten(
-            treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+            treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)]
+        )
 
     return [x for x, d in zip(leaves, dynamic) if d], rebuild
 
@@ -58,7 +67,8 @@ def _trace(f: Callable, args: tuple, kwargs: dict, has_aux: bool):
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(
                 "scgjax: with has_aux=True, f must return a pair (cost, aux), got "
-                f"{jax.tree_util.tree_structure(out)}.")
+                f"{jax.tree_util.tree_structure(out)}."
+            )
         cost, aux = out
         aux_dyn, box["rebuild_aux"] = _split_static(aux)
         return cost, aux_dyn
@@ -73,16 +83,19 @@ def _check_cost(cost_shape: Any) -> None:
         raise TypeError(
             "scgjax: f must return a scalar cost (a single float array of shape ()), got "
             f"a {jax.tree_util.tree_structure(cost_shape)}. To return more, use "
-            "has_aux=True and return (cost, aux).")
+            "has_aux=True and return (cost, aux)."
+        )
     if cost_shape.shape != ():
         raise ValueError(
             f"scgjax: f must return a scalar cost, got an array of shape {cost_shape.shape}. "
             "Reduce it, e.g. with .sum() or .mean(), to the quantity whose expectation you "
-            "want to differentiate.")
+            "want to differentiate."
+        )
     if not jnp.issubdtype(cost_shape.dtype, jnp.floating):
         raise TypeError(
             f"scgjax: f must return a floating-point scalar cost, got dtype "
-            f"{cost_shape.dtype}. Convert it, e.g. with .astype(jnp.float32).")
+            f"{cost_shape.dtype}. Convert it, e.g. with .astype(jnp.float32)."
+        )
 
 
 def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
@@ -90,14 +103,15 @@ def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
     site names to values used instead of drawing; `record` keeps every node's value and
     log-probability in the graph."""
     closed, dyn_leaves, rebuild_aux = _trace(f, args, kwargs, has_aux)
-    _keys.check_key_reuse(closed.jaxpr)
+    _keys.check_key_reuse(closed)
     _lint.check_program(closed, _lint.differentiated_inputs(dyn_leaves))
     ids = _draws_by_id(closed, dyn_leaves, draws) if draws else None
     graph = Graph(record)
     ctx = _interpret.Context((), graph, draws=ids)
-    outs = _interpret.eval_jaxpr(ctx, closed.jaxpr, [Val(c) for c in closed.consts],
-                                 [Val(x) for x in dyn_leaves])
-    aux = rebuild_aux([v.value for v in outs[1:]]) if has_aux else None
+    outs = _interpret.eval_jaxpr(
+        ctx, closed.jaxpr, [Val(c) for c in closed.consts], [Val(x) for x in dyn_leaves]
+    )
+    aux = rebuild_aux([v.value for v in outs[1:]]) if rebuild_aux is not None else None
     return outs[0], aux, graph
 
 
@@ -105,22 +119,29 @@ def _draws_by_id(closed, dyn_leaves, draws: dict) -> dict:
     """`draws` (site name → value) keyed by node id, the names being those of
     `describe` (`name=`, else `node<i>`); found by one abstract pass."""
     if not isinstance(draws, dict):
-        raise TypeError(f"scgjax: draws must be a dict of site name -> value, got "
-                        f"{type(draws).__name__}.")
+        raise TypeError(
+            f"scgjax: draws must be a dict of site name -> value, got {type(draws).__name__}."
+        )
     box: dict = {}
 
     def nodes(*leaves):
         graph = Graph()
-        _interpret.eval_jaxpr(_interpret.Context((), graph), closed.jaxpr,
-                              [Val(c) for c in closed.consts], [Val(x) for x in leaves])
+        _interpret.eval_jaxpr(
+            _interpret.Context((), graph),
+            closed.jaxpr,
+            [Val(c) for c in closed.consts],
+            [Val(x) for x in leaves],
+        )
         box["names"] = {name: n for n, name in _node_names(graph).items()}
         box["nodes"] = graph.nodes
 
     jax.eval_shape(nodes, *[_shape_struct(x) for x in dyn_leaves])
     unknown = [k for k in draws if k not in box["names"]]
     if unknown:
-        raise ValueError(f"scgjax: draws names {unknown}, which are not sample sites of f; "
-                         f"its sites are {sorted(box['names'])} (see scg.describe).")
+        raise ValueError(
+            f"scgjax: draws names {unknown}, which are not sample sites of f; "
+            f"its sites are {sorted(box['names'])} (see scg.describe)."
+        )
     return {box["names"][k]: v for k, v in draws.items()}
 
 
@@ -154,8 +175,12 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
             return value, aux, {}, {}
         names = _node_names(graph)
         q = _graph.downstream_costs(cost, graph)
-        return (value, aux, {names[n]: v for n, v in q.items()},
-                {names[n]: v for n, v in graph.log_probs.items()})
+        return (
+            value,
+            aux,
+            {names[n]: v for n, v in q.items()},
+            {names[n]: v for n, v in graph.log_probs.items()},
+        )
 
     return run
 
@@ -163,17 +188,26 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
 def _check_options(num_samples, baseline, key_argnum) -> int:
     """Validates the estimator options when a transform is built; returns num_samples."""
     if baseline not in BASELINES:
-        raise ValueError(f"scgjax: unknown baseline {baseline!r}; choose None or "
-                         "'leave_one_out' (per-node baselines go to scg.sample(..., baseline=b)).")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
-            or num_samples < 1:
+        raise ValueError(
+            f"scgjax: unknown baseline {baseline!r}; choose None or "
+            "'leave_one_out' (per-node baselines go to scg.sample(..., baseline=b))."
+        )
+    if (
+        isinstance(num_samples, bool)
+        or not isinstance(num_samples, (int, np.integer))
+        or num_samples < 1
+    ):
         raise ValueError(f"scgjax: num_samples must be a positive int, got {num_samples!r}.")
     if baseline == "leave_one_out" and num_samples < 2:
-        raise ValueError("scgjax: baseline='leave_one_out' needs num_samples >= 2 (each "
-                         f"sample's baseline is the mean of the others), got {num_samples}.")
+        raise ValueError(
+            "scgjax: baseline='leave_one_out' needs num_samples >= 2 (each "
+            f"sample's baseline is the mean of the others), got {num_samples}."
+        )
     if isinstance(key_argnum, bool) or not isinstance(key_argnum, (int, np.integer)):
-        raise TypeError(f"scgjax: key_argnum must be the position (an int) of f's key "
-                        f"argument, got {key_argnum!r}.")
+        raise TypeError(
+            f"scgjax: key_argnum must be the position (an int) of f's key "
+            f"argument, got {key_argnum!r}."
+        )
     return int(num_samples)
 
 
@@ -183,29 +217,39 @@ def _key_at(args: tuple, key_argnum: int):
         raise ValueError(
             f"scgjax: key_argnum={key_argnum} does not name one of the {len(args)} "
             "positional arguments f was called with. Pass the key positionally and set "
-            "key_argnum to its position.")
+            "key_argnum to its position."
+        )
     key = args[key_argnum]
-    legacy = isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 \
-        and key.shape == (2,)
+    legacy = (
+        isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.shape == (2,)
+    )
     typed = isinstance(key, jax.Array) and _compat.is_key_array(key) and key.ndim == 0
     if not (legacy or typed):
         raise TypeError(
             f"scgjax: the argument at key_argnum={key_argnum} must be a single PRNG key "
             f"(jax.random.key or PRNGKey), got {type(key).__name__} "
             f"{getattr(key, 'dtype', '')}{list(np.shape(key))}. Set key_argnum to the "
-            "position of f's key argument.")
+            "position of f's key argument."
+        )
     return key
 
 
 def _with_key(args: tuple, key_argnum: int, key) -> tuple:
-    args = list(args)
-    args[key_argnum] = key
-    return tuple(args)
+    out = list(args)
+    out[key_argnum] = key
+    return tuple(out)
 
 
-def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
-              baseline: str | None = None, key_argnum: int = -1,
-              downstream: bool = False, draws: dict | None = None) -> Callable:
+def surrogate(
+    f: Callable,
+    *,
+    has_aux: bool = False,
+    num_samples: int = 1,
+    baseline: str | None = None,
+    key_argnum: int = -1,
+    downstream: bool = False,
+    draws: dict | None = None,
+) -> Callable:
     """The DiCE surrogate objective of a stochastic program.
 
     Args:
@@ -251,7 +295,8 @@ def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
         else:
             keys = jax.random.split(_key_at(args, key_argnum), num_samples)
             values, aux, q, log_probs = jax.vmap(
-                lambda k, d: run(_with_key(args, key_argnum, k), kwargs, d))(keys, draws)
+                lambda k, d: run(_with_key(args, key_argnum, k), kwargs, d)
+            )(keys, draws)
             value = jnp.mean(values)
             if loo:
                 extra = 0.0
@@ -267,9 +312,14 @@ def surrogate(f: Callable, *, has_aux: bool = False, num_samples: int = 1,
     return wrapped
 
 
-def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-                       holomorphic: bool = False, allow_int: bool = False,
-                       **options) -> Callable:
+def scg_value_and_grad(
+    f: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    **options,
+) -> Callable:
     """Like `jax.value_and_grad`, with an unbiased estimate of the gradient of `E[f]`.
 
     Args:
@@ -285,12 +335,23 @@ def scg_value_and_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: b
       `downstream`, the aux slot holds `downstream` or `(aux, downstream)`.
     """
     aux = has_aux or options.get("downstream", False)
-    return jax.value_and_grad(surrogate(f, has_aux=has_aux, **options), argnums=argnums,
-                              has_aux=aux, holomorphic=holomorphic, allow_int=allow_int)
+    return jax.value_and_grad(
+        surrogate(f, has_aux=has_aux, **options),
+        argnums=argnums,
+        has_aux=aux,
+        holomorphic=holomorphic,
+        allow_int=allow_int,
+    )
 
 
-def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-             holomorphic: bool = False, allow_int: bool = False, **options) -> Callable:
+def scg_grad(
+    f: Callable,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    holomorphic: bool = False,
+    allow_int: bool = False,
+    **options,
+) -> Callable:
     """Like `jax.grad`: an unbiased estimate of the gradient of `E[f]`.
 
     Score-function (REINFORCE) terms are added for draws that are not reparameterized,
@@ -312,12 +373,24 @@ def scg_grad(f: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = Fals
       >>> g = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(theta, keys).mean(0)
     """
     aux = has_aux or options.get("downstream", False)
-    return jax.grad(surrogate(f, has_aux=has_aux, **options), argnums=argnums, has_aux=aux,
-                    holomorphic=holomorphic, allow_int=allow_int)
+    return jax.grad(
+        surrogate(f, has_aux=has_aux, **options),
+        argnums=argnums,
+        has_aux=aux,
+        holomorphic=holomorphic,
+        allow_int=allow_int,
+    )
 
 
-def gradient_variance(f: Callable, argnums: int | Sequence[int] = 0, num_draws: int = 1000,
-                      *, has_aux: bool = False, key_argnum: int = -1, **options) -> Callable:
+def gradient_variance(
+    f: Callable,
+    argnums: int | Sequence[int] = 0,
+    num_draws: int = 1000,
+    *,
+    has_aux: bool = False,
+    key_argnum: int = -1,
+    **options,
+) -> Callable:
     """The mean and variance of the gradient estimator, from `num_draws` draws.
 
     Args:
@@ -338,8 +411,7 @@ def gradient_variance(f: Callable, argnums: int | Sequence[int] = 0, num_draws: 
       >>> _, var_loo = scg.gradient_variance(f, num_draws=10_000, num_samples=4,
       ...                                    baseline="leave_one_out")(theta, key)
     """
-    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) \
-            or num_draws < 2:
+    if isinstance(num_draws, bool) or not isinstance(num_draws, (int, np.integer)) or num_draws < 2:
         raise ValueError(f"scgjax: num_draws must be an int >= 2, got {num_draws!r}.")
     grad = scg_grad(f, argnums, has_aux=has_aux, key_argnum=key_argnum, **options)
     drop_aux = has_aux or options.get("downstream", False)
@@ -349,8 +421,10 @@ def gradient_variance(f: Callable, argnums: int | Sequence[int] = 0, num_draws: 
         draws = jax.vmap(lambda k: grad(*_with_key(args, key_argnum, k), **kwargs))(keys)
         if drop_aux:
             draws = draws[0]
-        return (jax.tree.map(lambda d: jnp.mean(d, axis=0), draws),
-                jax.tree.map(lambda d: jnp.var(d, axis=0), draws))
+        return (
+            jax.tree.map(lambda d: jnp.mean(d, axis=0), draws),
+            jax.tree.map(lambda d: jnp.var(d, axis=0), draws),
+        )
 
     jitted = _jit_array_args(stats)
 
@@ -384,14 +458,23 @@ def _jit_array_args(fn: Callable) -> Callable:
 
 
 def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
-    """A table of the sample sites of `f`: estimator, shape, and the cost terms each
-    score node weights. Traces `f` abstractly; nothing is computed.
+    """A table of the sample sites of `f`: estimator, shape, the cost terms each score
+    node weights, the node axes each stays aligned with (plates, time order), and where
+    alignment fell back to "every element". Traces `f` abstractly; nothing is computed.
+
+    The `aligned` column lists, for a score node, the axes of its log-probability along
+    which cost elements are weighted by their own elements only: `plate` (element `i`
+    with element `i`), `time ≤`/`time <` (causality in a scan, or a cumsum), `time ≥`/
+    `time >` (a reverse scan). `-` means every cost element depends on every element of
+    the node. Below the table, each node axis that is not aligned is traced to the
+    equations where alignment was lost (primitive and source line), and a cost that is
+    not split into terms says which operation stopped the split.
 
     Example:
       >>> print(scg.describe(f)(theta, key))
-      node   distribution     estimator  shape  weights            source
-      node0  BernoulliLogits  score      ()     1 of 1 cost terms  quickstart.py:20:8 (f)
-      node1  Normal           pathwise   ()     -                  quickstart.py:21:8 (f)
+      node   distribution     estimator  shape  weights            aligned  source
+      node0  BernoulliLogits  score      ()     1 of 1 cost terms  -        quickstart.py:20:8 (f)
+      node1  Normal           pathwise   ()     -                  -        quickstart.py:21:8 (f)
     """
 
     @functools.wraps(f)
@@ -401,31 +484,120 @@ def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
 
         def run(*dyn):
             a, kw = rebuild(dyn)
+            box["closed"] = _trace(f, a, kw, has_aux)[0]
             cost, _, graph = _evaluate(f, a, kw, has_aux)
             box["cost"], box["graph"] = cost, graph
             return cost.value
 
-        jax.eval_shape(run, *dyn_leaves)
+        fallbacks: dict = {}
+        token = _interpret._FALLBACKS.set(fallbacks)
+        try:
+            jax.eval_shape(run, *dyn_leaves)
+        finally:
+            _interpret._FALLBACKS.reset(token)
         cost, graph = box["cost"], box["graph"]
         weights = _graph.node_weights(cost)
         names = _node_names(graph)
-        n_terms = len(cost.term_items())
-        rows = [("node", "distribution", "estimator", "shape", "weights", "source")]
+        items = cost.term_items()
+        n_terms = len(items)
+        aligned, dependent = _aligned_axes(items)
+        rows = [("node", "distribution", "estimator", "shape", "weights", "aligned", "source")]
+        notes = []
         for node in graph.nodes.values():
-            weighted = (f"{weights.get(node.id, 0)} of {n_terms} cost terms"
-                        if node.estimator == "score" else "-")
-            rows.append((names[node.id], node.distribution, node.estimator, str(node.shape),
-                         weighted, node.source))
+            score = node.estimator == "score"
+            weighted = f"{weights.get(node.id, 0)} of {n_terms} cost terms" if score else "-"
+            kinds = aligned.get(node.id, {})
+            n_dep = dependent.get(node.id, 0)
+            cells = (
+                ", ".join(
+                    f"{k}: {kind}" + (f" in {n} of {n_dep} terms" if n < n_dep else "")
+                    for k, (kind, n) in sorted(kinds.items())
+                )
+                or "-"
+            )
+            rows.append(
+                (
+                    names[node.id],
+                    node.distribution,
+                    node.estimator,
+                    str(node.shape),
+                    weighted,
+                    cells if score else "-",
+                    node.source,
+                )
+            )
+            if not score or not n_dep:
+                continue
+            for k in range(len(node.shape)):
+                if k in kinds and kinds[k][1] == n_dep:
+                    continue
+                where = fallbacks.get((node.id, k), [])
+                at = (
+                    "; ".join(f"{p} ({src})" if src else p for p, src in where[:3])
+                    or "a loop carry, a branch or an enclosing transform"
+                )
+                some = f" in {n_dep - kinds[k][1]} of {n_dep} terms" if k in kinds else ""
+                notes.append(f"  {names[node.id]} axis {k}: every element{some}, from {at}")
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
-                         for r in rows)
+        out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        if notes:
+            out += ["", "alignment fell back to every element:"] + notes
+        if n_terms == 1 and items[0][0]:
+            stop = _cost_producer(box["closed"].jaxpr)
+            if stop:
+                out += ["", f"the cost is one term: it is not split at {stop}"]
+        return "\n".join(out)
 
     return wrapped
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["value", "log_prob", "drawn"],
-                   meta_fields=["name", "distribution", "estimator", "source"])
+_KIND_NAMES = {"eq": "plate", "le": "time ≤", "lt": "time <", "ge": "time ≥", "gt": "time >"}
+
+
+def _aligned_axes(items) -> tuple[dict, dict]:
+    """({node id: {node axis: (kind, number of terms aligned with it)}}, {node id:
+    number of cost terms that depend on it})."""
+    out: dict = {}
+    dependent: dict = {}
+    for deps, _ in items:
+        seen: dict = {}
+        for key, rel in deps.items():
+            node = _deps.base_node(key)
+            seen.setdefault(node, {})
+            n_node = len(rel) - len(_deps.lane_names(key))
+            for k, e in enumerate(rel[:n_node]):
+                if isinstance(e, _deps.Axis):
+                    seen[node].setdefault(k, set()).add(_KIND_NAMES.get(e.kind, e.kind))
+        for node, axes in seen.items():
+            dependent[node] = dependent.get(node, 0) + 1
+            kinds = out.setdefault(node, {})
+            for k, names in axes.items():
+                name = names.pop() if len(names) == 1 else "mixed"
+                old = kinds.get(k)
+                kinds[k] = (
+                    name if old is None or old[0] == name else "mixed",
+                    (old[1] if old else 0) + 1,
+                )
+    return out, dependent
+
+
+def _cost_producer(jaxpr) -> str:
+    """The operation that produced the returned cost, with its source line."""
+    out = jaxpr.outvars[0]
+    for eqn in reversed(jaxpr.eqns):
+        if out in eqn.outvars:
+            if eqn.primitive.name in _interpret.term_rules:
+                return ""  # a linear operation whose terms all have the same weight
+            src = _compat.source_info(eqn)
+            return f"{eqn.primitive.name} ({src})" if src else eqn.primitive.name
+    return ""
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["value", "log_prob", "drawn"],
+    meta_fields=["name", "distribution", "estimator", "source"],
+)
 @dataclasses.dataclass(frozen=True)
 class Site:
     """One sample site of a traced run (`scgjax.trace`).
@@ -451,8 +623,9 @@ class Site:
     drawn: Any
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["cost", "aux", "sites"], meta_fields=[])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["cost", "aux", "sites"], meta_fields=[]
+)
 @dataclasses.dataclass(frozen=True)
 class Trace:
     """A traced run of a stochastic program: its cost, aux and every sample site."""
@@ -503,8 +676,15 @@ def trace(f: Callable, *, has_aux: bool = False, draws: dict | None = None) -> C
         sites = {}
         for node_id, node in graph.nodes.items():
             value, log_prob, drawn = graph.records[node_id]
-            sites[names[node_id]] = Site(names[node_id], node.distribution, node.estimator,
-                                         node.source, value, log_prob, drawn)
+            sites[names[node_id]] = Site(
+                names[node_id],
+                node.distribution,
+                node.estimator,
+                node.source,
+                value,
+                log_prob,
+                drawn,
+            )
         return Trace(cost.value, aux, sites)
 
     return wrapped

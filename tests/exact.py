@@ -38,6 +38,7 @@ ATOL = 1e-12
 SUPPORTS = {
     "BernoulliLogits": (0, 1),
     "BernoulliProbs": (0, 1),
+    "MaskedDistribution": (0, 1),  # of a Bernoulli in these tests
 }
 
 
@@ -51,23 +52,25 @@ def _support(site, supports: dict) -> Sequence:
 
 
 def enumerate_draws(f: Callable, args: tuple, supports: dict | None = None,
-                    max_configs: int = 1 << 14):
+                    max_configs: int = 1 << 14, copies: int = 1):
     """Every joint configuration of `f`'s score sites: (names, stacked draws dict with a
-    leading configuration axis, per-site number of support values)."""
+    leading configuration axis, per-site number of support values). With `copies=K`
+    (for `num_samples=K`) each site gets a leading axis of K independent copies."""
     supports = supports or {}
-    sites = {n: s for n, s in scg.trace(f)(*args).sites.items() if s.estimator == "score"}
+    traced = jax.eval_shape(scg.trace(f), *args)  # shapes and site metadata only
+    sites = {n: s for n, s in traced.sites.items() if s.estimator == "score"}
     names = sorted(sites)
     per_site = []
     total = 1
     for n in names:
         values = np.asarray(_support(sites[n], supports))
-        shape = np.shape(sites[n].value)
+        shape = ((copies,) if copies > 1 else ()) + tuple(sites[n].value.shape)
         size = int(np.prod(shape, dtype=int))
         total *= len(values) ** size
         if total > max_configs:
             raise ValueError(f"{total} joint configurations exceed max_configs={max_configs}")
         configs = np.array(list(itertools.product(values, repeat=size)))
-        per_site.append(configs.reshape((-1,) + shape).astype(np.asarray(sites[n].value).dtype))
+        per_site.append(configs.reshape((-1,) + shape).astype(sites[n].value.dtype))
     grids = np.meshgrid(*[np.arange(len(c)) for c in per_site], indexing="ij")
     draws = {n: c[g.ravel()] for n, c, g in zip(names, per_site, grids)}
     ks = {n: len(_support(sites[n], supports)) for n in names}
@@ -88,47 +91,53 @@ def _log_weight(tr, ks: dict) -> jax.Array:
 
 def exact_moments(f: Callable, theta, key, *, argnums: int = 0, supports: dict | None = None,
                   hessian: bool = True, extra_args: tuple = (), **options):
-    """(E[f], ∇E[f], ∇²E[f], E[ĝ], E[Ĥ]) in float64, exactly, by enumeration.
+    """A dict of exact quantities in float64, by enumeration (one compiled program):
+    `mass` (Σ_z p(z)), `mass_grad`, `mass_hess`, `value` (E[f]), `grad` (∇E[f]),
+    `hess` (∇²E[f]), `est` (E[scg_grad]) and `est_hess` (E[hessian(surrogate)]).
 
-    `options` go to `scg_grad` / `surrogate` (e.g. `baseline=`); `extra_args` come after
-    θ and before the key.
+    `options` go to `scg_grad` / `surrogate` (e.g. `baseline=`, `num_samples=`); with
+    `num_samples=K` every site is enumerated in K independent copies. `extra_args` come
+    after θ and before the key.
     """
-    args = (theta, *extra_args, key)
-    names, draws, ks = enumerate_draws(f, args, supports)
+    copies = int(options.get("num_samples", 1))
+    names, draws, ks = enumerate_draws(f, (theta, *extra_args, key), supports, copies=copies)
 
-    def at(z):
-        return lambda *a: scg.trace(f, draws=z)(*a)
-
-    def weight(th, z):
+    def log_weight(th, z):
         a = (th, *extra_args, key)
-        return jnp.exp(_log_weight(at(z)(*a), ks))
+        if copies == 1:
+            return _log_weight(scg.trace(f, draws=z)(*a), ks)
+        per_copy = jax.vmap(lambda zk: _log_weight(scg.trace(f, draws=zk)(*a), ks))(z)
+        return jnp.sum(per_copy)
+
+    def cost(th, z):  # f at the first copy's draws
+        z1 = z if copies == 1 else jax.tree.map(lambda x: x[0], z)
+        return scg.trace(f, draws=z1)(th, *extra_args, key).cost
+
+    def mass(th):
+        return jnp.sum(jax.vmap(lambda z: jnp.exp(log_weight(th, z)))(draws))
 
     def expected_cost(th):
-        def one(z):
-            a = (th, *extra_args, key)
-            return jnp.exp(_log_weight(at(z)(*a), ks)) * at(z)(*a).cost
-        return jnp.sum(jax.vmap(one)(draws))
+        return jnp.sum(jax.vmap(lambda z: jnp.exp(log_weight(th, z)) * cost(th, z))(draws))
 
-    def estimator_mean(th):
+    def expectation_of(estimate):
         def one(z):
-            a = (th, *extra_args, key)
-            g = scg.scg_grad(f, argnums=argnums, draws=z, **options)(*a)
-            return jax.tree.map(lambda x: jax.lax.stop_gradient(weight(th, z)) * x, g)
+            w = jnp.exp(log_weight(theta, z))
+            return jax.tree.map(lambda x: w * x, estimate(z))
         return jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(one)(draws))
 
-    def hessian_mean(th):
-        def one(z):
-            a = (th, *extra_args, key)
-            h = jax.hessian(scg.surrogate(f, draws=z, **options), argnums=argnums)(*a)
-            return jax.tree.map(lambda x: jax.lax.stop_gradient(weight(th, z)) * x, h)
-        return jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(one)(draws))
+    def everything(th):
+        out = {"mass": mass(th), "mass_grad": jax.grad(mass)(th),
+               "value": expected_cost(th), "grad": jax.grad(expected_cost)(th),
+               "est": expectation_of(lambda z: scg.scg_grad(
+                   f, argnums=argnums, draws=z, **options)(th, *extra_args, key))}
+        if hessian:
+            out["mass_hess"] = jax.hessian(mass)(th)
+            out["hess"] = jax.hessian(expected_cost)(th)
+            out["est_hess"] = expectation_of(lambda z: jax.hessian(
+                scg.surrogate(f, draws=z, **options), argnums=argnums)(th, *extra_args, key))
+        return out
 
-    value = expected_cost(theta)
-    grad = jax.grad(expected_cost)(theta)
-    est = estimator_mean(theta)
-    if not hessian:
-        return value, grad, None, est, None
-    return value, grad, jax.hessian(expected_cost)(theta), est, hessian_mean(theta)
+    return jax.jit(everything)(theta)
 
 
 def assert_exact(f: Callable, theta, key=None, *, hessian: bool = True,
@@ -149,32 +158,22 @@ def assert_exact(f: Callable, theta, key=None, *, hessian: bool = True,
         extra_args = jax.tree.map(
             lambda x: jnp.asarray(x, jnp.float64)
             if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, extra_args)
-        args = (theta, *extra_args, key)
-        names, draws, ks = enumerate_draws(f, args, supports)
-
-        def mass(th):
-            a = (th, *extra_args, key)
-            return jnp.sum(jax.vmap(
-                lambda z: jnp.exp(_log_weight(scg.trace(f, draws=z)(*a), ks)))(draws))
-
-        np.testing.assert_allclose(float(mass(theta)), 1.0, rtol=1e-12,
+        m = exact_moments(f, theta, key, supports=supports, hessian=hessian,
+                          extra_args=extra_args, **options)
+        np.testing.assert_allclose(float(m["mass"]), 1.0, rtol=1e-12,
                                    err_msg="total probability of the enumerated draws")
-        for g in jax.tree.leaves(jax.grad(mass)(theta)):
-            np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-12,
-                                       err_msg="gradient of the total probability")
-        if hessian:
-            for h in jax.tree.leaves(jax.hessian(mass)(theta)):
-                np.testing.assert_allclose(np.asarray(h), 0.0, atol=1e-12,
-                                           err_msg="Hessian of the total probability")
-        value, grad, hess, est, est_h = exact_moments(
-            f, theta, key, supports=supports, hessian=hessian, extra_args=extra_args, **options)
-        assert any(float(jnp.max(jnp.abs(g))) > 1e-6 for g in jax.tree.leaves(grad)), \
+        for what in ("mass_grad", "mass_hess") if hessian else ("mass_grad",):
+            for g in jax.tree.leaves(m[what]):
+                np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-12,
+                                           err_msg=f"{what}: derivative of the total probability")
+        assert any(float(jnp.max(jnp.abs(g))) > 1e-6 for g in jax.tree.leaves(m["grad"])), \
             "degenerate test: the exact gradient is zero"
-        for (path, g_est), g in zip(jax.tree_util.tree_leaves_with_path(est), jax.tree.leaves(grad)):
+        for (path, g_est), g in zip(jax.tree_util.tree_leaves_with_path(m["est"]),
+                                    jax.tree.leaves(m["grad"])):
             np.testing.assert_allclose(
                 np.asarray(g_est), np.asarray(g), rtol=RTOL, atol=ATOL,
                 err_msg=f"E[scg_grad] vs the gradient of E[f] {jax.tree_util.keystr(path)}")
         if hessian:
-            for h_est, h in zip(jax.tree.leaves(est_h), jax.tree.leaves(hess)):
+            for h_est, h in zip(jax.tree.leaves(m["est_hess"]), jax.tree.leaves(m["hess"])):
                 np.testing.assert_allclose(np.asarray(h_est), np.asarray(h), rtol=RTOL, atol=ATOL,
                                            err_msg="E[hessian(surrogate)] vs the Hessian of E[f]")

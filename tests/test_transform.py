@@ -147,8 +147,9 @@ def test_fori_loop_static_bounds_records_node():
 
 def test_cond_rule_records_one_node_per_branch():
     def f(t, key):
-        z = bern(key, t)
-        return lax.switch(z.astype(jnp.int32), [lambda: bern(key, 2 * t), lambda: 3.0 * bern(key, -t)])
+        k1, k2 = jax.random.split(key)
+        z = bern(k1, t)
+        return lax.switch(z.astype(jnp.int32), [lambda: bern(k2, 2 * t), lambda: 3.0 * bern(k2, -t)])
     assert len(graph_of(f, 0.1, KEY).nodes) == 3
 
 
@@ -303,7 +304,7 @@ def _sample_eqns(jaxpr):
 
 def test_emitted_program_keeps_one_plain_draw_per_score_site():
     # A score draw stays a `sample_p` equation (so an enclosing scgjax transform sees it),
-    # once, without its baseline; pathwise draws are emitted as numpyro's rsample.
+    # once, with its baseline; pathwise draws are emitted as numpyro's rsample.
     def f(theta, key):
         k1, k2 = jax.random.split(key)
         z = scg.sample(k1, dist.Bernoulli(logits=theta[0]), baseline=theta[1])
@@ -318,7 +319,7 @@ def test_emitted_program_keeps_one_plain_draw_per_score_site():
         eqns = list(_sample_eqns(jax.make_jaxpr(fn)(theta, key).jaxpr))
         assert len(eqns) == 1, fn
         assert eqns[0].params["estimator"] == "score"
-        assert not eqns[0].params["has_baseline"]
+        assert eqns[0].params["has_baseline"]
 
 
 def test_surrogate_value_equals_cost(any_key):
