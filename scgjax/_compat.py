@@ -197,9 +197,12 @@ def is_key_dtype(dtype: Any) -> bool:
 
 
 def iter_subjaxprs_with_consts(params: dict[str, Any]) -> Iterator[tuple[Jaxpr, list[Any]]]:
-    """Every sub-jaxpr in an equation's params, as `(open jaxpr, consts)`."""
-    for j in jex.jaxprs_in_params(params):
-        yield open_jaxpr(j)
+    """Every sub-jaxpr in an equation's params, as `(open jaxpr, consts)`: a `ClosedJaxpr`
+    keeps its consts (`jex.jaxprs_in_params` yields its open jaxpr only)."""
+    for value in params.values():
+        for j in value if isinstance(value, tuple) else (value,):
+            if isinstance(j, (Jaxpr, ClosedJaxpr)):
+                yield open_jaxpr(j)
 
 
 def _library_dirs() -> tuple[str, ...]:

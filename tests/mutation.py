@@ -34,7 +34,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from typing import Callable
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,11 +44,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRANSFORM = ("tests/test_transform.py",)
 EXACT_TABLE = ("tests/test_exact.py",)  # the table of exact rule tests, where present
 RP = "tests/test_random_programs.py::"
-RANDOM = tuple(RP + t for t in (
-    "test_random_program_is_exact", "test_random_loop_program_is_exact",
-    "test_random_branching_program_is_exact", "test_random_vmap_program_is_exact",
-    "test_random_program_with_inner_scg_grad_is_exact",
-    "test_no_score_reaching_the_cost_is_jax_grad_to_the_last_bit"))
+RANDOM = tuple(
+    RP + t
+    for t in (
+        "test_random_program_is_exact",
+        "test_random_loop_program_is_exact",
+        "test_random_branching_program_is_exact",
+        "test_random_vmap_program_is_exact",
+        "test_random_program_with_inner_scg_grad_is_exact",
+        "test_no_score_reaching_the_cost_is_jax_grad_to_the_last_bit",
+    )
+)
 
 
 def _first(name: str) -> tuple:
@@ -60,40 +66,72 @@ def _ids(module: str, names: str) -> tuple:
     return tuple(f"tests/{module}.py::{n}" for n in names.split())
 
 
-PLATES = _ids("test_variance_reduction", """test_plates_same_key_equal_per_row_hand_written_estimator
+PLATES = _ids(
+    "test_variance_reduction",
+    """test_plates_same_key_equal_per_row_hand_written_estimator
     test_plates_split_additive_tail_at_the_finest_grain test_plates_through_numpy_broadcasting
     test_mixing_rows_falls_back_to_the_whole_node test_per_row_same_key_and_downstream_per_element
     test_plates_are_unbiased test_mixing_rows_is_unbiased test_transposed_plate_is_unbiased
     test_non_aligned_ops_are_unbiased test_gather_with_sampled_index_is_unbiased
-    test_plate_estimator_has_much_lower_variance_than_whole_node""")
-LOOPS = _ids("test_variance_reduction", """test_loop_same_key_equals_reward_to_go_estimator
+    test_plate_estimator_has_much_lower_variance_than_whole_node""",
+)
+LOOPS = _ids(
+    "test_variance_reduction",
+    """test_loop_same_key_equals_reward_to_go_estimator
     test_loop_with_independent_steps_weights_each_reward_by_its_own_action
     test_loop_downstream_of_in_loop_node_is_reward_to_go
     test_nested_scans_same_key_equal_flattened_time_order_estimator
     test_scan_under_vmap_has_per_environment_causality test_loop_causal_estimator_is_unbiased
     test_loop_causal_estimator_has_its_exact_variance
     test_nested_scans_are_unbiased_and_finer_than_whole_loop_weighting
-    test_baseline_inside_scan_subtracts_per_step""") + _ids("test_estimators", """
-    test_samples_inside_scan_are_unbiased test_samples_inside_fori_loop_are_unbiased""")
-CHAINS = _ids("test_estimators", """test_rao_blackwellized_gradient_equals_hand_written_single_term_estimator_per_key
+    test_baseline_inside_scan_subtracts_per_step""",
+) + _ids(
+    "test_estimators",
+    """
+    test_samples_inside_scan_are_unbiased test_samples_inside_fori_loop_are_unbiased""",
+)
+CHAINS = _ids(
+    "test_estimators",
+    """test_rao_blackwellized_gradient_equals_hand_written_single_term_estimator_per_key
     test_rao_blackwellization_weights_each_score_node_by_its_own_costs
-    test_chain_of_two_score_nodes_is_unbiased test_mixed_score_then_pathwise_chain_is_unbiased""")
-BRANCHES = _ids("test_estimators", """test_samples_inside_cond_branches_with_sampled_predicate_are_unbiased
-    test_samples_inside_switch_branches_with_sampled_index_are_unbiased""")
-CALLS = _ids("test_estimators", """test_samples_inside_inner_jit_are_unbiased
-    test_samples_under_vmap_inside_f_are_unbiased""")
-DOWNSTREAM = _ids("test_variance_reduction", """test_downstream_costs_of_independent_nodes
+    test_chain_of_two_score_nodes_is_unbiased test_mixed_score_then_pathwise_chain_is_unbiased""",
+)
+BRANCHES = _ids(
+    "test_estimators",
+    """test_samples_inside_cond_branches_with_sampled_predicate_are_unbiased
+    test_samples_inside_switch_branches_with_sampled_index_are_unbiased""",
+)
+CALLS = _ids(
+    "test_estimators",
+    """test_samples_inside_inner_jit_are_unbiased
+    test_samples_under_vmap_inside_f_are_unbiased""",
+)
+DOWNSTREAM = _ids(
+    "test_variance_reduction",
+    """test_downstream_costs_of_independent_nodes
     test_leave_one_out_on_a_chain_uses_each_nodes_own_downstream_costs
-    test_leave_one_out_value_and_same_key_gradient""")
+    test_leave_one_out_value_and_same_key_gradient""",
+)
 
 TERM_TESTS = TRANSFORM + EXACT_TABLE + RANDOM + PLATES + CHAINS + LOOPS[:2]
 AXIS_TESTS = TRANSFORM + EXACT_TABLE + RANDOM + PLATES + CHAINS + CALLS
-CAUSAL_TESTS = TRANSFORM + EXACT_TABLE + _first("test_random_loop_program_is_exact") + LOOPS + \
-    PLATES + DOWNSTREAM
+CAUSAL_TESTS = (
+    TRANSFORM
+    + EXACT_TABLE
+    + _first("test_random_loop_program_is_exact")
+    + LOOPS
+    + PLATES
+    + DOWNSTREAM
+)
 SCAN_TESTS = TRANSFORM + EXACT_TABLE + _first("test_random_loop_program_is_exact") + LOOPS
 COND_TESTS = TRANSFORM + EXACT_TABLE + _first("test_random_branching_program_is_exact") + BRANCHES
-CALL_TESTS = TRANSFORM + EXACT_TABLE + _first("test_random_program_with_inner_scg_grad_is_exact") + \
-    CALLS + CHAINS
+CALL_TESTS = (
+    TRANSFORM
+    + EXACT_TABLE
+    + _first("test_random_program_with_inner_scg_grad_is_exact")
+    + CALLS
+    + CHAINS
+)
 ALL_TESTS = TERM_TESTS
 
 
@@ -113,14 +151,22 @@ def _default_tests(name: str) -> tuple:
     if name.startswith("axis:cumulative:"):
         return CAUSAL_TESTS
     family = name.split(":")[0]
-    return {"term": TERM_TESTS, "axis": AXIS_TESTS, "causal": CAUSAL_TESTS, "scan": SCAN_TESTS,
-            "cond": COND_TESTS, "call": CALL_TESTS, "nested": CALL_TESTS}[family]
+    return {
+        "term": TERM_TESTS,
+        "axis": AXIS_TESTS,
+        "causal": CAUSAL_TESTS,
+        "scan": SCAN_TESTS,
+        "cond": COND_TESTS,
+        "call": CALL_TESTS,
+        "nested": CALL_TESTS,
+    }[family]
 
 
 def mutant(name: str, what: str, tests=None, equivalent: str | None = None):
     def register(fn):
         MUTANTS[name] = Mutant(name, what, fn, tuple(tests or _default_tests(name)), equivalent)
         return fn
+
     return register
 
 
@@ -135,9 +181,11 @@ def fired() -> None:
 
 def counted(fn):
     """`fn`, recording each call as the mutant firing."""
+
     def wrapper(*args, **kwargs):
         fired()
         return fn(*args, **kwargs)
+
     wrapper.__name__ = getattr(fn, "__name__", "mutant")
     wrapper.__wrapped__ = fn
     return wrapper
@@ -157,8 +205,10 @@ def rewrite(owner, name: str, old, new, count: int = 1):
     for o, n in zip(*(([x] if isinstance(x, str) else x) for x in (old, new))):
         found = src.count(o)
         if found != count:
-            raise StaleMutant(f"{getattr(owner, '__name__', owner)}.{name}: expected {count} "
-                              f"occurrence(s) of {o!r}, found {found}")
+            raise StaleMutant(
+                f"{getattr(owner, '__name__', owner)}.{name}: expected {count} "
+                f"occurrence(s) of {o!r}, found {found}"
+            )
         src = src.replace(o, n)
     namespace: dict = {}
     exec(compile(src, inspect.getsourcefile(func), "exec"), func.__globals__, namespace)
@@ -170,7 +220,9 @@ def rewrite(owner, name: str, old, new, count: int = 1):
 def apply(name: str) -> None:
     """Applies the mutant `name` (called from tests/conftest.py)."""
     if name not in MUTANTS:
-        raise SystemExit(f"SCGJAX_MUTANT={name!r}: no such mutant (python tests/mutation.py --list)")
+        raise SystemExit(
+            f"SCGJAX_MUTANT={name!r}: no such mutant (python tests/mutation.py --list)"
+        )
     MUTANTS[name].apply()
 
 
@@ -183,19 +235,39 @@ def report_fired(log_path: str | None) -> None:
 
 def _modules():
     from scgjax import _compat, _control_flow, _deps, _graph, _interpret
+
     return _interpret, _deps, _graph, _control_flow, _compat
 
 
 # -- Term rules: negate or drop a term ---------------------------------------------------------
 
 # Every primitive with a term rule. `expand_dims`, `copy_p` are names of other JAX versions.
-TERM_PRIMITIVES = ("neg", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
-                   "transpose", "copy", "copy_p", "real", "cumsum", "convert_element_type",
-                   "reduce_sum", "add", "add_any", "sub", "concatenate", "stack", "select_n",
-                   "mul", "div", "dot_general")
+TERM_PRIMITIVES = (
+    "neg",
+    "broadcast_in_dim",
+    "reshape",
+    "squeeze",
+    "expand_dims",
+    "transpose",
+    "copy",
+    "copy_p",
+    "real",
+    "cumsum",
+    "convert_element_type",
+    "reduce_sum",
+    "add",
+    "add_any",
+    "sub",
+    "concatenate",
+    "stack",
+    "select_n",
+    "mul",
+    "div",
+    "dot_general",
+)
 UNREACHABLE = {
     "expand_dims": "JAX 0.10-0.12 have no expand_dims primitive (jnp.expand_dims binds "
-                   "broadcast_in_dim)",
+    "broadcast_in_dim)",
     "copy_p": "the copy primitive is named 'copy' in JAX 0.10-0.12",
 }
 
@@ -220,90 +292,135 @@ def _negate_last(items):
 
 
 for _prim in TERM_PRIMITIVES:
-    mutant(f"term:{_prim}:negate", f"the {_prim} term rule negates its last term",
-           equivalent=UNREACHABLE.get(_prim))(
-        lambda p=_prim: _wrap_term_rule(p, _negate_last))
-    mutant(f"term:{_prim}:drop", f"the {_prim} term rule drops its last term",
-           equivalent=UNREACHABLE.get(_prim))(
-        lambda p=_prim: _wrap_term_rule(p, lambda items: items[:-1]))
+    mutant(
+        f"term:{_prim}:negate",
+        f"the {_prim} term rule negates its last term",
+        equivalent=UNREACHABLE.get(_prim),
+    )(lambda p=_prim: _wrap_term_rule(p, _negate_last))
+    mutant(
+        f"term:{_prim}:drop",
+        f"the {_prim} term rule drops its last term",
+        equivalent=UNREACHABLE.get(_prim),
+    )(lambda p=_prim: _wrap_term_rule(p, lambda items: items[:-1]))
 
 
-@mutant("term:reduce_sum:pending_first",
-        "reduce_sum puts the aligned (pending) axes before the output's axes")
+@mutant(
+    "term:reduce_sum:pending_first",
+    "reduce_sum puts the aligned (pending) axes before the output's axes",
+)
 def _():
     _interpret = _modules()[0]
-    rewrite(_interpret, "_reduce_terms", "order = list(kept) + aligned + ",
-            "order = aligned + list(kept) + ")
+    rewrite(
+        _interpret,
+        "_reduce_terms",
+        "order = list(kept) + aligned + ",
+        "order = aligned + list(kept) + ",
+    )
 
 
-@mutant("term:reduce_sum:sum_aligned",
-        "reduce_sum sums the axes a node is aligned with (no plates through sums)")
+@mutant(
+    "term:reduce_sum:sum_aligned",
+    "reduce_sum sums the axes a node is aligned with (no plates through sums)",
+)
 def _():
     _interpret = _modules()[0]
-    rewrite(_interpret, "_reduce_terms", "summed = sorted(axes - set(aligned))",
-            "summed = sorted(axes); aligned = []")
+    rewrite(
+        _interpret,
+        "_reduce_terms",
+        "summed = sorted(axes - set(aligned))",
+        "summed = sorted(axes); aligned = []",
+    )
 
 
-@mutant("term:pending_axes_front", "terms pushed through an equation get their pending "
-        "axes moved to the front")
+@mutant(
+    "term:pending_axes_front",
+    "terms pushed through an equation get their pending axes moved to the front",
+)
 def _():
     _interpret = _modules()[0]
     rewrite(_interpret, "_term_items_through", "in_axes=-1, out_axes=-1", "in_axes=-1, out_axes=0")
 
 
-@mutant("term:operands_not_zeroed", "add/sub/concatenate/select_n push each operand's "
-        "terms with the other operands at their values instead of zeros")
+@mutant(
+    "term:operands_not_zeroed",
+    "add/sub/concatenate/select_n push each operand's "
+    "terms with the other operands at their values instead of zeros",
+)
 def _():
     _interpret = _modules()[0]
-    rewrite(_interpret, "_sum_of_operands", "jnp.zeros_like(v.value) if i in positions else v.value",
-            "v.value")
+    rewrite(
+        _interpret,
+        "_sum_of_operands",
+        "jnp.zeros_like(v.value) if i in positions else v.value",
+        "v.value",
+    )
 
 
-@mutant("term:add:broadcast_as_same", "add takes the same-shape shortcut with a broadcast "
-        "operand (its terms are not broadcast)")
+@mutant(
+    "term:add:broadcast_as_same",
+    "add takes the same-shape shortcut with a broadcast operand (its terms are not broadcast)",
+)
 def _():
     _interpret = _modules()[0]
-    new = rewrite(_interpret, "_add", "if all(np.shape(v.value) == np.shape(out) for v in invals):",
-                  "if True:")
+    new = rewrite(
+        _interpret,
+        "_add",
+        "if all(np.shape(v.value) == np.shape(out) for v in invals):",
+        "if True:",
+    )
     _interpret.term_rules["add"] = _interpret.term_rules["add_any"] = new
 
 
-@mutant("term:sub:broadcast_as_same", "sub takes the same-shape shortcut with a broadcast "
-        "operand")
+@mutant("term:sub:broadcast_as_same", "sub takes the same-shape shortcut with a broadcast operand")
 def _():
     _interpret = _modules()[0]
     _interpret.term_rules["sub"] = rewrite(
-        _interpret, "_sub", "if all(np.shape(v.value) == np.shape(out) for v in invals):", "if True:")
+        _interpret,
+        "_sub",
+        "if all(np.shape(v.value) == np.shape(out) for v in invals):",
+        "if True:",
+    )
 
 
-@mutant("term:make_val:merge_subtracts", "terms with the same dependencies are merged by "
-        "subtraction")
+@mutant(
+    "term:make_val:merge_subtracts", "terms with the same dependencies are merged by subtraction"
+)
 def _():
     _graph = _modules()[2]
     rewrite(_graph, "make_val", "terms[key] + t", "terms[key] - t")
 
 
-@mutant("term:exact:always", "the exactness guard is off: costs are split through float-"
-        "to-int conversions and integer division")
+@mutant(
+    "term:exact:always",
+    "the exactness guard is off: costs are split through float-"
+    "to-int conversions and integer division",
+)
 def _():
     _interpret = _modules()[0]
     _interpret.term_rules["convert_element_type"] = _interpret._unary_linear
     _interpret.term_rules["div"] = counted(_interpret._linear_in_one(0))
 
 
-@mutant("term:mul:partner_with_samples", "mul splits a product whose other factor depends "
-        "on a sample too")
+@mutant(
+    "term:mul:partner_with_samples",
+    "mul splits a product whose other factor depends on a sample too",
+)
 def _():
     _interpret = _modules()[0]
-    rewrite(_interpret, "_linear_in_one",
-            "if invals[p].has_terms and all(not v.deps for i, v in enumerate(invals) if i != p):",
-            "if invals[p].has_terms:")
+    rewrite(
+        _interpret,
+        "_linear_in_one",
+        "if invals[p].has_terms and all(not v.deps for i, v in enumerate(invals) if i != p):",
+        "if invals[p].has_terms:",
+    )
     _interpret.term_rules["mul"] = _interpret._linear_in_one(0, 1)
     _interpret.term_rules["div"] = _interpret._exact(_interpret._linear_in_one(0))
 
 
-@mutant("term:select_n:sampled_predicate", "select_n splits its cases even when the "
-        "predicate depends on a sample")
+@mutant(
+    "term:select_n:sampled_predicate",
+    "select_n splits its cases even when the predicate depends on a sample",
+)
 def _():
     _interpret = _modules()[0]
     rewrite(_interpret, "_joint", "if any(v.deps for v in invals[:first]) or not", "if not")
@@ -311,29 +428,41 @@ def _():
     _interpret.term_rules["concatenate"] = _interpret.term_rules["stack"] = _interpret._joint(0)
 
 
-@mutant("term:dot_general:partner_with_samples", "dot_general splits when both operands "
-        "depend on samples")
+@mutant(
+    "term:dot_general:partner_with_samples",
+    "dot_general splits when both operands depend on samples",
+)
 def _():
     _interpret = _modules()[0]
     _interpret.term_rules["dot_general"] = rewrite(
-        _interpret, "_dot_general", "        if w.deps:\n            continue\n", "")
+        _interpret, "_dot_general", "        if w.deps:\n            continue\n", ""
+    )
 
 
-@mutant("term:dot_general:weight_axes", "dot_general lays a sample-free partner out on the "
-        "term's axes without its permutation")
+@mutant(
+    "term:dot_general:weight_axes",
+    "dot_general lays a sample-free partner out on the term's axes without its permutation",
+)
 def _():
     _interpret = _modules()[0]
     _interpret.term_rules["dot_general"] = rewrite(
-        _interpret, "_dot_general", "jnp.transpose(w_value, np.argsort(dims))",
-        "jnp.transpose(w_value, dims)")
+        _interpret,
+        "_dot_general",
+        "jnp.transpose(w_value, np.argsort(dims))",
+        "jnp.transpose(w_value, dims)",
+    )
 
 
-@mutant("term:dot_general:no_weighted_sum", "dot_general with a partner without free axes "
-        "is not treated as a weighted sum (aligned axes are summed)")
+@mutant(
+    "term:dot_general:no_weighted_sum",
+    "dot_general with a partner without free axes "
+    "is not treated as a weighted sum (aligned axes are summed)",
+)
 def _():
     _interpret = _modules()[0]
     _interpret.term_rules["dot_general"] = rewrite(
-        _interpret, "_dot_general", "if np.ndim(w_value) != len(wc) + len(wb):", "if True:")
+        _interpret, "_dot_general", "if np.ndim(w_value) != len(wc) + len(wb):", "if True:"
+    )
 
 
 # -- Axis rules: misalign, keep an axis that should be ALL, coarsen -----------------------------
@@ -342,8 +471,17 @@ AXIS_FAMILIES = {
     "elementwise": None,  # _deps.ELEMENTWISE
     "broadcast_in_dim": ("broadcast_in_dim",),
     "transpose": ("transpose",),
-    "reduce": ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-               "reduce_or", "argmax", "argmin", "reduce_xor"),
+    "reduce": (
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "reduce_and",
+        "reduce_or",
+        "argmax",
+        "argmin",
+        "reduce_xor",
+    ),
     "squeeze": ("squeeze",),
     "reshape": ("reshape",),
     "dot_general": ("dot_general",),
@@ -381,6 +519,7 @@ def _wrap_axis_rule(family: str, transform) -> None:
                 if after != before:
                     fired()
                 return after
+
             return new_map
 
         return [mutated(m, len(s)) for m, s in zip(maps, in_shapes)]
@@ -402,62 +541,94 @@ def _coarsen(b, a, n_out):
     return None
 
 
-SIZE_GUARD = ("equivalent: every axis this keeps changes size (or is broadcast from size "
-              "1), and `_graph.tau` pairs a term axis with a node axis only when their sizes "
-              "are equal, summing over the node axis otherwise, which is what ALL means; "
-              "so the weights do not change")
+SIZE_GUARD = (
+    "equivalent: every axis this keeps changes size (or is broadcast from size "
+    "1), and `_graph.tau` pairs a term axis with a node axis only when their sizes "
+    "are equal, summing over the node axis otherwise, which is what ALL means; "
+    "so the weights do not change"
+)
 for _family in AXIS_FAMILIES:
-    mutant(f"axis:{_family}:shift", f"the {_family} axis rule maps an aligned axis to the "
-           "next output axis")(lambda f=_family: _wrap_axis_rule(f, _shift))
-    mutant(f"axis:{_family}:keep", f"the {_family} axis rule keeps an axis that should be "
-           "ALL", equivalent=SIZE_GUARD if _family in ("slice", "concatenate", "broadcast_in_dim",
-                                                       "stack", "squeeze") else None)(
-        lambda f=_family: _wrap_axis_rule(f, _keep))
+    mutant(
+        f"axis:{_family}:shift",
+        f"the {_family} axis rule maps an aligned axis to the next output axis",
+    )(lambda f=_family: _wrap_axis_rule(f, _shift))
+    mutant(
+        f"axis:{_family}:keep",
+        f"the {_family} axis rule keeps an axis that should be ALL",
+        equivalent=SIZE_GUARD
+        if _family in ("slice", "concatenate", "broadcast_in_dim", "stack", "squeeze")
+        else None,
+    )(lambda f=_family: _wrap_axis_rule(f, _keep))
 for _family in ("elementwise", "broadcast_in_dim", "transpose", "reduce", "dot_general"):
-    mutant(f"axis:{_family}:coarsen", f"the {_family} axis rule makes every axis ALL (no "
-           "plates through it: variance only)")(lambda f=_family: _wrap_axis_rule(f, _coarsen))
+    mutant(
+        f"axis:{_family}:coarsen",
+        f"the {_family} axis rule makes every axis ALL (no plates through it: variance only)",
+    )(lambda f=_family: _wrap_axis_rule(f, _coarsen))
 
 
-@mutant("axis:transpose:inverse", "transpose maps axes by the permutation instead of its "
-        "inverse")
+@mutant("axis:transpose:inverse", "transpose maps axes by the permutation instead of its inverse")
 def _():
     _deps = _modules()[1]
     rewrite(_deps, "axis_rule", "return [lambda a: perm.index(a)]", "return [lambda a: perm[a]]")
 
 
-@mutant("axis:elementwise:size1_aligned", "a size-1 axis broadcast by an elementwise op "
-        "stays aligned", equivalent=SIZE_GUARD)
+@mutant(
+    "axis:elementwise:size1_aligned",
+    "a size-1 axis broadcast by an elementwise op stays aligned",
+    equivalent=SIZE_GUARD,
+)
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "_elementwise", "return lambda a: a + offset if in_shape[a] == out_shape[a + offset] else None",
-            "return lambda a: a + offset")
+    rewrite(
+        _deps,
+        "_elementwise",
+        "return lambda a: a + offset if in_shape[a] == out_shape[a + offset] else None",
+        "return lambda a: a + offset",
+    )
 
 
-@mutant("axis:broadcast_in_dim:size1_aligned", "broadcast_in_dim keeps a size-1 axis "
-        "aligned when it is broadcast", equivalent=SIZE_GUARD)
+@mutant(
+    "axis:broadcast_in_dim:size1_aligned",
+    "broadcast_in_dim keeps a size-1 axis aligned when it is broadcast",
+    equivalent=SIZE_GUARD,
+)
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "axis_rule", "return [lambda a: dims[a] if shape[a] == out_shape[dims[a]] else None]",
-            "return [lambda a: dims[a]]")
+    rewrite(
+        _deps,
+        "axis_rule",
+        "return [lambda a: dims[a] if shape[a] == out_shape[dims[a]] else None]",
+        "return [lambda a: dims[a]]",
+    )
 
 
-@mutant("axis:reshape:fortran_order", "a reshape with a transpose first (order='F') is "
-        "aligned like a row-major one")
+@mutant(
+    "axis:reshape:fortran_order",
+    "a reshape with a transpose first (order='F') is aligned like a row-major one",
+)
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "axis_rule", "if dims is not None and tuple(dims) != tuple(range(len(in_shapes[0]))):",
-            "if False:")
+    rewrite(
+        _deps,
+        "axis_rule",
+        "if dims is not None and tuple(dims) != tuple(range(len(in_shapes[0]))):",
+        "if False:",
+    )
 
 
 @mutant("axis:reshape:by_position", "a reshape aligns axes by position whatever the sizes")
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "_unit_reshape", "    if [in_shape[a] for a in src] != [out_shape[a] for a in dst]:\n        return _nothing\n",
-            "")
+    rewrite(
+        _deps,
+        "_unit_reshape",
+        "    if [in_shape[a] for a in src] != [out_shape[a] for a in dst]:\n"
+        "        return _nothing\n",
+        "",
+    )
 
 
-@mutant("axis:pad:ignores_negative", "pad with a negative side (a shift) keeps the axis "
-        "aligned")
+@mutant("axis:pad:ignores_negative", "pad with a negative side (a shift) keeps the axis aligned")
 def _():
     _deps = _modules()[1]
     rewrite(_deps, "axis_rule", "if (lo, hi, inner) != (0, 0, 0)}", "if lo > 0 or hi > 0 or inner}")
@@ -469,23 +640,33 @@ def _():
     rewrite(_interpret, "_parent_deps", "    return _deps.join(parts)", "    return _deps.EMPTY")
 
 
-@mutant("axis:parents:sample_shape", "a parameter's batch axes are aligned without the "
-        "shift by the sample shape")
+@mutant(
+    "axis:parents:sample_shape",
+    "a parameter's batch axes are aligned without the shift by the sample shape",
+)
 def _():
     _interpret = _modules()[0]
     rewrite(_interpret, "_parent_deps", "return a + len(sample_shape)", "return a")
 
 
-@mutant("axis:parents:always_elementwise", "a parameter is taken as elementwise whatever "
-        "its shape (event axes, broadcast parameters)")
+@mutant(
+    "axis:parents:always_elementwise",
+    "a parameter is taken as elementwise whatever its shape (event axes, broadcast parameters)",
+)
 def _():
     _interpret = _modules()[0]
-    rewrite(_interpret, "_parent_deps", "elementwise = (i > 0 and not event_shape and",
-            "elementwise = (i > 0 or not event_shape and")
+    rewrite(
+        _interpret,
+        "_parent_deps",
+        "elementwise = (i > 0 and not event_shape and",
+        "elementwise = (i > 0 or not event_shape and",
+    )
 
 
-@mutant("axis:multi_output:not_coarsened", "multi-output primitives (sort with several "
-        "operands, split, ...) keep their operands' axes")
+@mutant(
+    "axis:multi_output:not_coarsened",
+    "multi-output primitives (sort with several operands, split, ...) keep their operands' axes",
+)
 def _():
     _deps = _modules()[1]
     rewrite(_deps.Deps, "coarsened", "return self.map_axes(lambda a: None)", "return self")
@@ -493,12 +674,16 @@ def _():
 
 # -- Causality: the kinds of loop and cumulative relations ----------------------------------
 
-@mutant("causal:cumsum:direction", "cumsum's causal kind is swapped (le for reverse, ge "
-        "forward)")
+
+@mutant("causal:cumsum:direction", "cumsum's causal kind is swapped (le for reverse, ge forward)")
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "cumulative_kind", '"ge" if eqn.params.get("reverse") else "le"',
-            '"le" if eqn.params.get("reverse") else "ge"')
+    rewrite(
+        _deps,
+        "cumulative_kind",
+        '"ge" if eqn.params.get("reverse") else "le"',
+        '"le" if eqn.params.get("reverse") else "ge"',
+    )
 
 
 @mutant("causal:cumsum:eq", "cumsum is taken as elementwise (no causal widening)")
@@ -507,15 +692,16 @@ def _():
     rewrite(_deps, "cumulative_kind", '"ge" if eqn.params.get("reverse") else "le"', '"eq"')
 
 
-@mutant("causal:compose:drops_eq", "composing relations never keeps j == i (le after le "
-        "gives lt)")
+@mutant("causal:compose:drops_eq", "composing relations never keeps j == i (le after le gives lt)")
 def _():
     _deps = _modules()[1]
     rewrite(_deps, "compose_kind", 'if "=" in _ORDERS[k] and "=" in _ORDERS[step]:', "if False:")
 
 
-@mutant("causal:compose:keeps_eq", "composing relations always keeps j == i (lt after le "
-        "gives le: variance only)")
+@mutant(
+    "causal:compose:keeps_eq",
+    "composing relations always keeps j == i (lt after le gives le: variance only)",
+)
 def _():
     _deps = _modules()[1]
     rewrite(_deps, "compose_kind", 'if "=" in _ORDERS[k] and "=" in _ORDERS[step]:', "if True:")
@@ -524,8 +710,7 @@ def _():
 @mutant("causal:union:first", "the union of two kinds is the first one")
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "union_kind", "return _KIND_OF.get(_ORDERS[k1] | _ORDERS[k2])",
-            "return k1")
+    rewrite(_deps, "union_kind", "return _KIND_OF.get(_ORDERS[k1] | _ORDERS[k2])", "return k1")
 
 
 @mutant("causal:meet:first", "the entry covering two entries is the first one")
@@ -534,11 +719,18 @@ def _():
     rewrite(_deps, "meet", "    if e1 == e2:\n        return e1\n", "    return e1\n")
 
 
-@mutant("causal:normalize:no_merge", "overlapping relations are kept side by side (their "
-        "log-probabilities counted twice)")
+@mutant(
+    "causal:normalize:no_merge",
+    "overlapping relations are kept side by side (their log-probabilities counted twice)",
+)
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "_normalize", "    changed = True\n    while changed:", "    changed = False\n    while changed:")
+    rewrite(
+        _deps,
+        "_normalize",
+        "    changed = True\n    while changed:",
+        "    changed = False\n    while changed:",
+    )
 
 
 @mutant("causal:disjoint:always", "any two relations are taken as disjoint")
@@ -547,53 +739,75 @@ def _():
     rewrite(_deps, "_disjoint", "return any(", "return True or any(")
 
 
-@mutant("causal:exact_union:never", "relations with an exact union (lt and eq) are not "
-        "merged", equivalent="equivalent: lt and eq stay two disjoint relations of the "
-        "node, and `tau` adds their log-probabilities: the same sum as one le relation")
+@mutant(
+    "causal:exact_union:never",
+    "relations with an exact union (lt and eq) are not merged",
+    equivalent="equivalent: lt and eq stay two disjoint relations of the "
+    "node, and `tau` adds their log-probabilities: the same sum as one le relation",
+)
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "_exact_union", "    if len(diff) != 1:\n        return None\n",
-            "    return None\n")
+    rewrite(
+        _deps, "_exact_union", "    if len(diff) != 1:\n        return None\n", "    return None\n"
+    )
 
 
-@mutant("causal:max_relations:1", "a node keeps one relation per value (nested loops "
-        "coarsened: variance only)")
+@mutant(
+    "causal:max_relations:1",
+    "a node keeps one relation per value (nested loops coarsened: variance only)",
+)
 def _():
     _deps = _modules()[1]
     _deps.MAX_RELATIONS = 1
     rewrite(_deps, "_normalize", "if len(rels) > MAX_RELATIONS:", "if len(rels) > MAX_RELATIONS:")
 
 
-@mutant("causal:join:first", "a value computed from several operands depends on the "
-        "first one's nodes only")
+@mutant(
+    "causal:join:first",
+    "a value computed from several operands depends on the first one's nodes only",
+)
 def _():
     _deps = _modules()[1]
     rewrite(_deps, "join", "    for d in deps:\n", "    for d in list(deps)[:1]:\n")
 
 
-@mutant("causal:node_rel:loops_reversed", "a node drawn in nested loops pairs its stacked "
-        "axes with the loops in reverse order")
+@mutant(
+    "causal:node_rel:loops_reversed",
+    "a node drawn in nested loops pairs its stacked axes with the loops in reverse order",
+)
 def _():
     _deps = _modules()[1]
-    rewrite(_deps, "node_rel", "tuple(Loop(l) for l in loop_levels)",
-            "tuple(Loop(l) for l in reversed(loop_levels))")
+    rewrite(
+        _deps,
+        "node_rel",
+        "tuple(Loop(l) for l in loop_levels)",
+        "tuple(Loop(l) for l in reversed(loop_levels))",
+    )
 
 
 @mutant("causal:tau:le_as_lt", "tau weights a `le` (`lt`) relation as `lt` (`le`)")
 def _():
     _graph = _modules()[2]
-    rewrite(_graph, "_cumulative", 'return total if kind == "le" else total - x',
-            'return total - x if kind == "le" else total')
+    rewrite(
+        _graph,
+        "_cumulative",
+        'return total if kind == "le" else total - x',
+        'return total - x if kind == "le" else total',
+    )
 
 
 @mutant("causal:tau:ge_as_gt", "tau weights a `ge` (`gt`) relation as `gt` (`ge`)")
 def _():
     _graph = _modules()[2]
-    rewrite(_graph, "_cumulative", '"le" if kind == "ge" else "lt"', '"lt" if kind == "ge" else "le"')
+    rewrite(
+        _graph, "_cumulative", '"le" if kind == "ge" else "lt"', '"lt" if kind == "ge" else "le"'
+    )
 
 
-@mutant("causal:tau:axes_in_node_order", "tau lays a node's aligned axes out in node "
-        "order, not in the term's")
+@mutant(
+    "causal:tau:axes_in_node_order",
+    "tau lays a node's aligned axes out in node order, not in the term's",
+)
 def _():
     _graph = _modules()[2]
     rewrite(_graph, "tau", "x = jnp.transpose(x, order) if kept else x", "x = x")
@@ -602,26 +816,33 @@ def _():
 @mutant("causal:tau:no_plates", "tau sums every node axis (no plates: variance only)")
 def _():
     _graph = _modules()[2]
-    rewrite(_graph, "tau", "if isinstance(entry, Axis) and entry.axis < len(shape) \\",
-            "if False and isinstance(entry, Axis) and entry.axis < len(shape) \\")
+    rewrite(
+        _graph,
+        "tau",
+        "if isinstance(entry, Axis) and entry.axis < len(shape) \\",
+        "if False and isinstance(entry, Axis) and entry.axis < len(shape) \\",
+    )
 
 
 # -- Control flow: scan, cond, calls, nested transforms -----------------------------------------
 
+
 def _scan(old: str, new: str, count: int = 1) -> None:
     _interpret, _, _, _control_flow, _compat = _modules()
     _interpret.higher_order_rules[_compat.primitives.scan_p] = rewrite(
-        _control_flow, "_scan_rule", old, new, count)
+        _control_flow, "_scan_rule", old, new, count
+    )
 
 
-@mutant("scan:carry_in:current", "what the carry brings from earlier iterations is taken "
-        "as the current iteration's")
+@mutant(
+    "scan:carry_in:current",
+    "what the carry brings from earlier iterations is taken as the current iteration's",
+)
 def _():
     _scan("kind = _deps.compose_kind(e.kind, before)", "kind = e.kind")
 
 
-@mutant("scan:carry_in:le", "what the carry brings includes the current iteration "
-        "(variance only)")
+@mutant("scan:carry_in:le", "what the carry brings includes the current iteration (variance only)")
 def _():
     _scan('before = "gt" if reverse else "lt"', 'before = "ge" if reverse else "le"')
 
@@ -631,31 +852,41 @@ def _():
     _scan('before = "gt" if reverse else "lt"', 'before = "lt" if reverse else "gt"')
 
 
-@mutant("scan:stacked:eq", "a stacked output at step t depends on the draws of step t "
-        "only")
+@mutant("scan:stacked:eq", "a stacked output at step t depends on the draws of step t only")
 def _():
-    _scan("Axis(0, e.kind) if isinstance(e, Loop) and e.level == level", "Axis(0) if isinstance(e, Loop) and e.level == level")
+    _scan(
+        "Axis(0, e.kind) if isinstance(e, Loop) and e.level == level",
+        "Axis(0) if isinstance(e, Loop) and e.level == level",
+    )
 
 
-@mutant("scan:stacked:axes_not_shifted", "a stacked output's own axes are not shifted past "
-        "the loop axis")
+@mutant(
+    "scan:stacked:axes_not_shifted",
+    "a stacked output's own axes are not shifted past the loop axis",
+)
 def _():
-    _scan("else (Axis(e.axis + 1, e.kind) if isinstance(e, Axis) else e))",
-          "else (Axis(e.axis, e.kind) if isinstance(e, Axis) else e))")
+    _scan(
+        "else (Axis(e.axis + 1, e.kind) if isinstance(e, Axis) else e))",
+        "else (Axis(e.axis, e.kind) if isinstance(e, Axis) else e))",
+    )
 
 
-@mutant("scan:xs:axes_not_shifted", "a scanned input's axes are not shifted down in the "
-        "body")
+@mutant("scan:xs:axes_not_shifted", "a scanned input's axes are not shifted down in the body")
 def _():
     _scan("else Axis(e.axis - 1, e.kind))", "else Axis(e.axis, e.kind))")
 
 
-@mutant("scan:final:keeps_loop", "the final carry keeps loop entries instead of ALL",
-        equivalent="equivalent: `tau` reads only `Axis` entries and sums a node over "
-        "every other entry, so a `Loop` entry left on a top-level value means ALL")
+@mutant(
+    "scan:final:keeps_loop",
+    "the final carry keeps loop entries instead of ALL",
+    equivalent="equivalent: `tau` reads only `Axis` entries and sums a node over "
+    "every other entry, so a `Loop` entry left on a top-level value means ALL",
+)
 def _():
-    _scan("return d.map_entries(lambda e: ALL if isinstance(e, Loop) and e.level == level else e)",
-          "return d")
+    _scan(
+        "return d.map_entries(lambda e: ALL if isinstance(e, Loop) and e.level == level else e)",
+        "return d",
+    )
 
 
 @mutant("scan:discount:skipped", "an accumulator's increments are not discounted")
@@ -663,22 +894,22 @@ def _():
     _scan("t = t * _discount(g, steps_after, t)", "t = t")
 
 
-@mutant("scan:discount:off_by_one", "an accumulator's increment at step t is discounted "
-        "once more")
+@mutant("scan:discount:off_by_one", "an accumulator's increment at step t is discounted once more")
 def _():
     _scan("else length - 1 - jnp.arange(length)", "else length - jnp.arange(length)")
 
 
 @mutant("scan:discount:reverse_as_forward", "a reverse scan discounts like a forward one")
 def _():
-    _scan("steps_after = jnp.arange(length) if reverse else",
-          "steps_after = length - 1 - jnp.arange(length) if reverse else")
+    _scan(
+        "steps_after = jnp.arange(length) if reverse else",
+        "steps_after = length - 1 - jnp.arange(length) if reverse else",
+    )
 
 
 @mutant("scan:discount:init_skipped", "an accumulator's initial value is not discounted")
 def _():
-    _scan("items = [(d, t if g is None else t * _discount(g, length, t))",
-          "items = [(d, t)")
+    _scan("items = [(d, t if g is None else t * _discount(g, length, t))", "items = [(d, t)")
 
 
 @mutant("scan:increments:dropped", "an accumulator keeps the initial value's terms only")
@@ -686,125 +917,184 @@ def _():
     _scan("        for d, t in inc.term_items():\n", "        for d, t in inc.term_items()[:0]:\n")
 
 
-@mutant("scan:increments:step_axis", "an increment's step axis is not moved to the pending "
-        "axes in the dependencies")
+@mutant(
+    "scan:increments:step_axis",
+    "an increment's step axis is not moved to the pending axes in the dependencies",
+)
 def _():
-    _scan("moved = d.map_axes(lambda a, n=n: n - 1 if a == 0 else a - 1)",
-          "moved = d.map_axes(lambda a, n=n: a)")
+    _scan(
+        "moved = d.map_axes(lambda a, n=n: n - 1 if a == 0 else a - 1)",
+        "moved = d.map_axes(lambda a, n=n: a)",
+    )
 
 
-@mutant("scan:accumulator:sampled_discount", "a discount that depends on a draw is "
-        "accepted")
+@mutant("scan:accumulator:sampled_discount", "a discount that depends on a draw is accepted")
 def _():
     _scan("or not invals[jaxpr.invars.index(g)].deps}", "or True}")
 
 
-@mutant("scan:accumulator:broadcast", "an increment that broadcasts into the carry is "
-        "accepted as an accumulator")
+@mutant(
+    "scan:accumulator:broadcast",
+    "an increment that broadcasts into the carry is accepted as an accumulator",
+)
 def _():
     _control_flow = _modules()[3]
-    rewrite(_control_flow, "_accumulators",
-            "and tuple(other.aval.shape) == tuple(c_in.aval.shape):  # no broadcast", ":")
+    rewrite(
+        _control_flow,
+        "_accumulators",
+        "and tuple(other.aval.shape) == tuple(c_in.aval.shape):  # no broadcast",
+        ":",
+    )
 
 
-@mutant("scan:accumulator:body_discount", "a discount computed in the body (not a loop "
-        "constant) is accepted")
+@mutant(
+    "scan:accumulator:body_discount",
+    "a discount computed in the body (not a loop constant) is accepted",
+)
 def _():
     _control_flow = _modules()[3]
-    rewrite(_control_flow, "_accumulators",
-            "(isinstance(g_src, _compat.Literal) or g_src in consts)", "True")
+    rewrite(
+        _control_flow,
+        "_accumulators",
+        "(isinstance(g_src, _compat.Literal) or g_src in consts)",
+        "True",
+    )
 
 
 @mutant("scan:ys:no_terms", "stacked outputs lose their cost terms (variance only)")
 def _():
-    _scan("ys_and_increments = unpack(list(ys_arrays), meta[\"struct\"][num_carry:], lift_stacked)",
-          "ys_and_increments = [v.collapsed() for v in unpack(list(ys_arrays), meta[\"struct\"][num_carry:], lift_stacked)]")
+    _scan(
+        'ys_and_increments = unpack(list(ys_arrays), meta["struct"][num_carry:], lift_stacked)',
+        "ys_and_increments = [v.collapsed() for v in unpack(list(ys_arrays), "
+        'meta["struct"][num_carry:], lift_stacked)]',
+    )
 
 
 def _cond(old: str, new: str) -> None:
     _interpret, _, _, _control_flow, _compat = _modules()
     _interpret.higher_order_rules[_compat.primitives.cond_p] = rewrite(
-        _control_flow, "_cond_rule", old, new)
+        _control_flow, "_cond_rule", old, new
+    )
 
 
 @mutant("cond:predicate:dropped", "a cond's outputs do not depend on its predicate")
 def _():
-    _cond(["deps_j = _deps.join([which.deps] + [m[\"struct\"][j][0] for m in metas])",
-           "items = [(_deps.join([k[0], which.deps]), t)"],
-          ["deps_j = _deps.join([m[\"struct\"][j][0] for m in metas])",
-           "items = [(k[0], t)"])
+    _cond(
+        [
+            'deps_j = _deps.join([which.deps] + [m["struct"][j][0] for m in metas])',
+            "items = [(_deps.join([k[0], which.deps]), t)",
+        ],
+        ['deps_j = _deps.join([m["struct"][j][0] for m in metas])', "items = [(k[0], t)"],
+    )
 
 
-@mutant("cond:predicate:dropped_from_terms", "a cond's cost terms do not depend on its "
-        "predicate (its value still does)")
+@mutant(
+    "cond:predicate:dropped_from_terms",
+    "a cond's cost terms do not depend on its predicate (its value still does)",
+)
 def _():
     _cond("items = [(_deps.join([k[0], which.deps]), t)", "items = [(k[0], t)")
 
 
 @mutant("cond:no_terms", "a cond's outputs lose their cost terms (variance only)")
 def _():
-    _cond("outs.append(_graph.make_val(values[j], deps_j, items))",
-          "outs.append(_graph.Val(values[j], deps_j))")
+    _cond(
+        "outs.append(_graph.make_val(values[j], deps_j, items))",
+        "outs.append(_graph.Val(values[j], deps_j))",
+    )
 
 
 @mutant("call:no_terms", "jit/checkpoint outputs lose their cost terms (variance only)")
 def _():
     _interpret, _, _, _control_flow, _compat = _modules()
-    rewrite(_control_flow, "_call_rule", 'return unpack(list(out_arrays), meta["struct"])',
-            'return [v.collapsed() for v in unpack(list(out_arrays), meta["struct"])]')
+    rewrite(
+        _control_flow,
+        "_call_rule",
+        'return unpack(list(out_arrays), meta["struct"])',
+        'return [v.collapsed() for v in unpack(list(out_arrays), meta["struct"])]',
+    )
     P = _compat.primitives
-    _interpret.higher_order_rules[P.jit_p] = _control_flow._call_rule(lambda fn, params: jax_jit()(fn))
+    _interpret.higher_order_rules[P.jit_p] = _control_flow._call_rule(
+        lambda fn, params: jax_jit()(fn)
+    )
     _interpret.higher_order_rules[P.remat_p] = _control_flow._call_rule(
-        lambda fn, params: jax_checkpoint()(fn, prevent_cse=params.get("prevent_cse", True),
-                                            policy=params.get("policy")))
+        lambda fn, params: jax_checkpoint()(
+            fn, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy")
+        )
+    )
     _interpret.higher_order_rules[P.closed_call_p] = _control_flow._call_rule(lambda fn, params: fn)
 
 
 def jax_jit():
     import jax
+
     return jax.jit
 
 
 def jax_checkpoint():
     import jax
+
     return jax.checkpoint
 
 
-@mutant("nested:box_not_frozen", "an inner transform's magic box keeps its derivative "
-        "inside the outer one")
+@mutant(
+    "nested:box_not_frozen",
+    "an inner transform's magic box keeps its derivative inside the outer one",
+)
 def _():
     _interpret = _modules()[0]
-    rewrite(_interpret, "frozen_box_rule", "return Val(lax.stop_gradient(_graph.magic_box_p.bind(tau.value)))",
-            "return Val(_graph.magic_box_p.bind(tau.value))")
+    rewrite(
+        _interpret,
+        "frozen_box_rule",
+        "return Val(lax.stop_gradient(_graph.magic_box_p.bind(tau.value)))",
+        "return Val(_graph.magic_box_p.bind(tau.value))",
+    )
 
 
 # -- Running -------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Result:
     mutant: Mutant
-    outcome: str      # killed | survived | timeout | error | stale
-    by: str = ""      # the first failing test
+    outcome: str  # killed | survived | timeout | error | stale
+    by: str = ""  # the first failing test
     fired: bool = False
     seconds: float = 0.0
 
 
 def _existing(tests) -> list[str]:
-    return list(dict.fromkeys(t for t in tests
-                              if os.path.exists(os.path.join(ROOT, t.split("::")[0]))))
+    return list(
+        dict.fromkeys(t for t in tests if os.path.exists(os.path.join(ROOT, t.split("::")[0])))
+    )
 
 
 def run_one(m: Mutant, timeout: float, workers: str) -> Result:
     start = time.time()
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-        env = dict(os.environ, SCGJAX_MUTANT=m.name, SCGJAX_MUTANT_LOG=log.name,
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               "-p", "no:randomly", *(["-n", workers] if workers != "0" else []),
-               *_existing(m.tests)]
+        env = dict(
+            os.environ,
+            SCGJAX_MUTANT=m.name,
+            SCGJAX_MUTANT_LOG=log.name,
+            PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            *(["-n", workers] if workers != "0" else []),
+            *_existing(m.tests),
+        ]
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             return Result(m, "timeout", "", True, time.time() - start)
         fired = any(int(x) > 0 for x in log.read().split() if x.strip().isdigit())
@@ -845,9 +1135,11 @@ def table(results: list[Result]) -> str:
     live = len(results) - equivalent
     rate = 100.0 * killed / live if live else 100.0
     rows.append("")
-    rows.append(f"{len(results)} mutants: {killed} killed, {equivalent} equivalent, "
-                f"{live - killed} survived; kill rate {rate:.1f}% of the non-equivalent "
-                "mutants.")
+    rows.append(
+        f"{len(results)} mutants: {killed} killed, {equivalent} equivalent, "
+        f"{live - killed} survived; kill rate {rate:.1f}% of the non-equivalent "
+        "mutants."
+    )
     return "\n".join(rows)
 
 
@@ -857,21 +1149,39 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per mutant")
     parser.add_argument("-n", dest="workers", default="2", help="pytest-xdist workers (0: none)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="first check that the selected tests pass without a mutant")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="first check that the selected tests pass without a mutant",
+    )
     parser.add_argument("--markdown", help="also write the table to this file")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTANTS.values()
-              if not args.names or any(m.name == n or (n.endswith(":") and m.name.startswith(n))
-                                       for n in args.names)]
+    chosen = [
+        m
+        for m in MUTANTS.values()
+        if not args.names
+        or any(m.name == n or (n.endswith(":") and m.name.startswith(n)) for n in args.names)
+    ]
     if args.list:
         for m in chosen:
             print(f"{m.name:45s} {m.what}" + (" [equivalent]" if m.equivalent else ""))
         return 0
     if args.baseline:
         tests = _existing(dict.fromkeys(t for m in chosen for t in m.tests))
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "-n", args.workers, *tests], cwd=ROOT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-n",
+                args.workers,
+                *tests,
+            ],
+            cwd=ROOT,
+        )
         if proc.returncode:
             print("baseline: the selected tests fail without a mutant")
             return 2
@@ -879,8 +1189,11 @@ def main(argv=None) -> int:
     for i, m in enumerate(chosen):
         r = run_one(m, args.timeout, args.workers)
         results.append(r)
-        print(f"[{i + 1}/{len(chosen)}] {m.name}: {r.outcome} {r.by} ({r.seconds:.0f}s"
-              f"{', fired' if r.fired else ''})", flush=True)
+        print(
+            f"[{i + 1}/{len(chosen)}] {m.name}: {r.outcome} {r.by} ({r.seconds:.0f}s"
+            f"{', fired' if r.fired else ''})",
+            flush=True,
+        )
     report = table(results)
     print(report)
     if args.markdown:

@@ -34,18 +34,19 @@ import dataclasses
 import hashlib
 import linecache
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
 
-MAX_ELEMENTS = 8   # joint Bernoulli elements (enumeration: at most 2**8 draws)
-MAX_SIZE = 12      # elements of any intermediate array
-MAX_NODES = 22     # operations per program
-MAX_WRAPPERS = 3   # higher-order operations per program (jit, cond, scan, vmap, ...)
-MAX_NESTING = 2    # of higher-order operations inside each other
-MAX_NDIM = 3       # axes of any intermediate array
-N_THETA = 6        # length of θ
+MAX_ELEMENTS = 8  # joint Bernoulli elements (enumeration: at most 2**8 draws)
+MAX_SIZE = 12  # elements of any intermediate array
+MAX_NODES = 22  # operations per program
+MAX_WRAPPERS = 3  # higher-order operations per program (jit, cond, scan, vmap, ...)
+MAX_NESTING = 2  # of higher-order operations inside each other
+MAX_NDIM = 3  # axes of any intermediate array
+N_THETA = 6  # length of θ
 F, F32 = "f", "f32"  # θ's dtype, float32
 
 
@@ -79,8 +80,10 @@ def fits(shape) -> bool:
 # Operations that keep a float32 value exact when their operands are exact (small dyadic
 # numbers): a float32 conversion is generated only on such values, so that rounding never
 # decides a float64 comparison at rtol 1e-9.
-EXACT_OPS = frozenset("""neg add sub mul sum cumsum transpose reshape expand squeeze broadcast
-    slice pad shift take concat stack where split sort_take einsum to_f32""".split())
+EXACT_OPS = frozenset(
+    """neg add sub mul sum cumsum transpose reshape expand squeeze broadcast
+    slice pad shift take concat stack where split sort_take einsum to_f32""".split()
+)
 
 
 def exact32(e: Expr) -> bool:
@@ -142,6 +145,7 @@ def _namespace() -> dict:
     from jax import lax
 
     import scgjax as scg
+
     return {"jax": jax, "jnp": jnp, "np": np, "lax": lax, "dist": dist, "scg": scg}
 
 
@@ -153,18 +157,19 @@ def _uses_score(e: Expr) -> bool:
 
 # -- Generation ----------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Where:
     """Where in the program a node is generated."""
 
-    mult: int = 1               # elements per draw element (enclosing loop lengths, lanes)
-    leaves: tuple = ()          # scope values: (op, name, shape), e.g. ("x", "x3", (2,))
-    param: str = "theta"        # the differentiated parameter here (`phi` in an inner grad)
+    mult: int = 1  # elements per draw element (enclosing loop lengths, lanes)
+    leaves: tuple = ()  # scope values: (op, name, shape), e.g. ("x", "x3", (2,))
+    param: str = "theta"  # the differentiated parameter here (`phi` in an inner grad)
     n_param: int = N_THETA
-    top: bool = True            # at top level (draws go to the prologue)
-    axis_names: tuple = ()      # enclosing vmap axis names (collectives)
-    loops: int = 0              # enclosing scans
-    nest: int = 0               # enclosing higher-order operations
+    top: bool = True  # at top level (draws go to the prologue)
+    axis_names: tuple = ()  # enclosing vmap axis names (collectives)
+    loops: int = 0  # enclosing scans
+    nest: int = 0  # enclosing higher-order operations
 
 
 class Gen:
@@ -227,7 +232,7 @@ def broadcastable(g: Gen, shape: tuple) -> tuple:
     if kind == 1:
         return ()
     if kind == 2:
-        return shape[g.int(1, len(shape)):]
+        return shape[g.int(1, len(shape)) :]
     return tuple(1 if g.flag() else s for s in shape)
 
 
@@ -250,8 +255,12 @@ def gen_free(g: Gen, shape: tuple, w: Where, depth: int = 1) -> Expr:
         return gen_const(g, shape)
     op = g.choice(["sin", "add", "tanh"])
     if op == "add":
-        return E("add", shape, gen_free(g, shape, w, depth - 1),
-                 gen_free(g, broadcastable(g, shape), w, depth - 1))
+        return E(
+            "add",
+            shape,
+            gen_free(g, shape, w, depth - 1),
+            gen_free(g, broadcastable(g, shape), w, depth - 1),
+        )
     return E(op, shape, gen_free(g, shape, w, depth - 1))
 
 
@@ -263,8 +272,12 @@ def gen_logits(g: Gen, batch: tuple, w: Where) -> Expr:
     if parents and g.int(0, 2) == 0:
         g.use("chain")
         p = g.choice(parents)
-        logits = E("add", batch, logits, E("mul", batch, E("const", (), values=(0.75,)),
-                                           E("site", p.shape, name=p.name)))
+        logits = E(
+            "add",
+            batch,
+            logits,
+            E("mul", batch, E("const", (), values=(0.75,)), E("site", p.shape, name=p.name)),
+        )
     return logits
 
 
@@ -294,8 +307,15 @@ def gen_score(g: Gen, shape: tuple, w: Where) -> Expr | None:
 
 def gen_leaf(g: Gen, shape: tuple, w: Where, allow_sample: bool = True) -> Expr:
     scope = [leaf for leaf in w.leaves if leaf[2] == shape]
-    kind = g.weighted([(6 if allow_sample else 0, "score"), (3, "theta"), (2, "const"),
-                       (4 if scope else 0, "scope"), (1, "pathwise")])
+    kind = g.weighted(
+        [
+            (6 if allow_sample else 0, "score"),
+            (3, "theta"),
+            (2, "const"),
+            (4 if scope else 0, "scope"),
+            (1, "pathwise"),
+        ]
+    )
     if kind == "score":
         e = gen_score(g, shape, w)
         if e is not None:
@@ -332,18 +352,36 @@ def gen(g: Gen, shape: tuple, w: Where, depth: int) -> Expr:
         focus = 0  # no more higher-order operations
     ops = [
         (8, "leaf"),
-        (linear, "sum"), (linear // 2, "mean"), (linear, "add"), (linear, "sub"),
-        (linear // 2, "neg"), (linear, "scale"), (linear // 2, "div"),
+        (linear, "sum"),
+        (linear // 2, "mean"),
+        (linear, "add"),
+        (linear, "sub"),
+        (linear // 2, "neg"),
+        (linear, "scale"),
+        (linear // 2, "div"),
         (linear if nd <= 2 else 0, "einsum"),
-        (4, "nonlin"), (3, "mul"),
-        (2 if nd else 0, "cumsum"), (2 if nd >= 2 else 0, "transpose"),
-        (2, "reshape"), (1 if 1 in shape else 0, "expand"), (1, "squeeze"),
-        (1 if nd else 0, "broadcast"), (2 if nd else 0, "slice"),
-        (1 if big >= 2 else 0, "pad"), (2 if big >= 2 else 0, "shift"),
-        (2 if nd else 0, "take"), (2, "take_sampled"),
-        (1 if nd else 0, "split"), (1 if big >= 2 else 0, "sort_take"),
-        (2 if big >= 2 else 0, "concat"), (1 if 2 in shape else 0, "stack"),
-        (2, "where"), (1, "to_f32"), (1, "to_int"), (1, "stopgrad"), (1, "complex"),
+        (4, "nonlin"),
+        (3, "mul"),
+        (2 if nd else 0, "cumsum"),
+        (2 if nd >= 2 else 0, "transpose"),
+        (2, "reshape"),
+        (1 if 1 in shape else 0, "expand"),
+        (1, "squeeze"),
+        (1 if nd else 0, "broadcast"),
+        (2 if nd else 0, "slice"),
+        (1 if big >= 2 else 0, "pad"),
+        (2 if big >= 2 else 0, "shift"),
+        (2 if nd else 0, "take"),
+        (2, "take_sampled"),
+        (1 if nd else 0, "split"),
+        (1 if big >= 2 else 0, "sort_take"),
+        (2 if big >= 2 else 0, "concat"),
+        (1 if 2 in shape else 0, "stack"),
+        (2, "where"),
+        (1, "to_f32"),
+        (1, "to_int"),
+        (1, "stopgrad"),
+        (1, "complex"),
         (2 * focus if g.allowed("jit") else 0, "jit"),
         (1 * focus if g.allowed("checkpoint") else 0, "checkpoint"),
         (2 * focus if g.allowed("cond") else 0, "cond"),
@@ -352,8 +390,10 @@ def gen(g: Gen, shape: tuple, w: Where, depth: int) -> Expr:
         (3 * focus if g.allowed("scan") else 0, "scan_carry"),
         (1 * focus if g.allowed("scan") else 0, "fori"),
         (3 * focus if g.allowed("vmap") else 0, "vmap"),
-        (3 * focus if nd <= 1 and size(shape) <= 3 and w.top and g.allowed("inner_grad") else 0,
-         "inner_grad"),
+        (
+            3 * focus if nd <= 1 and size(shape) <= 3 and w.top and g.allowed("inner_grad") else 0,
+            "inner_grad",
+        ),
         (3 if w.axis_names and g.collectives else 0, "collective"),
     ]
     op = g.weighted(ops)
@@ -368,8 +408,9 @@ def gen(g: Gen, shape: tuple, w: Where, depth: int) -> Expr:
     return OPS[op](g, shape, w, sub)
 
 
-WRAPPERS = frozenset({"jit", "checkpoint", "cond", "switch", "scan_ys", "scan_carry", "fori",
-                      "vmap", "inner_grad"})
+WRAPPERS = frozenset(
+    {"jit", "checkpoint", "cond", "switch", "scan_ys", "scan_carry", "fori", "vmap", "inner_grad"}
+)
 
 
 def as_f(e: Expr) -> Expr:
@@ -387,8 +428,7 @@ def _join_dtype(*es) -> str:
 def op_sum(g, shape, w, depth, mean=False):
     keep = g.flag() and any(s == 1 for s in shape)
     if keep:  # keepdims: some size-1 axes of the output were reduced
-        axes = tuple(a for a, s in enumerate(shape) if s == 1 and g.flag()) or \
-            (shape.index(1),)
+        axes = tuple(a for a, s in enumerate(shape) if s == 1 and g.flag()) or (shape.index(1),)
         child = tuple(g.int(1, 3) if a in axes else s for a, s in enumerate(shape))
     else:
         child, axes = shape, []
@@ -399,8 +439,14 @@ def op_sum(g, shape, w, depth, mean=False):
     if not fits(child):
         return gen_leaf(g, shape, w)
     x = gen(g, child, w, depth)
-    return E("mean" if mean else "sum", shape, x if not mean else as_f(x), axes=axes,
-             keepdims=keep, dtype=x.dtype if not mean else F)
+    return E(
+        "mean" if mean else "sum",
+        shape,
+        x if not mean else as_f(x),
+        axes=axes,
+        keepdims=keep,
+        dtype=x.dtype if not mean else F,
+    )
 
 
 def op_binary(op):
@@ -413,6 +459,7 @@ def op_binary(op):
         if kind == "free_left" or (kind == "any" and g.flag()):
             a, b = b, a
         return E(op, shape, a, b, dtype=_join_dtype(a, b))
+
     return rule
 
 
@@ -455,8 +502,15 @@ def op_mul(g, shape, w, depth):
 
 def op_cumsum(g, shape, w, depth):
     x = gen(g, shape, w, depth)
-    return E("cumsum", shape, x, axis=g.int(0, len(shape) - 1), reverse=g.flag(),
-             lax=g.flag(), dtype=x.dtype)
+    return E(
+        "cumsum",
+        shape,
+        x,
+        axis=g.int(0, len(shape) - 1),
+        reverse=g.flag(),
+        lax=g.flag(),
+        dtype=x.dtype,
+    )
 
 
 def op_transpose(g, shape, w, depth):
@@ -474,11 +528,19 @@ def op_reshape(g, shape, w, depth):
         child, _ = insert_axis(g, shape, 1)
     elif kind == 1 and 1 in shape:  # the input lacks one of the output's size-1 axes
         a = shape.index(1)
-        child = shape[:a] + shape[a + 1:]
+        child = shape[:a] + shape[a + 1 :]
     else:  # merge or split axes: not aligned
         n = size(shape)
-        child = {1: (1,), 2: (2,), 3: (3,), 4: (2, 2), 6: (2, 3), 8: (2, 4), 9: (3, 3),
-                 12: (3, 4)}.get(n, (n,))
+        child = {
+            1: (1,),
+            2: (2,),
+            3: (3,),
+            4: (2, 2),
+            6: (2, 3),
+            8: (2, 4),
+            9: (3, 3),
+            12: (3, 4),
+        }.get(n, (n,))
         if child == shape:
             child = (n,)
     x = gen(g, child, w, depth)
@@ -487,7 +549,7 @@ def op_reshape(g, shape, w, depth):
 
 def op_expand(g, shape, w, depth):
     a = g.choice([i for i, s in enumerate(shape) if s == 1])
-    x = gen(g, shape[:a] + shape[a + 1:], w, depth)
+    x = gen(g, shape[:a] + shape[a + 1 :], w, depth)
     return E("expand", shape, x, axis=a, dtype=x.dtype)
 
 
@@ -510,7 +572,7 @@ def op_slice(g, shape, w, depth):
     n = shape[a]
     kind = g.choice(["start", "stop", "step", "rev"])
     m = {"start": n + 1, "stop": n + 1, "step": 2 * n, "rev": n}[kind]
-    child = shape[:a] + (m,) + shape[a + 1:]
+    child = shape[:a] + (m,) + shape[a + 1 :]
     if size(child) > MAX_SIZE:
         child, kind = shape, "rev"
     x = gen(g, child, w, depth)
@@ -521,7 +583,7 @@ def op_pad(g, shape, w, depth):
     a = g.choice([i for i, s in enumerate(shape) if s >= 2])
     lo = g.int(0, shape[a] - 1)
     hi = g.int(0, shape[a] - 1 - lo)
-    child = shape[:a] + (shape[a] - lo - hi,) + shape[a + 1:]
+    child = shape[:a] + (shape[a] - lo - hi,) + shape[a + 1 :]
     x = gen(g, child, w, depth)
     return E("pad", shape, x, axis=a, lo=lo, hi=hi, dtype=x.dtype)
 
@@ -537,13 +599,12 @@ def op_shift(g, shape, w, depth):
 def op_take(g, shape, w, depth):
     a = g.int(0, len(shape) - 1)
     m = g.int(1, 3)
-    child = shape[:a] + (m,) + shape[a + 1:]
+    child = shape[:a] + (m,) + shape[a + 1 :]
     if size(child) > MAX_SIZE:
         child, m = shape, shape[a]
     idx = tuple(g.int(0, m - 1) for _ in range(shape[a]))
     x = gen(g, child, w, depth)
-    return E("take", shape, x, axis=a, idx=idx, style=g.choice(["take", "index"]),
-             dtype=x.dtype)
+    return E("take", shape, x, axis=a, idx=idx, style=g.choice(["take", "index"]), dtype=x.dtype)
 
 
 def op_take_sampled(g, shape, w, depth):
@@ -555,7 +616,7 @@ def op_take_sampled(g, shape, w, depth):
         child, idx_shape = shape[:a] + (g.int(2, 3),) + shape[a:], ()
     else:
         a = g.int(0, len(shape) - 1)
-        child, idx_shape = shape[:a] + (g.int(2, 3),) + shape[a + 1:], (shape[a],)
+        child, idx_shape = shape[:a] + (g.int(2, 3),) + shape[a + 1 :], (shape[a],)
     if not fits(child):
         return gen_leaf(g, shape, w)
     idx = gen_score(g, idx_shape, w)
@@ -567,7 +628,7 @@ def op_take_sampled(g, shape, w, depth):
 
 def op_split(g, shape, w, depth):
     a = g.int(0, len(shape) - 1)
-    child = shape[:a] + (2 * shape[a],) + shape[a + 1:]
+    child = shape[:a] + (2 * shape[a],) + shape[a + 1 :]
     if size(child) > MAX_SIZE:
         return gen_leaf(g, shape, w)
     x = gen(g, child, w, depth)
@@ -586,13 +647,13 @@ def op_sort_take(g, shape, w, depth):
 def op_concat(g, shape, w, depth):
     a = g.choice([i for i, s in enumerate(shape) if s >= 2])
     n1 = g.int(1, shape[a] - 1)
-    xs = [gen(g, shape[:a] + (n,) + shape[a + 1:], w, depth) for n in (n1, shape[a] - n1)]
+    xs = [gen(g, shape[:a] + (n,) + shape[a + 1 :], w, depth) for n in (n1, shape[a] - n1)]
     return E("concat", shape, *xs, axis=a, dtype=_join_dtype(*xs))
 
 
 def op_stack(g, shape, w, depth):
     a = g.choice([i for i, s in enumerate(shape) if s == 2])
-    child = shape[:a] + shape[a + 1:]
+    child = shape[:a] + shape[a + 1 :]
     xs = [gen(g, child, w, depth) for _ in range(2)]
     return E("stack", shape, *xs, axis=a, dtype=_join_dtype(*xs))
 
@@ -670,6 +731,7 @@ def op_call(kind):
         inner = dataclasses.replace(w, top=False)
         x = gen_f(g, shape, inner, depth)
         return E(kind, shape, x)
+
     return rule
 
 
@@ -715,20 +777,38 @@ def op_scan(out: str):
         if mode in ("disc_theta", "disc_body"):  # a loop constant, or computed in the body
             gamma = E("sigmoid", (), gen_free(g, (), w, 0))
         c, x, cnew = g.name("c"), g.name("x"), g.name("cn")
-        leaves = w.leaves + ((("carry", c, carry_shape),) +
-                             ((("x", x, xs_shape[1:]),) if xs_shape else ()))
-        body = dataclasses.replace(w, mult=w.mult * length, leaves=leaves, top=False,
-                                   loops=w.loops + 1)
+        leaves = w.leaves + (
+            (("carry", c, carry_shape),) + ((("x", x, xs_shape[1:]),) if xs_shape else ())
+        )
+        body = dataclasses.replace(
+            w, mult=w.mult * length, leaves=leaves, top=False, loops=w.loops + 1
+        )
         inc = gen_f(g, carry_shape, body, depth)
         y = None
         if y_shape is not None:
             y_where = dataclasses.replace(body, leaves=leaves + (("carry", cnew, carry_shape),))
             y = gen_f(g, y_shape, y_where, depth)
-        args = (init, inc) + ((y,) if y is not None else ()) + ((xs,) if xs else ()) + \
-            ((gamma,) if gamma else ())
-        return E("scan", shape, *args, out=out, length=length, mode=mode, reverse=reverse,
-                 carry=c, x=x, cnew=cnew, has_xs=xs is not None, has_y=y is not None,
-                 has_gamma=gamma is not None)
+        args = (
+            (init, inc)
+            + ((y,) if y is not None else ())
+            + ((xs,) if xs else ())
+            + ((gamma,) if gamma else ())
+        )
+        return E(
+            "scan",
+            shape,
+            *args,
+            out=out,
+            length=length,
+            mode=mode,
+            reverse=reverse,
+            carry=c,
+            x=x,
+            cnew=cnew,
+            has_xs=xs is not None,
+            has_y=y is not None,
+            has_gamma=gamma is not None,
+        )
 
     return rule
 
@@ -742,16 +822,25 @@ def op_fori(g, shape, w, depth):
     table = gen_f(g, table_shape, w, depth) if size(table_shape) <= MAX_SIZE and g.flag() else None
     init = gen_f(g, shape, w, min(depth, 1))
     leaves = w.leaves + (("carry", c, shape),) + ((("row", i, shape),) if table else ())
-    body = dataclasses.replace(w, mult=w.mult * length, leaves=leaves, top=False,
-                               loops=w.loops + 1)
+    body = dataclasses.replace(w, mult=w.mult * length, leaves=leaves, top=False, loops=w.loops + 1)
     inc = gen_f(g, shape, body, depth)
-    return E("fori", shape, init, inc, *((table,) if table else ()), length=length,
-             carry=c, i=i, has_table=table is not None)
+    return E(
+        "fori",
+        shape,
+        init,
+        inc,
+        *((table,) if table else ()),
+        length=length,
+        carry=c,
+        i=i,
+        has_table=table is not None,
+    )
 
 
 def reduced(rule):
     """`rule` for a shape with an axis; for a scalar (or at random), `rule` on a shape with
     one more axis, then a sum or mean over it."""
+
     def wrapper(g, shape, w, depth):
         if shape and g.int(0, 2):
             return rule(g, shape, w, depth)
@@ -760,6 +849,7 @@ def reduced(rule):
             return gen_leaf(g, shape, w)
         x = rule(g, bigger, w, depth)
         return E(g.choice(["sum", "mean"]), shape, as_f(x), axes=(a,), keepdims=False)
+
     return wrapper
 
 
@@ -767,7 +857,7 @@ def reduced(rule):
 def op_vmap(g, shape, w, depth):
     out_axis = g.int(0, len(shape) - 1)
     lanes = shape[out_axis]
-    row_shape = shape[:out_axis] + shape[out_axis + 1:]
+    row_shape = shape[:out_axis] + shape[out_axis + 1 :]
     in_shape = _dims(g, g.int(0, 1))
     in_axis = g.int(0, len(in_shape))
     mapped_shape = in_shape[:in_axis] + (lanes,) + in_shape[in_axis:]
@@ -775,20 +865,27 @@ def op_vmap(g, shape, w, depth):
     a, axis_name = g.name("r"), g.name("lanes")
     leaves = w.leaves + ((("arg", a, in_shape),) if mapped is not None else ())
     names = w.axis_names + ((axis_name,) if g.collectives else ())
-    body = dataclasses.replace(w, mult=w.mult * lanes, leaves=leaves, top=False,
-                               axis_names=names)
+    body = dataclasses.replace(w, mult=w.mult * lanes, leaves=leaves, top=False, axis_names=names)
     x = gen_f(g, row_shape, body, depth)
-    return E("vmap", shape, x, *((mapped,) if mapped is not None else ()), lanes=lanes,
-             in_axis=in_axis, out_axis=out_axis, arg=a, axis_name=axis_name,
-             has_mapped=mapped is not None)
+    return E(
+        "vmap",
+        shape,
+        x,
+        *((mapped,) if mapped is not None else ()),
+        lanes=lanes,
+        in_axis=in_axis,
+        out_axis=out_axis,
+        arg=a,
+        axis_name=axis_name,
+        has_mapped=mapped is not None,
+    )
 
 
 def op_inner_grad(g, shape, w, depth):
     """`scg.scg_grad(inner)(phi, key)` inside the program: `phi` a function of θ (and
     maybe of draws), `inner` a stochastic program of its own in `phi`."""
     phi = gen_f(g, shape, w, min(depth, 2))
-    inner = Where(mult=w.mult, param="phi", n_param=max(size(shape), 1), top=False,
-                  nest=w.nest)
+    inner = Where(mult=w.mult, param="phi", n_param=max(size(shape), 1), top=False, nest=w.nest)
     cost = gen_f(g, (), inner, max(depth, 2))
     return E("inner_grad", shape, phi, cost, name=g.name("inner"))
 
@@ -799,24 +896,53 @@ def op_collective(g, shape, w, depth):
 
 
 OPS = {
-    "sum": op_sum, "mean": lambda g, s, w, d: op_sum(g, s, w, d, mean=True),
-    "add": op_binary("add"), "sub": op_binary("sub"), "neg": op_neg, "scale": op_scale,
-    "div": op_div, "einsum": op_einsum, "nonlin": op_nonlin, "mul": op_mul,
-    "cumsum": op_cumsum, "transpose": op_transpose, "reshape": op_reshape,
-    "expand": op_expand, "squeeze": op_squeeze, "broadcast": op_broadcast,
-    "slice": op_slice, "pad": op_pad, "shift": op_shift, "take": op_take,
-    "take_sampled": op_take_sampled, "split": op_split, "sort_take": op_sort_take,
-    "concat": op_concat, "stack": op_stack, "where": op_where, "to_f32": op_to_f32,
-    "to_int": op_to_int, "stopgrad": op_stopgrad, "complex": op_complex, "jit": op_call("jit"),
-    "checkpoint": op_call("checkpoint"), "cond": op_cond, "switch": op_switch,
-    "scan_ys": reduced(op_scan("ys")), "scan_carry": op_scan("carry"), "fori": op_fori,
-    "vmap": op_vmap, "inner_grad": op_inner_grad, "collective": op_collective,
+    "sum": op_sum,
+    "mean": lambda g, s, w, d: op_sum(g, s, w, d, mean=True),
+    "add": op_binary("add"),
+    "sub": op_binary("sub"),
+    "neg": op_neg,
+    "scale": op_scale,
+    "div": op_div,
+    "einsum": op_einsum,
+    "nonlin": op_nonlin,
+    "mul": op_mul,
+    "cumsum": op_cumsum,
+    "transpose": op_transpose,
+    "reshape": op_reshape,
+    "expand": op_expand,
+    "squeeze": op_squeeze,
+    "broadcast": op_broadcast,
+    "slice": op_slice,
+    "pad": op_pad,
+    "shift": op_shift,
+    "take": op_take,
+    "take_sampled": op_take_sampled,
+    "split": op_split,
+    "sort_take": op_sort_take,
+    "concat": op_concat,
+    "stack": op_stack,
+    "where": op_where,
+    "to_f32": op_to_f32,
+    "to_int": op_to_int,
+    "stopgrad": op_stopgrad,
+    "complex": op_complex,
+    "jit": op_call("jit"),
+    "checkpoint": op_call("checkpoint"),
+    "cond": op_cond,
+    "switch": op_switch,
+    "scan_ys": reduced(op_scan("ys")),
+    "scan_carry": op_scan("carry"),
+    "fori": op_fori,
+    "vmap": op_vmap,
+    "inner_grad": op_inner_grad,
+    "collective": op_collective,
 }
 
 
 @st.composite
-def programs(draw, features=None, collectives: bool = False, depth: int = 5,
-             require_score: bool = True):
+def programs(
+    draw, features=None, collectives: bool = False, depth: int = 5, require_score: bool = True
+):
     """Random programs `f(theta, key)`; `features` restricts the higher-order operations
     (e.g. `{"scan"}`), `collectives` adds `psum`/`pmean` inside `vmap`s."""
     g = Gen(draw, collectives, features)
@@ -828,19 +954,29 @@ def programs(draw, features=None, collectives: bool = False, depth: int = 5,
         if extra is None and g.sites:
             extra = E("site", g.sites[0].shape, name=g.sites[0].name)
         if extra is not None:
-            cost = E("add", (), cost, E("sum", (), extra, axes=tuple(range(len(extra.shape))),
-                                        keepdims=False))
+            cost = E(
+                "add",
+                (),
+                cost,
+                E("sum", (), extra, axes=tuple(range(len(extra.shape))), keepdims=False),
+            )
     return Program(tuple(g.sites), cost, theta, frozenset(g.features))
 
 
 # -- Rendering -----------------------------------------------------------------------------
 
+
 class Scope:
     """A function body being written: its lines, the names it defines, the outer names it
     reads (`free`), and (for a key-owning scope) how many keys its draws take."""
 
-    def __init__(self, parent: "Scope | None", defined=(), key: str | None = None,
-                 keys_name: str | None = None):
+    def __init__(
+        self,
+        parent: Scope | None,
+        defined=(),
+        key: str | None = None,
+        keys_name: str | None = None,
+    ):
         self.parent = parent
         self.lines: list[str] = []
         self.defined = set(defined) | ({keys_name} if keys_name else set())
@@ -855,7 +991,7 @@ class Scope:
                 self.parent.use(name)
         return name
 
-    def owner(self) -> "Scope":
+    def owner(self) -> Scope:
         s = self
         while s.key is None:
             s = s.parent
@@ -908,8 +1044,10 @@ class Emitter:
     def draw(self, scope: Scope, name: str, logits: Expr, sample_shape, define: bool) -> str:
         lg = self.emit(logits, scope)
         ss = f", sample_shape={_shape_src(sample_shape)}" if sample_shape else ""
-        src = (f"scg.sample({scope.new_key()}, dist.Bernoulli(logits={lg}){ss}, "
-               f"name={name!r}).astype(theta.dtype)")
+        src = (
+            f"scg.sample({scope.new_key()}, dist.Bernoulli(logits={lg}){ss}, "
+            f"name={name!r}).astype(theta.dtype)"
+        )
         scope.use("theta")
         if self.dead and not define:
             scope.lines.append(f"_ = {src}")
@@ -951,8 +1089,11 @@ class Emitter:
 
     def op_normal(self, e, scope):
         loc = self.emit(e.args[0], scope)
-        return self.var(scope, f"scg.sample({scope.new_key()}, dist.Normal({loc}, 1.0), "
-                               f"name={e['name']!r})", "n")
+        return self.var(
+            scope,
+            f"scg.sample({scope.new_key()}, dist.Normal({loc}, 1.0), name={e['name']!r})",
+            "n",
+        )
 
     def _scope_leaf(self, e, scope):
         return scope.use(e["name"])
@@ -961,8 +1102,9 @@ class Emitter:
 
     # wrappers with explicit arguments: a body reads outer names as parameters
     def _def(self, scope: Scope, fn: str, params: list[str], inner: Scope, ret: str) -> None:
-        scope.lines.extend([f"def {fn}({', '.join(params)}):"] + inner.body("    ") +
-                           [f"    return {ret}"])
+        scope.lines.extend(
+            [f"def {fn}({', '.join(params)}):"] + inner.body("    ") + [f"    return {ret}"]
+        )
 
     def op_jit(self, e, scope, wrap="jax.jit"):
         self.n += 1
@@ -1012,11 +1154,15 @@ class Emitter:
         if e["mode"] == "disc_body":
             gamma = self.emit(gamma_expr, inner)
         inc = self.emit(e.args[1], inner)
-        update = {"add": f"{c} + {inc}", "add_r": f"{inc} + {c}",
-                  "disc": f"0.5 * {c} + {inc}", "disc_r": f"{inc} + {c} * 0.75",
-                  "disc_theta": f"{gamma} * {c} + {inc}",
-                  "disc_body": f"{c} * {gamma} + {inc}",
-                  "nonlin": f"jnp.tanh({c}) + {inc}"}[e["mode"]]
+        update = {
+            "add": f"{c} + {inc}",
+            "add_r": f"{inc} + {c}",
+            "disc": f"0.5 * {c} + {inc}",
+            "disc_r": f"{inc} + {c} * 0.75",
+            "disc_theta": f"{gamma} * {c} + {inc}",
+            "disc_body": f"{c} * {gamma} + {inc}",
+            "nonlin": f"jnp.tanh({c}) + {inc}",
+        }[e["mode"]]
         if gamma:
             inner.use(gamma)
         inner.lines.append(f"{cnew} = {update}")
@@ -1030,15 +1176,17 @@ class Emitter:
             parts.append(f"jax.random.split({scope.new_key()}, {length})")
             targets.append(k)
         if targets:
-            inner.prelude.append(f"{', '.join(targets)} = xk" if len(targets) > 1
-                                 else f"{targets[0]} = xk")
+            inner.prelude.append(
+                f"{', '.join(targets)} = xk" if len(targets) > 1 else f"{targets[0]} = xk"
+            )
         self._def(scope, fn, [c, "xk"], inner, f"{cnew}, {y_out}")
         xs_src = "None" if not parts else parts[0] if len(parts) == 1 else f"({', '.join(parts)})"
         rev = ", reverse=True" if e["reverse"] else ""
         self.n += 1
         name = f"v{self.n}"
-        scope.lines.append(f"{name}_c, {name}_y = lax.scan({fn}, {init}, {xs_src}, "
-                           f"length={length}{rev})")
+        scope.lines.append(
+            f"{name}_c, {name}_y = lax.scan({fn}, {init}, {xs_src}, length={length}{rev})"
+        )
         scope.defined |= {f"{name}_c", f"{name}_y"}
         return f"{name}_c" if e["out"] == "carry" else f"{name}_y"
 
@@ -1073,8 +1221,11 @@ class Emitter:
             axes.append(str(e["in_axis"]))
         self._def(scope, fn, params, inner, out)
         name = f", axis_name={e['axis_name']!r}" if _uses_axis(e.args[0], e["axis_name"]) else ""
-        return self.var(scope, f"jax.vmap({fn}, in_axes=({', '.join(axes)},), "
-                               f"out_axes={e['out_axis']}{name})({', '.join(args)})")
+        return self.var(
+            scope,
+            f"jax.vmap({fn}, in_axes=({', '.join(axes)},), "
+            f"out_axes={e['out_axis']}{name})({', '.join(args)})",
+        )
 
     def op_inner_grad(self, e, scope):
         phi = self.emit(e.args[0], scope)
@@ -1092,6 +1243,11 @@ def _uses_axis(e: Expr, name: str) -> bool:
     return any(_uses_axis(a, name) for a in e.args if isinstance(a, Expr))
 
 
+def _padding(e: Expr, n: int) -> list:
+    """(lo, hi[, interior]) per axis: `e`'s on its axis, zeros elsewhere."""
+    return [(e["lo"], e["hi"], 0)[:n] if k == e["axis"] else (0,) * n for k in range(len(e.shape))]
+
+
 def _index_src(ndim: int, axis: int, item: str) -> str:
     return "[" + ", ".join([":"] * axis + [item]) + "]"
 
@@ -1107,23 +1263,39 @@ SIMPLE: dict[str, Callable[..., str]] = {
     "sigmoid": lambda e, a: f"jax.nn.sigmoid({a})",
     "sq": lambda e, a: f"{a} ** 2",
     "mulself": lambda e, a: f"{a} * {a}",
-    "sum": lambda e, a: f"jnp.sum({a}, axis={e['axes']}{', keepdims=True' if e['keepdims'] else ''})",
-    "mean": lambda e, a: f"jnp.mean({a}, axis={e['axes']}{', keepdims=True' if e['keepdims'] else ''})",
-    "cumsum": lambda e, a: (f"lax.cumsum({a}, {e['axis']}, reverse={e['reverse']})"
-                            if e["lax"] or e["reverse"] else f"jnp.cumsum({a}, axis={e['axis']})"),
+    "sum": lambda e, a: (
+        f"jnp.sum({a}, axis={e['axes']}{', keepdims=True' if e['keepdims'] else ''})"
+    ),
+    "mean": lambda e, a: (
+        f"jnp.mean({a}, axis={e['axes']}{', keepdims=True' if e['keepdims'] else ''})"
+    ),
+    "cumsum": lambda e, a: (
+        f"lax.cumsum({a}, {e['axis']}, reverse={e['reverse']})"
+        if e["lax"] or e["reverse"]
+        else f"jnp.cumsum({a}, axis={e['axis']})"
+    ),
     "transpose": lambda e, a: f"jnp.transpose({a}, {e['perm']})",
     "reshape": lambda e, a: f"{a}.reshape({_shape_src(e.shape)})",
     "expand": lambda e, a: f"jnp.expand_dims({a}, {e['axis']})",
     "squeeze": lambda e, a: f"jnp.squeeze({a}, {e['axis']})",
     "broadcast": lambda e, a: f"jnp.broadcast_to({a}, {_shape_src(e.shape)})",
-    "slice": lambda e, a: a + _index_src(len(e.shape), e["axis"], {
-        "start": "1:", "stop": f":{e.shape[e['axis']]}", "step": "::2", "rev": "::-1"}[e["kind"]]),
-    "pad": lambda e, a: (f"jnp.pad({a}, {[(e['lo'], e['hi']) if k == e['axis'] else (0, 0) for k in range(len(e.shape))]})"),
-    "shift": lambda e, a: (f"lax.pad({a}, jnp.zeros((), {a}.dtype), "
-                           f"{[(e['lo'], e['hi'], 0) if k == e['axis'] else (0, 0, 0) for k in range(len(e.shape))]})"),
-    "take": lambda e, a: (f"jnp.take({a}, np.array({list(e['idx'])}), axis={e['axis']})"
-                          if e["style"] == "take" else
-                          a + _index_src(len(e.shape), e["axis"], f"np.array({list(e['idx'])})")),
+    "slice": lambda e, a: (
+        a
+        + _index_src(
+            len(e.shape),
+            e["axis"],
+            {"start": "1:", "stop": f":{e.shape[e['axis']]}", "step": "::2", "rev": "::-1"}[
+                e["kind"]
+            ],
+        )
+    ),
+    "pad": lambda e, a: f"jnp.pad({a}, {_padding(e, 2)})",
+    "shift": lambda e, a: f"lax.pad({a}, jnp.zeros((), {a}.dtype), {_padding(e, 3)})",
+    "take": lambda e, a: (
+        f"jnp.take({a}, np.array({list(e['idx'])}), axis={e['axis']})"
+        if e["style"] == "take"
+        else a + _index_src(len(e.shape), e["axis"], f"np.array({list(e['idx'])})")
+    ),
     "take_sampled": lambda e, a, i: f"jnp.take({a}, {i}.astype(jnp.int32), axis={e['axis']})",
     "split": lambda e, a: f"jnp.split({a}, 2, axis={e['axis']})[{e['part']}]",
     "sort_take": lambda e, k, a: f"lax.sort(({k}, {a}), dimension={e['axis']}, num_keys=1)[1]",

@@ -21,13 +21,12 @@ counts the examples and the features they used.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import pytest
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
@@ -44,44 +43,29 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
 EXAMPLES = int(os.environ.get("SCGJAX_HYPOTHESIS_EXAMPLES", "0"))
 COLLECTIVES = os.environ.get("SCGJAX_HYPOTHESIS_COLLECTIVES") == "1"
 # Under a mutant (tests/mutation.py) a failure only needs to be found, not shrunk.
-PHASES = ((Phase.explicit, Phase.generate) if os.environ.get("SCGJAX_MUTANT")
-          else (Phase.explicit, Phase.generate, Phase.shrink))
+PHASES = (
+    (Phase.explicit, Phase.generate)
+    if os.environ.get("SCGJAX_MUTANT")
+    else (Phase.explicit, Phase.generate, Phase.shrink)
+)
 HESSIAN = st.integers(0, 2).map(lambda i: i == 2)  # a third of the examples
 
 
 def budget(n: int):
     """Fixed examples: `n` of them, or `SCGJAX_HYPOTHESIS_EXAMPLES`."""
-    return settings(max_examples=EXAMPLES or n, derandomize=True, database=None,
-                    deadline=None, print_blob=False, phases=PHASES,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.filter_too_much])
-
-
-@contextlib.contextmanager
-def compiled_enumeration():
-    """`exact.py` with its computations compiled: its `vmap`s over the enumerated draws,
-    `grad`s, `hessian`s and `scg.trace` run under `jax.jit`.
-
-    Run eagerly, every primitive of a new program (under `vmap`, and of its derivatives)
-    is compiled on its own: some 300 XLA compilations per program. Jitted, each function
-    compiles once: 5-10 times faster, the same numbers. (Until `exact.py` jits them.)
-    """
-    def namespace(module, **overrides):
-        ns = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module)
-                                      if not k.startswith("__")})
-        ns.__dict__.update(overrides)
-        return ns
-
-    fast_jax = namespace(jax, vmap=lambda fn, *a, **kw: jax.jit(jax.vmap(fn, *a, **kw)),
-                         grad=lambda fn, *a, **kw: jax.jit(jax.grad(fn, *a, **kw)),
-                         hessian=lambda fn, *a, **kw: jax.jit(jax.hessian(fn, *a, **kw)))
-    fast_scg = namespace(scg, trace=lambda fn, **kw: jax.jit(scg.trace(fn, **kw)))
-    saved = exact.jax, exact.scg
-    exact.jax, exact.scg = fast_jax, fast_scg
-    try:
-        yield
-    finally:
-        exact.jax, exact.scg = saved
+    return settings(
+        max_examples=EXAMPLES or n,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=False,
+        phases=PHASES,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 def check_exact(prog, hessian: bool) -> None:
@@ -91,24 +75,29 @@ def check_exact(prog, hessian: bool) -> None:
         event(feature)
     event(f"hessian={hessian}")
     try:
-        with compiled_enumeration():
-            exact.assert_exact(f, theta, hessian=hessian)
+        exact.assert_exact(f, theta, hessian=hessian)
     except AssertionError as err:
         if "degenerate test" not in str(err):
             raise
         # The exact gradient is zero: the estimator's expectation must be zero too.
         event("zero gradient")
-        with jax.enable_x64(True), compiled_enumeration():
-            _, grad, _, est, _ = exact.exact_moments(f, jnp.asarray(prog.theta, jnp.float64),
-                                               jax.random.key(0), hessian=False)
-        np.testing.assert_allclose(np.asarray(est), np.asarray(grad), rtol=0, atol=1e-12)
+        with jax.enable_x64(True):
+            m = exact.exact_moments(
+                f, jnp.asarray(prog.theta, jnp.float64), jax.random.key(0), hessian=False
+            )
+        np.testing.assert_allclose(np.asarray(m["est"]), np.asarray(m["grad"]), rtol=0, atol=1e-12)
     with jax.enable_x64(True):
         theta64, key = jnp.asarray(prog.theta, jnp.float64), jax.random.key(0)
         # (The interpreter keeps the traced program's value bit for bit; `f` run eagerly
         # can differ by an ulp where a jnp function compiled on its own lets XLA rewrite
         # x / 3 as x * (1/3).)
-        np.testing.assert_allclose(scg.surrogate(f)(theta64, key), f(theta64, key),
-                                   rtol=1e-13, atol=0, err_msg="the surrogate's value is the cost")
+        np.testing.assert_allclose(
+            scg.surrogate(f)(theta64, key),
+            f(theta64, key),
+            rtol=1e-13,
+            atol=0,
+            err_msg="the surrogate's value is the cost",
+        )
 
 
 @budget(8)
@@ -141,8 +130,10 @@ def test_random_program_with_inner_scg_grad_is_exact(prog):
     check_exact(prog, hessian=False)
 
 
-@pytest.mark.skipif(not COLLECTIVES, reason="named-axis collectives: set "
-                    "SCGJAX_HYPOTHESIS_COLLECTIVES=1 once they are supported")
+@pytest.mark.skipif(
+    not COLLECTIVES,
+    reason="named-axis collectives: set SCGJAX_HYPOTHESIS_COLLECTIVES=1 once they are supported",
+)
 @budget(15)
 @given(programs(features={"vmap"}, collectives=True), HESSIAN)
 def test_random_program_with_collectives_is_exact(prog, hessian):
@@ -161,5 +152,26 @@ def test_no_score_reaching_the_cost_is_jax_grad_to_the_last_bit(prog, x64):
     with jax.enable_x64(x64):
         theta, key = jnp.asarray(prog.theta), jax.random.key(1)
         np.testing.assert_array_equal(scg.scg_grad(f)(theta, key), jax.grad(f)(theta, key))
-        np.testing.assert_allclose(scg.surrogate(f)(theta, key), f(theta, key), rtol=1e-6 if
-                                   not x64 else 1e-13, atol=0)
+        np.testing.assert_allclose(
+            scg.surrogate(f)(theta, key), f(theta, key), rtol=1e-6 if not x64 else 1e-13, atol=0
+        )
+
+
+# -- Regressions: programs the random tests found, shrunk -----------------------------------
+
+
+def test_constants_inside_a_jit_next_to_a_draw():
+    """The key-reuse check read the sub-jaxpr of a `jit` without its constants (the index
+    array here) and failed with a KeyError on every program with an array constant inside
+    a jit that draws."""
+
+    def f(theta, key):
+        ks = jax.random.split(key, 1)
+
+        def _jit2(theta, ks):
+            t3 = theta[np.array([0, 1])].sum()
+            return scg.sample(ks[0], dist.Bernoulli(logits=t3), name="z1").astype(theta.dtype)
+
+        return jax.jit(_jit2)(theta, ks) * theta[2]
+
+    exact.assert_exact(f, jnp.array([0.3, -0.5, 0.8]))
