@@ -468,37 +468,99 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     return Val(value, _deps.join([deps, own]))
 
 
-# Distributions whose parameters are batch-shaped with trailing parameter axes of their
-# own: how many (e.g. a Categorical's logits are `batch_shape + (K,)`).
-PARAMETER_EVENT_NDIM = {dist.CategoricalLogits: 1, dist.CategoricalProbs: 1}
+# Wrappers whose batch element `i` is drawn from batch element `i` of each inner
+# distribution that has the wrapper's batch shape (and from element `i` of the wrapper's
+# own batch-shaped parameters). The inner distributions of any other wrapper are treated
+# as reaching every element.
+_ELEMENTWISE_WRAPPERS = (
+    dist.ExpandedDistribution,
+    dist.MaskedDistribution,
+    dist.ZeroInflatedProbs,
+    dist.MixtureSameFamily,
+    dist.MixtureGeneral,
+    dist.LeftTruncatedDistribution,
+    dist.RightTruncatedDistribution,
+    dist.TwoSidedTruncatedDistribution,
+)
+
+
+def _inner_distributions(d: dist.Distribution) -> list[dist.Distribution]:
+    inner = []
+    for v in vars(d).values():
+        for x in v if isinstance(v, (list, tuple)) else (v,):
+            if isinstance(x, dist.Distribution):
+                inner.append(x)
+    return inner
+
+
+def _elementwise_leaves(d: dist.Distribution) -> set[int]:
+    """The `id`s of the leaves of `d` whose leading axes are `d`'s batch axes, element
+    for element: batch element `i` of a draw reads element `i` of the leaf only.
+
+    A parameter qualifies when it has exactly `batch_shape` followed by as many axes as
+    its constraint's `event_dim` (a Categorical's logits are `batch_shape + (K,)`), and a
+    wrapper's leaves when they qualify for an inner distribution of the same batch shape.
+    Anything else (an event shape, a leaf no constraint names, an inner distribution of
+    another batch shape, such as the base of `Categorical(l).expand((B,))` whose logits are
+    `(K,)`) reaches every element: the sound default. A leaf in two roles qualifies only
+    if it qualifies in both.
+    """
+    good: set[int] = set()
+    bad: set[int] = set()
+
+    def visit(d: dist.Distribution) -> None:
+        batch = tuple(d.batch_shape)
+        inner = _inner_distributions(d)
+        if d.event_shape or (inner and not isinstance(d, _ELEMENTWISE_WRAPPERS)):
+            bad.update(id(x) for x in jax.tree_util.tree_leaves(d))
+            return
+        for child in inner:
+            if tuple(child.batch_shape) == batch:
+                visit(child)
+            else:
+                bad.update(id(x) for x in jax.tree_util.tree_leaves(child))
+        constraints: dict[str, Any] = {}
+        for cls in reversed(type(d).__mro__):  # a subclass's constraint wins
+            constraints.update(getattr(cls, "arg_constraints", None) or {})
+        for name, value in vars(d).items():
+            if isinstance(value, dist.Distribution) or not hasattr(value, "shape"):
+                continue
+            if name == "_mask" and isinstance(d, dist.MaskedDistribution):
+                event_dim = 0
+            else:
+                event_dim = getattr(constraints.get(name), "event_dim", None)
+            shape = tuple(np.shape(value))
+            ok = (
+                event_dim is not None
+                and len(shape) == len(batch) + event_dim
+                and shape[: len(batch)] == batch
+            )
+            (good if ok else bad).add(id(value))
+
+    visit(d)
+    return good - bad
 
 
 def _parent_deps(eqn, invals: list[Val], value) -> Deps:
     """What a draw depends on through its key and parameters: elementwise along the
-    vmapped axes, and along the batch axes of a distribution with no event shape whose
-    parameter has exactly its batch shape (plus, for the classes in
-    `PARAMETER_EVENT_NDIM`, their parameter axes); every element otherwise."""
+    vmapped axes, and along the batch axes for the parameters `_elementwise_leaves`
+    accepts; every element otherwise."""
     params = eqn.params
     n_batch, sample_shape = params["n_batch"], params["sample_shape"]
     d = params["spec"].unflatten([v.value for v in invals[1:]])  # shapes are static aux data
-    batch_shape, event_shape = tuple(d.batch_shape), tuple(d.event_shape)
-    extra = PARAMETER_EVENT_NDIM.get(type(d), 0)
+    n_axes = len(d.batch_shape)
+    good = _elementwise_leaves(d)
+    leaves = jax.tree_util.tree_leaves(d)
     parts = []
     for i, v in enumerate(invals):
         if not v.deps:
             continue
-        shape = tuple(np.shape(v.value)[n_batch:])
-        elementwise = (
-            i > 0
-            and not event_shape
-            and len(shape) == len(batch_shape) + extra
-            and shape[: len(batch_shape)] == batch_shape
-        )
+        elementwise = i > 0 and id(leaves[i - 1]) in good
 
         def axis_map(a, elementwise=elementwise):
             if a < n_batch:
                 return a
-            if elementwise and a < n_batch + len(batch_shape):
+            if elementwise and a < n_batch + n_axes:
                 return a + len(sample_shape)
             return None
 

@@ -8,6 +8,11 @@ behaviours break that:
   `binary_cross_entropy_with_logits`, whose `max`/`abs` kinks give the derivative 0 (or
   1) instead of `v − 1/2` at exactly `l = 0`: the most common initialisation of a logit
   layer gets a biased gradient.
+* `Geometric(logits=l)`, `NegativeBinomialLogits` and `ZeroInflatedDistribution(...,
+  gate_logits=g)` use `jax.nn.softplus`, whose custom JVP is right at 0 only where JAX
+  keeps it: inside a `scan` whose logit depends on the carry, forward-over-reverse
+  derivatives (`jax.hessian` of a surrogate) differentiate its `max`/`abs` kinks instead
+  (a Geometric at logit 0: −14.8 for an exact second derivative of 5).
 * `d.mask(m)` draws from its base distribution but its `log_prob` is 0 where `m` is
   False, which would drop the score term of a masked-out draw that reaches the cost.
 
@@ -99,6 +104,11 @@ def softplus(x: jax.Array) -> jax.Array:
     return jnp.where(pos, x_pos + jnp.log1p(jnp.exp(-x_pos)), jnp.log1p(jnp.exp(x_neg)))
 
 
+def log_sigmoid(x: jax.Array) -> jax.Array:
+    """`log σ(x) = −softplus(−x)`, with `softplus`'s derivatives."""
+    return -softplus(-x)
+
+
 def with_derivatives_of(value: jax.Array, smooth: jax.Array) -> jax.Array:
     """`value` exactly, with the derivatives (every order) of `smooth`."""
     smooth = smooth.astype(jnp.result_type(value))
@@ -115,3 +125,29 @@ def _bernoulli_logits(d, value):
 def _binomial_logits(d, value):
     out = dist.BinomialLogits.log_prob(d, value)
     return with_derivatives_of(out, value * d.logits - d.total_count * softplus(d.logits))
+
+
+@register_score_log_prob(dist.GeometricLogits)
+def _geometric_logits(d, value):
+    out = dist.GeometricLogits.log_prob(d, value)
+    return with_derivatives_of(out, d.logits - (value + 1) * softplus(d.logits))
+
+
+@register_score_log_prob(dist.NegativeBinomialLogits)
+def _negative_binomial_logits(d, value):
+    out = dist.NegativeBinomialLogits.log_prob(d, value)
+    r, l = d.total_count, d.logits
+    # numpyro's value minus its softplus terms is smooth (log-gamma functions of r and
+    # value): keep it, and put the softplus terms back in smooth form
+    rest = out + r * jax.nn.softplus(l) + value * jax.nn.softplus(-l)
+    return with_derivatives_of(out, rest - r * softplus(l) - value * softplus(-l))
+
+
+@register_score_log_prob(dist.ZeroInflatedLogits)
+def _zero_inflated_logits(d, value):
+    out = dist.ZeroInflatedLogits.log_prob(d, value)
+    g = d.gate_logits
+    minus_log_gate = -g + _guarded(d.base_dist).log_prob(value)
+    log_gate = log_sigmoid(g)
+    smooth = jnp.where(value == 0, softplus(minus_log_gate) + log_gate, minus_log_gate + log_gate)
+    return with_derivatives_of(out, smooth)

@@ -658,8 +658,24 @@ def _():
     rewrite(
         _interpret,
         "_parent_deps",
-        "elementwise = (i > 0 and not event_shape and",
-        "elementwise = (i > 0 or not event_shape and",
+        "elementwise = i > 0 and id(leaves[i - 1]) in good",
+        "elementwise = i > 0",
+    )
+
+
+@mutant(
+    "axis:parents:wrapper_batch",
+    "an inner distribution's parameters are aligned whatever its batch shape "
+    "(Categorical(logits (K,)).expand((B,)))",
+    tests=("tests/test_trust.py",),
+)
+def _():
+    _interpret = _modules()[0]
+    rewrite(
+        _interpret,
+        "_elementwise_leaves",
+        "if tuple(child.batch_shape) == batch:",
+        "if True:",
     )
 
 
@@ -1049,6 +1065,28 @@ def _():
         "return Val(lax.stop_gradient(_graph.magic_box_p.bind(tau.value)))",
         "return Val(_graph.magic_box_p.bind(tau.value))",
     )
+
+
+# -- Log-densities: the guards against numpyro's kinks ---------------------------------------
+
+
+def _drop_guard(cls_name: str) -> None:
+    import numpyro.distributions as dist
+
+    from scgjax import _logprob
+
+    _logprob._GUARDS.pop(getattr(dist, cls_name))
+    _logprob._guarded_class.cache_clear()
+    fired()
+
+
+for _cls in ("BernoulliLogits", "BinomialLogits", "GeometricLogits",
+             "NegativeBinomialLogits", "ZeroInflatedLogits"):
+    mutant(
+        f"logprob:guard:{_cls}",
+        f"{_cls} uses numpyro's log_prob (softplus kinks at logit 0)",
+        tests=("tests/test_trust.py", "tests/test_exact.py"),
+    )(lambda _cls=_cls: _drop_guard(_cls))
 
 
 # -- Running -------------------------------------------------------------------------------
