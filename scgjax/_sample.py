@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from jax.interpreters import ad, batching, mlir
 
@@ -229,9 +230,11 @@ def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch, has_bas
 
 
 def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    # An operand may be a literal (a Python scalar in a jaxpr, `TypedFloat` on JAX 0.10):
+    # `np.shape`, not `.shape`.
+    size = next(np.shape(x)[d] for x, d in zip(args, dims) if d is not None)
     moved = [
-        jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+        jnp.broadcast_to(x, (size, *np.shape(x))) if d is None else jnp.moveaxis(x, d, 0)
         for x, d in zip(args, dims)
     ]
     out = sample_p.bind(

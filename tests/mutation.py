@@ -652,6 +652,7 @@ def _():
 @mutant(
     "axis:parents:always_elementwise",
     "a parameter is taken as elementwise whatever its shape (event axes, broadcast parameters)",
+    tests=("tests/test_trust.py", "tests/test_exact.py"),
 )
 def _():
     _interpret = _modules()[0]

@@ -374,3 +374,30 @@ def test_softplus_log_densities_have_exact_hessians_at_logit_zero_in_a_scan(make
         return lax.scan(step, 0.0, jax.random.split(key, 2))[1].sum()
 
     assert_exact(f, np.zeros(2), supports={"a": tuple(range(support))})
+
+
+# -- Found in review: a literal parameter under vmap ---------------------------------------
+
+def _in_scan(draw):
+    return lambda t, k: lax.scan(lambda c, kk: (c, draw(t, kk)), 0.0, jax.random.split(k, 2))[1].sum()
+
+
+@pytest.mark.parametrize("f", [
+    lambda t, k: scg.sample(k, dist.Normal(0.0, 1.0)) * t,
+    jax.jit(lambda t, k: scg.sample(k, dist.Binomial(3, logits=t)).astype(t.dtype) * t),
+    jax.checkpoint(lambda t, k: scg.sample(k, dist.Binomial(3, logits=t)).astype(t.dtype) * t),
+    _in_scan(lambda t, k: scg.sample(k, dist.NegativeBinomialLogits(2.0, t)).astype(t.dtype) * t),
+    _in_scan(lambda t, k: scg.sample(k, dist.Normal(0.0, 1.0)) * t),
+    _in_scan(lambda t, k: scg.sample(k, dist.Bernoulli(probs=0.5)) * t),
+], ids=["eager-normal", "jit-binomial", "checkpoint-binomial", "scan-negbin", "scan-normal",
+        "scan-bernoulli"])
+def test_literal_parameters_batch_under_vmap(f):
+    # A Python-scalar parameter is a literal in a jaxpr; batching `sample_p` read its
+    # `.shape` and crashed every vmap of such a program (a Gaussian policy's fixed scale).
+    t = jnp.float32(0.3)
+    keys = jax.random.split(KEY, 2)
+    one, value = jax.jit(scg.scg_grad(f)), jax.jit(f)
+    got = jax.vmap(scg.scg_grad(f), (None, 0))(t, keys)
+    np.testing.assert_allclose(got, jnp.stack([one(t, k) for k in keys]), rtol=1e-6)
+    draws = jax.vmap(jax.jit(f), (None, 0))(t, keys)
+    np.testing.assert_allclose(draws, jnp.stack([value(t, k) for k in keys]), rtol=1e-6)
