@@ -609,7 +609,9 @@ class Site:
       source: file and line of the `scg.sample` call.
       value: the draw (stacked along a leading axis per enclosing `scan`).
       log_prob: its log-density under the distribution it was drawn from, shaped like
-        `d.log_prob(value)` (for score sites, with the derivatives scgjax uses).
+        `d.log_prob(value)` (for score sites, with the derivatives scgjax uses). For
+        `d.mask(m)` it is the base distribution's log-density, also where `m` is False
+        (numpyro's masked `log_prob` is 0 there): the value was drawn from the base.
       drawn: a boolean array like `log_prob`: False where the site sits in a `cond`
         branch that was not taken (then `value` and `log_prob` are 0 there).
     """
@@ -643,16 +645,28 @@ class Trace:
             total = total + jnp.sum(jnp.where(site.drawn, site.log_prob, 0.0))
         return total
 
+    @property
+    def score_log_joint(self) -> Any:
+        """`log_joint` over the score-function sites only: the weight of replayed draws
+        when enumerating them (`Σ_z exp(score_log_joint)·scg_grad(f, draws=z)` is the
+        estimator's expectation over the score-function draws)."""
+        total = jnp.zeros((), jnp.result_type(float))
+        for site in self.sites.values():
+            if site.estimator == "score":
+                total = total + jnp.sum(jnp.where(site.drawn, site.log_prob, 0.0))
+        return total
+
 
 def trace(f: Callable, *, has_aux: bool = False, draws: dict | None = None) -> Callable:
     """Runs `f` and returns its cost with every sample site's value and log-probability.
 
     With `draws`, the named score-function sites take the given values instead of
-    drawing (see `surrogate`): `trace(f, draws=z)(θ, key).log_joint` is `log p(z; θ)`,
-    differentiable in θ, and `.cost` is `f`'s cost at `z`. Together with
-    `scg_grad(f, draws=z)` this evaluates an estimator at chosen draws; summing
-    `exp(log_joint)·scg_grad(f, draws=z)` over every `z` of a finite support gives its
-    exact expectation.
+    drawing (see `surrogate`): `trace(f, draws=z)(θ, key).score_log_joint` is
+    `log p(z; θ)` of the score-function draws, differentiable in θ, and `.cost` is `f`'s
+    cost at `z`. Together with `scg_grad(f, draws=z)` this evaluates an estimator at
+    chosen draws; summing `exp(score_log_joint)·scg_grad(f, draws=z)` over every `z` of
+    a finite support gives its exact expectation over the score-function draws (given
+    the key's pathwise noise, if any). `log_joint` also counts the pathwise sites.
 
     Args:
       f: a stochastic program (see `surrogate`).
@@ -666,7 +680,7 @@ def trace(f: Callable, *, has_aux: bool = False, draws: dict | None = None) -> C
     Example:
       >>> t = scg.trace(f)(theta, key)
       >>> t.sites["z"].value, t.log_joint
-      >>> p = jnp.exp(scg.trace(f, draws={"z": 1})(theta, key).log_joint)
+      >>> p = jnp.exp(scg.trace(f, draws={"z": 1})(theta, key).score_log_joint)
     """
 
     @functools.wraps(f)

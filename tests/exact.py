@@ -6,7 +6,7 @@ expectation is a finite sum,
     E[ĝ] = Σ_z p(z; θ) · ĝ(θ, z),
 
 where `ĝ(θ, z) = scg_grad(f, draws=z)(θ, key)` is the estimator evaluated at the draws
-`z` and `p(z; θ) = exp(trace(f, draws=z)(θ, key).log_joint)`. The exact objective is
+`z` and `p(z; θ) = exp(trace(f, draws=z)(θ, key).score_log_joint)`. The exact objective is
 `E[f](θ) = Σ_z p(z; θ) · f(θ, z)`, and its gradient and Hessian come from `jax.grad` /
 `jax.hessian` of that sum. `assert_exact` compares them in float64 at rtol 1e-9: no Monte
 Carlo noise, so a wrong sign, a dropped term or a misaligned weight fails at once, however
