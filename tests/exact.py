@@ -47,12 +47,19 @@ def _support(site, supports: dict) -> Sequence:
         return supports[site.name]
     if site.distribution in SUPPORTS:
         return SUPPORTS[site.distribution]
-    raise ValueError(f"no finite support known for site {site.name!r} "
-                     f"({site.distribution}); pass supports={{{site.name!r}: (...)}}")
+    raise ValueError(
+        f"no finite support known for site {site.name!r} "
+        f"({site.distribution}); pass supports={{{site.name!r}: (...)}}"
+    )
 
 
-def enumerate_draws(f: Callable, args: tuple, supports: dict | None = None,
-                    max_configs: int = 1 << 14, copies: int = 1):
+def enumerate_draws(
+    f: Callable,
+    args: tuple,
+    supports: dict | None = None,
+    max_configs: int = 1 << 14,
+    copies: int = 1,
+):
     """Every joint configuration of `f`'s score sites: (names, stacked draws dict with a
     leading configuration axis, per-site number of support values). With `copies=K`
     (for `num_samples=K`) each site gets a leading axis of K independent copies."""
@@ -89,8 +96,17 @@ def _log_weight(tr, ks: dict) -> jax.Array:
     return total
 
 
-def exact_moments(f: Callable, theta, key, *, argnums: int = 0, supports: dict | None = None,
-                  hessian: bool = True, extra_args: tuple = (), **options):
+def exact_moments(
+    f: Callable,
+    theta,
+    key,
+    *,
+    argnums: int = 0,
+    supports: dict | None = None,
+    hessian: bool = True,
+    extra_args: tuple = (),
+    **options,
+):
     """A dict of exact quantities in float64, by enumeration (one compiled program):
     `mass` (Σ_z p(z)), `mass_grad`, `mass_hess`, `value` (E[f]), `grad` (∇E[f]),
     `hess` (∇²E[f]), `est` (E[scg_grad]) and `est_hess` (E[hessian(surrogate)]).
@@ -123,25 +139,42 @@ def exact_moments(f: Callable, theta, key, *, argnums: int = 0, supports: dict |
         def one(z):
             w = jnp.exp(log_weight(theta, z))
             return jax.tree.map(lambda x: w * x, estimate(z))
+
         return jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(one)(draws))
 
     def everything(th):
-        out = {"mass": mass(th), "mass_grad": jax.grad(mass)(th),
-               "value": expected_cost(th), "grad": jax.grad(expected_cost)(th),
-               "est": expectation_of(lambda z: scg.scg_grad(
-                   f, argnums=argnums, draws=z, **options)(th, *extra_args, key))}
+        out = {
+            "mass": mass(th),
+            "mass_grad": jax.grad(mass)(th),
+            "value": expected_cost(th),
+            "grad": jax.grad(expected_cost)(th),
+            "est": expectation_of(
+                lambda z: scg.scg_grad(f, argnums=argnums, draws=z, **options)(th, *extra_args, key)
+            ),
+        }
         if hessian:
             out["mass_hess"] = jax.hessian(mass)(th)
             out["hess"] = jax.hessian(expected_cost)(th)
-            out["est_hess"] = expectation_of(lambda z: jax.hessian(
-                scg.surrogate(f, draws=z, **options), argnums=argnums)(th, *extra_args, key))
+            out["est_hess"] = expectation_of(
+                lambda z: jax.hessian(scg.surrogate(f, draws=z, **options), argnums=argnums)(
+                    th, *extra_args, key
+                )
+            )
         return out
 
     return jax.jit(everything)(theta)
 
 
-def assert_exact(f: Callable, theta, key=None, *, hessian: bool = True,
-                 supports: dict | None = None, extra_args: tuple = (), **options) -> None:
+def assert_exact(
+    f: Callable,
+    theta,
+    key=None,
+    *,
+    hessian: bool = True,
+    supports: dict | None = None,
+    extra_args: tuple = (),
+    **options,
+) -> None:
     """The estimator's exact expectation equals the exact gradient (and, with `hessian`,
     the DiCE Hessian's expectation equals the exact Hessian), in float64 at rtol 1e-9.
 
@@ -156,24 +189,46 @@ def assert_exact(f: Callable, theta, key=None, *, hessian: bool = True,
         key = jax.random.key(0) if key is None else key
         theta = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), theta)
         extra_args = jax.tree.map(
-            lambda x: jnp.asarray(x, jnp.float64)
-            if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, extra_args)
-        m = exact_moments(f, theta, key, supports=supports, hessian=hessian,
-                          extra_args=extra_args, **options)
-        np.testing.assert_allclose(float(m["mass"]), 1.0, rtol=1e-12,
-                                   err_msg="total probability of the enumerated draws")
+            lambda x: (
+                jnp.asarray(x, jnp.float64)
+                if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+                else x
+            ),
+            extra_args,
+        )
+        m = exact_moments(
+            f, theta, key, supports=supports, hessian=hessian, extra_args=extra_args, **options
+        )
+        np.testing.assert_allclose(
+            float(m["mass"]), 1.0, rtol=1e-12, err_msg="total probability of the enumerated draws"
+        )
         for what in ("mass_grad", "mass_hess") if hessian else ("mass_grad",):
             for g in jax.tree.leaves(m[what]):
-                np.testing.assert_allclose(np.asarray(g), 0.0, atol=1e-12,
-                                           err_msg=f"{what}: derivative of the total probability")
-        assert any(float(jnp.max(jnp.abs(g))) > 1e-6 for g in jax.tree.leaves(m["grad"])), \
+                np.testing.assert_allclose(
+                    np.asarray(g),
+                    0.0,
+                    atol=1e-12,
+                    err_msg=f"{what}: derivative of the total probability",
+                )
+        assert any(float(jnp.max(jnp.abs(g))) > 1e-6 for g in jax.tree.leaves(m["grad"])), (
             "degenerate test: the exact gradient is zero"
-        for (path, g_est), g in zip(jax.tree_util.tree_leaves_with_path(m["est"]),
-                                    jax.tree.leaves(m["grad"])):
+        )
+        for (path, g_est), g in zip(
+            jax.tree_util.tree_leaves_with_path(m["est"]), jax.tree.leaves(m["grad"])
+        ):
             np.testing.assert_allclose(
-                np.asarray(g_est), np.asarray(g), rtol=RTOL, atol=ATOL,
-                err_msg=f"E[scg_grad] vs the gradient of E[f] {jax.tree_util.keystr(path)}")
+                np.asarray(g_est),
+                np.asarray(g),
+                rtol=RTOL,
+                atol=ATOL,
+                err_msg=f"E[scg_grad] vs the gradient of E[f] {jax.tree_util.keystr(path)}",
+            )
         if hessian:
             for h_est, h in zip(jax.tree.leaves(m["est_hess"]), jax.tree.leaves(m["hess"])):
-                np.testing.assert_allclose(np.asarray(h_est), np.asarray(h), rtol=RTOL, atol=ATOL,
-                                           err_msg="E[hessian(surrogate)] vs the Hessian of E[f]")
+                np.testing.assert_allclose(
+                    np.asarray(h_est),
+                    np.asarray(h),
+                    rtol=RTOL,
+                    atol=ATOL,
+                    err_msg="E[hessian(surrogate)] vs the Hessian of E[f]",
+                )

@@ -85,8 +85,9 @@ def assert_mc_close(draws, expected, n_sigma: float = 5.0) -> None:
     )
 
 
-def assert_variance_close(draws, expected_var: float, expected_mu4: float,
-                          n_sigma: float = 5.0) -> None:
+def assert_variance_close(
+    draws, expected_var: float, expected_mu4: float, n_sigma: float = 5.0
+) -> None:
     """Assert that the empirical variance of 1-D ``draws`` matches ``expected_var``.
 
     The standard error of a sample variance is ``sqrt((mu4 - sigma^4) / N)``, with
@@ -162,23 +163,28 @@ def discrete_moments(values, probs):
     return mean, (p * centred**2).sum(0), (p * centred**4).sum(0)
 
 
-def assert_trees_allclose(got, want, rtol: float = 1e-4, atol: float = 1e-5,
-                          err_msg: str = "") -> None:
+def assert_trees_allclose(
+    got, want, rtol: float = 1e-4, atol: float = 1e-5, err_msg: str = ""
+) -> None:
     """Leaf-by-leaf ``np.testing.assert_allclose`` of two pytrees of the same structure."""
     got_def = jax.tree_util.tree_structure(got)
     want_def = jax.tree_util.tree_structure(want)
     assert got_def == want_def, f"pytree mismatch: {got_def} vs {want_def}"
-    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                            jax.tree_util.tree_leaves(want)):
+    for (path, g), w in zip(
+        jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want)
+    ):
         g, w = _as_f64(g), _as_f64(w)
         assert g.shape == w.shape, f"{jax.tree_util.keystr(path)}: {g.shape} vs {w.shape}"
         np.testing.assert_allclose(
-            g, w, rtol=rtol, atol=atol,
-            err_msg=f"{jax.tree_util.keystr(path) or '<root>'} {err_msg}")
+            g,
+            w,
+            rtol=rtol,
+            atol=atol,
+            err_msg=f"{jax.tree_util.keystr(path) or '<root>'} {err_msg}",
+        )
 
 
-def assert_variance_ratio_below(draws_a, draws_b, ratio: float,
-                                n_sigma: float = 5.0) -> None:
+def assert_variance_ratio_below(draws_a, draws_b, ratio: float, n_sigma: float = 5.0) -> None:
     """Assert ``Var[a] < ratio · Var[b]``, significant at ``n_sigma`` standard errors.
 
     ``draws_a`` and ``draws_b`` are 1-D with the same length, paired (same keys) or

@@ -1081,8 +1081,13 @@ def _drop_guard(cls_name: str) -> None:
     fired()
 
 
-for _cls in ("BernoulliLogits", "BinomialLogits", "GeometricLogits",
-             "NegativeBinomialLogits", "ZeroInflatedLogits"):
+for _cls in (
+    "BernoulliLogits",
+    "BinomialLogits",
+    "GeometricLogits",
+    "NegativeBinomialLogits",
+    "ZeroInflatedLogits",
+):
     mutant(
         f"logprob:guard:{_cls}",
         f"{_cls} uses numpyro's log_prob (softplus kinks at logit 0)",

@@ -33,7 +33,7 @@ def rollout(theta, key):
     def step(s, k):
         a = scg.sample(k, dist.Bernoulli(logits=theta[0] + theta[1] * s)).astype(jnp.float32)
         s = 0.5 * s + a - theta[2]
-        return s, s ** 2
+        return s, s**2
 
     _, r = lax.scan(step, 0.0, jax.random.split(key, 5))
     return jnp.dot(0.9 ** jnp.arange(5.0), r)
@@ -42,8 +42,9 @@ def rollout(theta, key):
 def branches(theta, key):
     k1, k2 = jax.random.split(key)
     z = scg.sample(k1, dist.Bernoulli(logits=theta[0]))
-    y = lax.cond(z > 0, lambda: scg.sample(k2, dist.Normal(theta[1], 1.0)) ** 2,
-                 lambda: theta[2] * 3.0)
+    y = lax.cond(
+        z > 0, lambda: scg.sample(k2, dist.Normal(theta[1], 1.0)) ** 2, lambda: theta[2] * 3.0
+    )
     return y + theta[3] * z
 
 
@@ -78,8 +79,10 @@ def test_every_way_of_taking_second_derivatives_agrees(f):
     close(jax.jacfwd(scg.scg_grad(f))(THETA, KEY), h)
     close(jax.jacrev(scg.scg_grad(f))(THETA, KEY), h)
     close(jax.jit(jax.jacfwd(jax.jacrev(scg.surrogate(f))))(THETA, KEY), h)
-    close(jax.vmap(jax.hessian(scg.surrogate(f)), (None, 0))(THETA, KEYS)[0],
-          jax.hessian(scg.surrogate(f))(THETA, KEYS[0]))
+    close(
+        jax.vmap(jax.hessian(scg.surrogate(f)), (None, 0))(THETA, KEYS)[0],
+        jax.hessian(scg.surrogate(f))(THETA, KEYS[0]),
+    )
 
 
 @pytest.mark.parametrize("f", PROGRAMS, ids=lambda f: f.__name__)

@@ -95,9 +95,7 @@ def test_surrogate_and_value_and_grad_have_the_value_of_f():
         key = jax.random.key(seed)
         f_value = design_f(theta, key)
         np.testing.assert_allclose(scg.surrogate(design_f)(theta, key), f_value, rtol=1e-6)
-        np.testing.assert_allclose(
-            jax.jit(scg.surrogate(design_f))(theta, key), f_value, rtol=1e-6
-        )
+        np.testing.assert_allclose(jax.jit(scg.surrogate(design_f))(theta, key), f_value, rtol=1e-6)
         value, grad = scg.scg_value_and_grad(design_f)(theta, key)
         np.testing.assert_allclose(value, f_value, rtol=1e-6)
         assert grad.shape == theta.shape
@@ -214,8 +212,7 @@ def test_normal_auto_estimator_is_pathwise():
 
 def normal_f(estimator):
     def f(theta, key):
-        x = scg.sample(key, dist.Normal(theta[0], jnp.exp(theta[1])), (2,),
-                       estimator=estimator)
+        x = scg.sample(key, dist.Normal(theta[0], jnp.exp(theta[1])), (2,), estimator=estimator)
         return jnp.sum((x - 2.0) ** 2 + 0.1 * x**3)
 
     return f
@@ -260,8 +257,7 @@ def test_legacy_uint32_keys_give_unbiased_gradient():
 
 def test_mixed_score_then_pathwise_chain_is_unbiased():
     theta = jnp.array([0.3, 1.5])
-    assert_mc_close(grad_draws(design_f, theta, seed=12),
-                    jax.grad(design_f_expectation)(theta))
+    assert_mc_close(grad_draws(design_f, theta, seed=12), jax.grad(design_f_expectation)(theta))
 
 
 def test_chain_of_two_score_nodes_is_unbiased():
@@ -392,9 +388,7 @@ def test_samples_inside_switch_branches_with_sampled_index_are_unbiased():
 
     def expectation(theta):
         probs = jax.nn.softmax(theta[:3])
-        branch = jnp.stack(
-            [2.0 * jax.nn.sigmoid(theta[3]), theta[4] ** 2 + 1.0, 5.0 + theta[3]]
-        )
+        branch = jnp.stack([2.0 * jax.nn.sigmoid(theta[3]), theta[4] ** 2 + 1.0, 5.0 + theta[3]])
         return jnp.sum(probs * branch)
 
     assert_mc_close(grad_draws(f, theta, seed=17), jax.grad(expectation)(theta))
@@ -416,9 +410,7 @@ def test_samples_inside_inner_jit_are_unbiased():
 
     def expectation(theta):
         def term(z):
-            return bernoulli_pmf(z, theta[0]) * (
-                (theta[1] + z) ** 2 + 1.0 + 2.0 * z + theta[2] * z
-            )
+            return bernoulli_pmf(z, theta[0]) * ((theta[1] + z) ** 2 + 1.0 + 2.0 * z + theta[2] * z)
 
         return enumerate_expectation(term, [B])
 
@@ -562,17 +554,13 @@ def hessian_bernoulli_expectation(theta):
 )
 def test_hessian_of_score_bernoulli_objective_is_unbiased(theta):
     theta = jnp.array(theta)
-    draws = mc_draws(
-        lambda k: jax.hessian(scg.surrogate(hessian_bernoulli_f))(theta, k), N, 24
-    )
+    draws = mc_draws(lambda k: jax.hessian(scg.surrogate(hessian_bernoulli_f))(theta, k), N, 24)
     assert_mc_close(draws, jax.hessian(hessian_bernoulli_expectation)(theta))
 
 
 def test_mixed_second_derivative_via_jacfwd_of_grad_is_unbiased():
     theta = jnp.array([0.3, 1.5])
-    draws = mc_draws(
-        lambda k: jax.jacfwd(jax.grad(scg.surrogate(design_f)))(theta, k), N, 25
-    )
+    draws = mc_draws(lambda k: jax.jacfwd(jax.grad(scg.surrogate(design_f)))(theta, k), N, 25)
     assert_mc_close(draws, jax.hessian(design_f_expectation)(theta))
 
 
@@ -630,8 +618,13 @@ def rb_through_cond_outputs(theta, key):
 
 @pytest.mark.parametrize(
     "f",
-    [rb_plain, rb_sub_neg_scale_reduce_sum, rb_through_jit, rb_through_scan_outputs,
-     rb_through_cond_outputs],
+    [
+        rb_plain,
+        rb_sub_neg_scale_reduce_sum,
+        rb_through_jit,
+        rb_through_scan_outputs,
+        rb_through_cond_outputs,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_rao_blackwellization_weights_each_score_node_by_its_own_costs(f):

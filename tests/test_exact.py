@@ -27,7 +27,8 @@ except ImportError:  # tests/ is not a package
 
 def bern(key, logits, name=None, shape=()):
     return scg.sample(key, dist.Bernoulli(logits=logits), shape, name=name).astype(
-        jnp.result_type(logits))
+        jnp.result_type(logits)
+    )
 
 
 THETA = np.array([0.3, -0.7, 0.0, 1.1])
@@ -38,6 +39,7 @@ def keys(key, n):
 
 
 # -- term rules on the cost's additive tail ------------------------------------------------
+
 
 def p_add_sub_broadcast(t, key):
     k1, k2 = keys(key, 2)
@@ -86,18 +88,24 @@ def p_select_n_where(t, key):
 
 def p_cumsum_both_ways(t, key):
     z = bern(key, t[:3])
-    return (lax.cumsum(z * t[3], reverse=False) * jnp.array([1.0, -2.0, 0.5])).sum() + \
-        (lax.cumsum(z, reverse=True) * t[:3]).sum()
+    return (lax.cumsum(z * t[3], reverse=False) * jnp.array([1.0, -2.0, 0.5])).sum() + (
+        lax.cumsum(z, reverse=True) * t[:3]
+    ).sum()
 
 
 def p_convert_reshape_transpose(t, key):
     z = bern(key, t.reshape(2, 2))
     zz = z.astype(jnp.float32).astype(jnp.float64)
-    return (zz.T * jnp.array([[1.0, 2.0], [3.0, 4.0]])).sum() * t[0] + \
-        zz.reshape(4).dot(t) + jnp.expand_dims(zz, 0).squeeze(0).sum() + z.astype(jnp.int32).sum() * t[1]
+    return (
+        (zz.T * jnp.array([[1.0, 2.0], [3.0, 4.0]])).sum() * t[0]
+        + zz.reshape(4).dot(t)
+        + jnp.expand_dims(zz, 0).squeeze(0).sum()
+        + z.astype(jnp.int32).sum() * t[1]
+    )
 
 
 # -- nonlinear costs (the whole cost depends on the node) -------------------------------
+
 
 def p_nonlinear_cost(t, key):
     k1, k2 = keys(key, 2)
@@ -136,6 +144,7 @@ def p_masked_draw_reaches_cost(t, key):
 
 
 # -- control flow ----------------------------------------------------------------------
+
 
 def p_jit_and_checkpoint(t, key):
     @jax.jit
@@ -187,7 +196,7 @@ def p_fori_loop(t, key):
         return s + bern(sub, t[i % 4]) * (i + 1.0), k
 
     s, _ = lax.fori_loop(0, 3, body, (jnp.zeros(()), key))
-    return s ** 2 * t[3] + s
+    return s**2 * t[3] + s
 
 
 def p_nested_scan(t, key):
@@ -195,6 +204,7 @@ def p_nested_scan(t, key):
         def inner(c2, k2):
             z = bern(k2, t[0] + c2 * t[1])
             return z, z * t[2]
+
         c, r = lax.scan(inner, c, keys(k, 2))
         return c, r.sum()
 
@@ -227,6 +237,7 @@ def p_vmap_inside(t, key):
 
 # -- baselines and several samples -----------------------------------------------------
 
+
 def p_with_baseline(t, key):
     k1, k2 = keys(key, 2)
     z = scg.sample(k1, dist.Bernoulli(logits=t[:2]), baseline=t[2] * 3.0).astype(t.dtype)
@@ -234,8 +245,9 @@ def p_with_baseline(t, key):
     return (z * t[:2]).sum() ** 2 + w * t[1]
 
 
-PROGRAMS = {name[2:]: fn for name, fn in globals().items()
-            if name.startswith("p_") and callable(fn)}
+PROGRAMS = {
+    name[2:]: fn for name, fn in globals().items() if name.startswith("p_") and callable(fn)
+}
 
 
 @pytest.mark.parametrize("name", sorted(PROGRAMS))

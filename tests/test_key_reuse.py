@@ -78,6 +78,7 @@ def without_check(monkeypatch):
 
 # -- The two reported cases --------------------------------------------------------------
 
+
 def reported_same_key(theta, key):
     d = dist.Bernoulli(logits=theta)
     z1 = scg.sample(key, d).astype(jnp.float32)  # @same-1
@@ -138,6 +139,7 @@ def test_baseline_from_a_key_of_its_own_is_accepted(any_key):
 
 
 # -- Refused: one key, two consumers -----------------------------------------------------
+
 
 def test_sample_and_split_of_one_key_are_refused(any_key):
     def f(t, key):
@@ -268,6 +270,7 @@ def test_threefry_on_the_words_of_a_legacy_key_is_refused():
 
 # -- Refused: loops ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("loop", ["scan", "fori_loop", "while_loop"])
 def test_a_key_closed_over_a_loop_body_is_refused(loop, any_key):
     def f(t, key):
@@ -278,8 +281,11 @@ def test_a_key_closed_over_a_loop_body_is_refused(loop, any_key):
             return lax.scan(lambda c, _: (step(c), None), 0.0, None, length=3)[0]  # @loop-scan
         if loop == "fori_loop":
             return lax.fori_loop(0, 3, lambda i, c: step(c), 0.0)  # @loop-fori_loop
-        return lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, step(c[1])),  # @loop-while_loop
-                              (0, 0.0))[1]
+        return lax.while_loop(
+            lambda c: c[0] < 3,
+            lambda c: (c[0] + 1, step(c[1])),  # @loop-while_loop
+            (0, 0.0),
+        )[1]
 
     msg = refused(f, THETA, any_key, grad=False)
     assert_names(msg, "closed-body", f"loop-{loop}")
@@ -325,8 +331,16 @@ def test_a_carried_key_consumed_before_the_iteration_that_splits_it_is_refused(a
 def test_keys_at_i_and_i_plus_one_in_a_fori_loop_are_refused():
     def f(t, key):
         keys = jax.random.split(key, 5)
-        return lax.fori_loop(0, 4, lambda i, c: c + bern(keys[i], t)  # @at-i
-                             + bern(keys[i + 1], -t), 0.0)  # @at-i-plus-1
+        return lax.fori_loop(
+            0,
+            4,
+            lambda i, c: (
+                c
+                + bern(keys[i], t)  # @at-i
+                + bern(keys[i + 1], -t)
+            ),
+            0.0,
+        )  # @at-i-plus-1
 
     msg = refused(f, THETA, KEY)
     assert_names(msg, "at-i", "at-i-plus-1")
@@ -334,8 +348,16 @@ def test_keys_at_i_and_i_plus_one_in_a_fori_loop_are_refused():
 
 def test_offsets_of_the_loop_counter_are_compared_across_iterations():
     def f(t, key):
-        return lax.fori_loop(0, 4, lambda i, c: c + bern(jax.random.fold_in(key, i + 2), t)  # @plus-2
-                             + bern(jax.random.fold_in(key, i + 1), -t), 0.0)  # @plus-1
+        return lax.fori_loop(
+            0,
+            4,
+            lambda i, c: (
+                c
+                + bern(jax.random.fold_in(key, i + 2), t)  # @plus-2
+                + bern(jax.random.fold_in(key, i + 1), -t)
+            ),
+            0.0,
+        )  # @plus-1
 
     msg = refused(f, THETA, KEY)
     assert_names(msg, "plus-2", "plus-1")
@@ -350,6 +372,7 @@ def test_keys_swapped_between_two_carries_are_refused_from_three_iterations_on()
                 return (b, a, acc + bern(a, t)), None  # @swapped
 
             return lax.scan(body, (*jax.random.split(key), 0.0), None, length=length)[0][2]
+
         return run
 
     assert "every other iteration" in refused(f(3), THETA, KEY)
@@ -383,8 +406,15 @@ def test_the_first_iteration_of_a_reversed_scan_is_its_last_row():
     def f(t, key):
         keys = jax.random.split(key, 3)
         z = bern(jax.random.fold_in(keys[2], 0), t)  # @last-row
-        return z + lax.scan(lambda c, k: (c + bern(jax.random.fold_in(k, 0), t), None),  # @rev
-                            0.0, keys, reverse=True)[0]
+        return (
+            z
+            + lax.scan(
+                lambda c, k: (c + bern(jax.random.fold_in(k, 0), t), None),  # @rev
+                0.0,
+                keys,
+                reverse=True,
+            )[0]
+        )
 
     assert_names(refused(f, THETA, KEY), "last-row", "rev")
 
@@ -403,8 +433,9 @@ def test_a_key_used_outside_and_in_the_first_iteration_is_refused(any_key):
 def test_a_fold_in_in_a_loop_and_a_sample_outside_on_one_key_are_refused(any_key):
     def f(t, key):
         z = bern(key, t)  # @outer-sample
-        return z + lax.fori_loop(0, 3, lambda i, c: c + bern(
-            jax.random.fold_in(key, i), t), 0.0)  # @loop-fold
+        return z + lax.fori_loop(
+            0, 3, lambda i, c: c + bern(jax.random.fold_in(key, i), t), 0.0
+        )  # @loop-fold
 
     msg = refused(f, THETA, any_key)
     assert_names(msg, "outer-sample", "loop-fold")
@@ -447,8 +478,12 @@ def test_a_key_a_scan_consumed_and_returned_is_refused_after_it(any_key):
 def test_inner_loop_keys_that_repeat_in_every_outer_iteration_are_refused():
     def f(t, key):
         def outer(c, _):
-            inner = lax.fori_loop(0, 2, lambda j, a: a + bern(jax.random.fold_in(key, j), t),  # @inner
-                                  c)
+            inner = lax.fori_loop(
+                0,
+                2,
+                lambda j, a: a + bern(jax.random.fold_in(key, j), t),  # @inner
+                c,
+            )
             return inner, None
 
         return lax.scan(outer, 0.0, None, length=3)[0]
@@ -458,6 +493,7 @@ def test_inner_loop_keys_that_repeat_in_every_outer_iteration_are_refused():
 
 
 # -- Refused: vmap -----------------------------------------------------------------------
+
 
 def test_an_unbatched_key_of_a_score_draw_under_vmap_is_refused(any_key):
     def f(t, key):
@@ -494,12 +530,14 @@ def test_one_key_in_both_branches_of_a_vmapped_cond_is_refused():
     def f(t, key):
         def one(x, k):
             return lax.cond(x > 0, lambda: bern(k, x), lambda: bern(k, -x))  # @vmapped-cond
+
         return jax.vmap(one)(jnp.array([t, -t]), jax.random.split(key)).sum()
 
     assert at("vmapped-cond") in refused(f, THETA, KEY)
 
 
 # -- Accepted, with the hand-written surrogate's gradient ---------------------------------
+
 
 def test_split_keys_used_once_each_are_accepted(any_key):
     def f(t, key):
@@ -612,8 +650,9 @@ def test_a_while_loop_that_splits_its_carried_key_is_accepted():
 
 def test_vmap_over_split_keys_is_accepted(any_key):
     def f(t, key):
-        return jax.vmap(lambda k, x: bern(k, x))(jax.random.split(key, 3),
-                                                  jnp.array([t, -t, 2 * t])).sum()
+        return jax.vmap(lambda k, x: bern(k, x))(
+            jax.random.split(key, 3), jnp.array([t, -t, 2 * t])
+        ).sum()
 
     def hand(t, key):
         total = 0.0
@@ -639,8 +678,9 @@ def test_one_key_in_both_branches_of_a_cond_or_switch_is_accepted(any_key):
     def g(t, key):
         k1, k2 = jax.random.split(key)
         i = (t > 0).astype(jnp.int32) + 1
-        return lax.switch(i, [lambda: bern(k2, t), lambda: bern(k2, -t),
-                              lambda: 3.0 * bern(k2, 2 * t)]) + bern(k1, t)
+        return lax.switch(
+            i, [lambda: bern(k2, t), lambda: bern(k2, -t), lambda: 3.0 * bern(k2, 2 * t)]
+        ) + bern(k1, t)
 
     jax.eval_shape(scg.scg_grad(g), THETA, any_key)
 
@@ -670,7 +710,7 @@ def test_pathwise_draws_may_share_a_key():
         x = scg.sample(key, dist.Normal(t, 1.0))
         y = scg.sample(key, dist.Normal(2.0 * t, 1.0))
         lanes = jax.vmap(lambda m: scg.sample(key, dist.Normal(m, 1.0)))(jnp.array([t, -t]))
-        return x * y + jnp.sum(lanes ** 2)
+        return x * y + jnp.sum(lanes**2)
 
     def hand(t, key):
         eps = jax.random.normal(key)
@@ -703,8 +743,7 @@ def test_loops_nested_in_loops_with_fresh_keys_are_accepted(any_key):
     def f(t, key):
         def outer(k, _):
             k, sub = jax.random.split(k)
-            inner = lax.fori_loop(0, 2, lambda j, a: a + bern(jax.random.fold_in(sub, j), t),
-                                  0.0)
+            inner = lax.fori_loop(0, 2, lambda j, a: a + bern(jax.random.fold_in(sub, j), t), 0.0)
             return k, inner
 
         return lax.scan(outer, key, None, length=3)[1].sum()
@@ -724,16 +763,20 @@ def test_loops_nested_in_loops_with_fresh_keys_are_accepted(any_key):
 def test_numpyro_samplers_with_loops_of_their_own_are_accepted(any_key):
     def f(t, key):
         ks = jax.random.split(key, 5)
-        total = scg.sample(ks[0], dist.Poisson(jnp.exp(t))) \
-            + scg.sample(ks[1], dist.Binomial(10, logits=t)) \
-            + scg.sample(ks[2], dist.Gamma(jnp.exp(t), 1.0), estimator="score") \
-            + dist.Poisson(3.0).sample(ks[3]) + dist.Beta(2.0, 3.0).sample(ks[4])
+        total = (
+            scg.sample(ks[0], dist.Poisson(jnp.exp(t)))
+            + scg.sample(ks[1], dist.Binomial(10, logits=t))
+            + scg.sample(ks[2], dist.Gamma(jnp.exp(t), 1.0), estimator="score")
+            + dist.Poisson(3.0).sample(ks[3])
+            + dist.Beta(2.0, 3.0).sample(ks[4])
+        )
         return total.astype(jnp.float32)
 
     jax.eval_shape(scg.scg_grad(f), THETA, any_key)  # traced (and checked), not run
 
 
 # -- Cost ----------------------------------------------------------------------------------
+
 
 def test_each_loop_body_is_read_once(monkeypatch):
     runs = []
@@ -754,7 +797,9 @@ def test_each_loop_body_is_read_once(monkeypatch):
                 kk, acc = c
                 kk, sub = jax.random.split(kk)
                 return (kk, acc + level(depth - 1, sub)), None
+
             return lax.scan(body, (k, 0.0), None, length=2)[0][1]
+
         return level(5, key)
 
     _keys.check_key_reuse(jax.make_jaxpr(f)(THETA, KEY).jaxpr)
@@ -764,5 +809,4 @@ def test_each_loop_body_is_read_once(monkeypatch):
 def test_vector_and_scalar_identities_agree():
     a = np.array([0, 1, 12345678901234, _keys.MASK], np.uint64)
     b = np.array([7, _keys.MASK, 0, 99], np.uint64)
-    assert [int(x) for x in _keys._mix(a, b)] == [
-        _keys._mix1(int(x), int(y)) for x, y in zip(a, b)]
+    assert [int(x) for x in _keys._mix(a, b)] == [_keys._mix1(int(x), int(y)) for x, y in zip(a, b)]

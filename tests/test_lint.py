@@ -10,11 +10,11 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from helpers import assert_mc_close, mc_draws
 from jax import lax
 from numpyro import handlers
 
 import scgjax as scg
-from helpers import assert_mc_close, mc_draws
 
 KEY = jax.random.key(0)
 LostGradientWarning = scg.LostGradientWarning
@@ -42,6 +42,7 @@ def normal_site(key, t):
 
 
 # -- Lost gradients: draws that bypass scg.sample ------------------------------------------
+
 
 def f_bernoulli(t, key):
     k1, k2 = jax.random.split(key)
@@ -99,12 +100,12 @@ def test_lost_draw_inside_jit_scan_and_vmap_warns():
     def in_scan(t, key):
         def body(c, k):
             return c + step_cost(t, k), None
+
         total, _ = lax.scan(body, 0.0, jax.random.split(key, 3))
         return total + normal_site(key, t)
 
     def in_vmap(t, key):
-        z = jax.vmap(lambda k: jax.random.bernoulli(k, jax.nn.sigmoid(t)))(
-            jax.random.split(key, 4))
+        z = jax.vmap(lambda k: jax.random.bernoulli(k, jax.nn.sigmoid(t)))(jax.random.split(key, 4))
         return z.astype(jnp.float32).sum() + normal_site(key, t)
 
     for f in (in_jit, in_scan, in_vmap):
@@ -116,13 +117,18 @@ def test_lost_draw_inside_jit_scan_and_vmap_warns():
 
 def test_every_differentiation_is_seen_forward_reverse_and_batched():
     surrogate = scg.surrogate(f_bernoulli)
-    for fn in (jax.grad(surrogate), jax.jacfwd(surrogate), jax.hessian(surrogate),
-               lambda t, k: jax.jvp(lambda t: surrogate(t, k), (t,), (1.0,))):
+    for fn in (
+        jax.grad(surrogate),
+        jax.jacfwd(surrogate),
+        jax.hessian(surrogate),
+        lambda t, k: jax.jvp(lambda t: surrogate(t, k), (t,), (1.0,)),
+    ):
         lost_gradient_message(fn, 0.3, KEY)
     thetas = jnp.array([0.1, 0.2])
     lost_gradient_message(jax.vmap(scg.scg_grad(f_bernoulli), (0, None)), thetas, KEY)
-    lost_gradient_message(jax.grad(lambda ts, k: jax.vmap(surrogate, (0, None))(ts, k).sum()),
-                          thetas, KEY)
+    lost_gradient_message(
+        jax.grad(lambda ts, k: jax.vmap(surrogate, (0, None))(ts, k).sum()), thetas, KEY
+    )
 
 
 def test_one_warning_lists_every_site():
@@ -185,8 +191,14 @@ def test_thresholds_used_as_numbers_warn():
         x, w = noisy(t, key)
         return lax.cond(x[0] > 1.0, lambda: 1.0, lambda: 0.0) + w
 
-    for f in (as_float, selects_constants, selects_a_parameter, against_a_parameter,
-              as_an_index, in_cond):
+    for f in (
+        as_float,
+        selects_constants,
+        selects_a_parameter,
+        against_a_parameter,
+        as_an_index,
+        in_cond,
+    ):
         assert "comparison gt" in lost_gradient_message(scg.scg_grad(f), 0.3, KEY)
 
 
@@ -196,10 +208,14 @@ def test_floor_round_and_integer_casts_warn():
             k1, k2 = jax.random.split(key)
             x = t * 4.0 + jax.random.normal(k1)
             return op(x) + normal_site(k2, t)
+
         return f
 
-    for op, what in ((jnp.floor, "floor"), (jnp.round, "round"),
-                     (lambda x: x.astype(jnp.int32).astype(jnp.float32), "cast to int32")):
+    for op, what in (
+        (jnp.floor, "floor"),
+        (jnp.round, "round"),
+        (lambda x: x.astype(jnp.int32).astype(jnp.float32), "cast to int32"),
+    ):
         assert what in lost_gradient_message(scg.scg_grad(make(op)), 0.3, KEY)
 
 
@@ -233,8 +249,9 @@ def test_gamma_draws_keep_their_gradient_into_a_threshold():
 def test_a_threshold_carried_through_scan_warns():
     def f(t, key):
         def body(x, k):
-            x = x + jax.random.normal(k)       # PRNG bits from the second step on
+            x = x + jax.random.normal(k)  # PRNG bits from the second step on
             return x, (x > 1.0).astype(jnp.float32)
+
         _, hits = lax.scan(body, t, jax.random.split(key, 3))
         return hits.sum() + normal_site(key, t)
 
@@ -276,9 +293,11 @@ def test_both_rules_share_one_warning():
 
 # -- No warning where the gradient is right --------------------------------------------------
 
+
 def test_env_noise_on_states_reached_through_score_actions_is_silent():
     """A gymnax-like environment: its own jax.random noise and thresholds on states that
     depend on the parameters only through score-function actions."""
+
     def step(state, action, key):
         k1, k2 = jax.random.split(key)
         slip = jax.random.bernoulli(k1, 0.1)
@@ -301,9 +320,11 @@ def test_env_noise_on_states_reached_through_score_actions_is_silent():
             def body(state, k):
                 ka, ke = jax.random.split(k)
                 return step(state, policy(theta, state, ka), ke)
+
             s0 = jax.random.uniform(key, minval=-0.5, maxval=0.5)
             _, rewards = lax.scan(body, s0, jax.random.split(key, 5))
             return -rewards.sum()
+
         return f
 
     for policy in (discrete, continuous):
@@ -347,7 +368,7 @@ def test_a_fixed_threshold_on_a_draw_selecting_differentiable_cases_is_silent():
     def f(t, key):
         k1, k2 = jax.random.split(key)
         u = jax.random.uniform(k1)
-        return jnp.where(u < 0.5, t ** 2, jnp.sin(t)) + normal_site(k2, t)
+        return jnp.where(u < 0.5, t**2, jnp.sin(t)) + normal_site(k2, t)
 
     g = assert_silent(scg.scg_grad(f), 0.3, KEY)
     u = jax.random.uniform(jax.random.split(KEY)[0])
@@ -356,23 +377,35 @@ def test_a_fixed_threshold_on_a_draw_selecting_differentiable_cases_is_silent():
 
 def test_piecewise_functions_of_a_noisy_value_are_silent():
     """ELU, leaky ReLU, Huber, clipping: `where(x > c, f(x), g(x))` is continuous in x."""
+
     def make(fn):
         def f(t, key):
             k1, k2 = jax.random.split(key)
             x = t * jnp.linspace(-2.0, 2.0, 5) + jax.random.normal(k1, (5,))
             return fn(x).sum() + normal_site(k2, t)
+
         return f
 
-    huber = lambda x: jnp.where(jnp.abs(x) < 1.0, 0.5 * x ** 2, jnp.abs(x) - 0.5)  # noqa: E731
-    for fn in (jax.nn.elu, jax.nn.leaky_relu, jax.nn.selu, jax.nn.hard_tanh, huber,
-               lambda x: jnp.where(x > 0, x, 0.0), jax.nn.logsumexp, jax.nn.softplus,
-               jnp.nan_to_num, lambda x: jnp.clip(x, -1.0, 1.0)):
+    huber = lambda x: jnp.where(jnp.abs(x) < 1.0, 0.5 * x**2, jnp.abs(x) - 0.5)  # noqa: E731
+    for fn in (
+        jax.nn.elu,
+        jax.nn.leaky_relu,
+        jax.nn.selu,
+        jax.nn.hard_tanh,
+        huber,
+        lambda x: jnp.where(x > 0, x, 0.0),
+        jax.nn.logsumexp,
+        jax.nn.softplus,
+        jnp.nan_to_num,
+        lambda x: jnp.clip(x, -1.0, 1.0),
+    ):
         assert_silent(scg.scg_grad(make(fn)), 0.3, KEY)
 
 
 def test_numerical_guards_in_a_likelihood_are_silent():
     """numpyro's Bernoulli log_prob selects `inf * xor(y, logits > 0)` for non-finite
     logits only."""
+
     def f(w, key):
         k1, k2 = jax.random.split(key)
         h = w * jnp.arange(1.0, 4.0)
@@ -445,7 +478,8 @@ def test_a_lost_draw_that_only_reaches_aux_is_silent():
 
 def test_a_deterministic_program_without_sample_sites_is_silent():
     np.testing.assert_allclose(
-        assert_silent(scg.scg_grad(lambda t, key: (t - 1.0) ** 2), 0.3, KEY), -1.4, rtol=1e-6)
+        assert_silent(scg.scg_grad(lambda t, key: (t - 1.0) ** 2), 0.3, KEY), -1.4, rtol=1e-6
+    )
 
 
 def test_nested_transforms_are_silent():
@@ -473,6 +507,7 @@ def test_score_function_draws_are_silent():
 
 # -- Supports that move with the parameters -------------------------------------------------
 
+
 def uniform_score(theta, key):
     return scg.sample(key, dist.Uniform(theta[0], theta[1]), estimator="score") ** 2
 
@@ -482,12 +517,14 @@ def test_score_on_uniform_with_differentiated_bounds_is_refused():
         scg.scg_grad(uniform_score)(jnp.array([-1.0, 2.0]), KEY)
     assert "test_lint.py" in str(info.value)
     with pytest.raises(ValueError, match="Uniform"):
-        jax.vmap(scg.scg_grad(uniform_score), (None, 0))(jnp.array([-1.0, 2.0]),
-                                                         jax.random.split(KEY, 2))
+        jax.vmap(scg.scg_grad(uniform_score), (None, 0))(
+            jnp.array([-1.0, 2.0]), jax.random.split(KEY, 2)
+        )
 
     def in_scan(theta, key):
         def body(c, k):
             return c + uniform_score(theta, k), None
+
         return lax.scan(body, 0.0, jax.random.split(key, 2))[0]
 
     with pytest.raises(ValueError, match="Uniform"):
@@ -517,8 +554,9 @@ def test_score_on_uniform_with_fixed_bounds_is_accepted():
         x = scg.sample(key, dist.Uniform(0.0, 1.0), estimator="score")
         return (x - t) ** 2
 
-    np.testing.assert_allclose(scg.scg_grad(f)(0.3, KEY),
-                               -2 * (dist.Uniform(0.0, 1.0).sample(KEY) - 0.3), rtol=1e-5)
+    np.testing.assert_allclose(
+        scg.scg_grad(f)(0.3, KEY), -2 * (dist.Uniform(0.0, 1.0).sample(KEY) - 0.3), rtol=1e-5
+    )
 
 
 def test_truncated_normal_is_refused_for_its_bounds_and_accepted_for_its_loc():

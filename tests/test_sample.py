@@ -64,8 +64,8 @@ def test_nested_vmap_with_nonzero_axes_matches_distribution():
     locs = jnp.arange(8.0).reshape(2, 4)
 
     def draw(sampler):
-        inner = jax.vmap(sampler, in_axes=(0, None))            # over keys
-        return jax.vmap(inner, in_axes=(None, 1))(keys, locs)   # over columns of locs
+        inner = jax.vmap(sampler, in_axes=(0, None))  # over keys
+        return jax.vmap(inner, in_axes=(None, 1))(keys, locs)  # over columns of locs
 
     got = draw(lambda k, m: scg.sample(k, dist.Normal(m, 1.0)))
     expected = draw(lambda k, m: dist.Normal(m, 1.0).sample(k))
@@ -95,8 +95,9 @@ def test_grad_outside_transforms_is_zero_for_score_draws():
 
 def test_auto_estimator_resolution():
     key = jax.random.key(0)
-    jaxpr = jax.make_jaxpr(lambda: (scg.sample(key, dist.Normal(0.0, 1.0)),
-                                    scg.sample(key, dist.Bernoulli(0.5))))()
+    jaxpr = jax.make_jaxpr(
+        lambda: (scg.sample(key, dist.Normal(0.0, 1.0)), scg.sample(key, dist.Bernoulli(0.5)))
+    )()
     estimators = [e.params["estimator"] for e in jaxpr.jaxpr.eqns if e.primitive is sample_p]
     assert estimators == ["pathwise", "score"]
 

@@ -37,12 +37,15 @@ def test_trace_records_values_log_probs_and_cost():
     assert tr.sites["z"].estimator == "score" and tr.sites["x"].estimator == "pathwise"
     np.testing.assert_allclose(tr.cost, model(THETA, KEY), rtol=1e-6)
     z = tr.sites["z"].value
-    np.testing.assert_allclose(tr.sites["z"].log_prob,
-                               dist.Bernoulli(logits=THETA[:2]).log_prob(z), rtol=1e-6)
     np.testing.assert_allclose(
-        tr.log_joint, sum(jnp.sum(s.log_prob) for s in tr.sites.values()), rtol=1e-6)
-    np.testing.assert_allclose(tr.score_log_joint, tr.log_joint - jnp.sum(tr.sites["x"].log_prob),
-                               rtol=1e-6)
+        tr.sites["z"].log_prob, dist.Bernoulli(logits=THETA[:2]).log_prob(z), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        tr.log_joint, sum(jnp.sum(s.log_prob) for s in tr.sites.values()), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        tr.score_log_joint, tr.log_joint - jnp.sum(tr.sites["x"].log_prob), rtol=1e-6
+    )
 
 
 def test_score_log_joint_weighs_an_enumeration_next_to_a_pathwise_draw():
@@ -77,8 +80,9 @@ def test_draws_replace_the_named_sites_and_keep_the_others():
     free = scg.trace(model)(THETA, KEY)
     eps = free.sites["x"].value - THETA[2] * free.sites["z"].value.sum()
     np.testing.assert_allclose(tr.sites["x"].value, THETA[2] * 1.0 + eps, rtol=1e-5)
-    np.testing.assert_allclose(scg.surrogate(model, draws={"z": z, "a": a})(THETA, KEY),
-                               tr.cost, rtol=1e-6)
+    np.testing.assert_allclose(
+        scg.surrogate(model, draws={"z": z, "a": a})(THETA, KEY), tr.cost, rtol=1e-6
+    )
 
 
 def test_estimator_at_chosen_draws_matches_the_hand_written_score_terms():
@@ -97,8 +101,11 @@ def test_draws_for_cond_branches_mark_what_was_not_drawn():
     def f(t, key):
         k1, k2, k3 = jax.random.split(key, 3)
         z = scg.sample(k1, dist.Bernoulli(logits=t), name="z")
-        return lax.cond(z > 0, lambda: scg.sample(k2, dist.Bernoulli(logits=t), name="yes") * 1.0,
-                        lambda: scg.sample(k3, dist.Bernoulli(logits=-t), name="no") * 2.0)
+        return lax.cond(
+            z > 0,
+            lambda: scg.sample(k2, dist.Bernoulli(logits=t), name="yes") * 1.0,
+            lambda: scg.sample(k3, dist.Bernoulli(logits=-t), name="no") * 2.0,
+        )
 
     tr = scg.trace(f, draws={"z": 1, "yes": 1, "no": 1})(jnp.float32(0.2), KEY)
     assert bool(tr.sites["yes"].drawn) and not bool(tr.sites["no"].drawn)
@@ -133,6 +140,7 @@ def test_draws_inside_while_loop_are_refused():
             i, s, k = c
             k, sub = jax.random.split(k)
             return i + 1, s + scg.sample(sub, dist.Bernoulli(logits=t)), k
+
         return lax.while_loop(lambda c: c[0] < 2, body, (0, 0, key))[1] * 1.0
 
     with pytest.raises(NotImplementedError, match="while_loop"):
@@ -140,6 +148,7 @@ def test_draws_inside_while_loop_are_refused():
 
 
 # -- describe: alignment and where it was lost ------------------------------------------
+
 
 def test_describe_shows_plates_and_time_order():
     def f(W, key):

@@ -33,10 +33,12 @@ def _all_primitives(jaxpr):
 def graph_of(f, *args) -> Graph:
     """The graph the interpreter records for `f(*args)`."""
     from scgjax._surrogate import _evaluate
+
     return _evaluate(f, args, {}, False)[2]
 
 
 # -- Rao-Blackwellization: same key, same numbers as the hand-written estimator ------------
+
 
 def test_independent_costs_weight_only_their_own_node():
     def f(theta, key):
@@ -87,7 +89,9 @@ def test_nonlinear_combination_weights_both_nodes():
         k1, k2 = jax.random.split(key)
         z1 = dist.Bernoulli(logits=theta[0]).sample(k1)
         z2 = dist.Bernoulli(logits=theta[1]).sample(k2)
-        lp = (z1 * theta[0] - jax.nn.softplus(theta[0])) + (z2 * theta[1] - jax.nn.softplus(theta[1]))
+        lp = (z1 * theta[0] - jax.nn.softplus(theta[0])) + (
+            z2 * theta[1] - jax.nn.softplus(theta[1])
+        )
         return box(lp) * z1 * z2
 
     theta = jnp.array([0.3, -0.7])
@@ -98,14 +102,16 @@ def test_nonlinear_combination_weights_both_nodes():
 def test_split_passes_through_scan_stacked_outputs_and_cond_branches():
     def f(theta, key):
         k1, k2, k3 = jax.random.split(key, 3)
-        _, ys = lax.scan(lambda c, k: (c, 2.0 * bern(k, theta[0]) + 1.0), 0.0,
-                         jax.random.split(k1, 3))
+        _, ys = lax.scan(
+            lambda c, k: (c, 2.0 * bern(k, theta[0]) + 1.0), 0.0, jax.random.split(k1, 3)
+        )
         side = lax.cond(theta[1] > 0, lambda: bern(k2, theta[1]), lambda: 0.0)
         return ys.sum() + 5.0 * side + 0.0 * bern(k3, theta[0])
 
     graph = graph_of(f, jnp.array([0.2, 0.4]), KEY)
     assert len(graph.nodes) == 3
     from scgjax._surrogate import _evaluate
+
     cost, _, _ = _evaluate(f, (jnp.array([0.2, 0.4]), KEY), {}, False)
     # scan's node, cond's node, the top-level node and the constant each get a term.
     assert len(cost.terms) == 4
@@ -113,6 +119,7 @@ def test_split_passes_through_scan_stacked_outputs_and_cond_branches():
 
 
 # -- Every control-flow rule fires ---------------------------------------------------------
+
 
 def _node_paths(f, *args):
     return sorted(graph_of(f, *args).nodes)
@@ -122,6 +129,7 @@ def test_scan_rule_records_stacked_node():
     def f(t, key):
         c, _ = lax.scan(lambda c, k: (c + bern(k, t), None), 0.0, jax.random.split(key, 4))
         return c
+
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
     assert node.shape == (4,) and len(node.id) == 2
 
@@ -129,11 +137,14 @@ def test_scan_rule_records_stacked_node():
 def test_nested_scan_stacks_both_axes():
     def f(t, key):
         def outer(c, k):
-            inner, _ = lax.scan(lambda c2, k2: (c2 + bern(k2, t), None), 0.0,
-                                jax.random.split(k, 2))
+            inner, _ = lax.scan(
+                lambda c2, k2: (c2 + bern(k2, t), None), 0.0, jax.random.split(k, 2)
+            )
             return c + inner, None
+
         c, _ = lax.scan(outer, 0.0, jax.random.split(key, 3))
         return c
+
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
     assert node.shape == (3, 2) and len(node.id) == 3
 
@@ -141,6 +152,7 @@ def test_nested_scan_stacks_both_axes():
 def test_fori_loop_static_bounds_records_node():
     def f(t, key):
         return lax.fori_loop(0, 3, lambda i, c: c + bern(jax.random.fold_in(key, i), t), 0.0)
+
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
     assert node.shape == (3,)
 
@@ -149,7 +161,10 @@ def test_cond_rule_records_one_node_per_branch():
     def f(t, key):
         k1, k2 = jax.random.split(key)
         z = bern(k1, t)
-        return lax.switch(z.astype(jnp.int32), [lambda: bern(k2, 2 * t), lambda: 3.0 * bern(k2, -t)])
+        return lax.switch(
+            z.astype(jnp.int32), [lambda: bern(k2, 2 * t), lambda: 3.0 * bern(k2, -t)]
+        )
+
     assert len(graph_of(f, 0.1, KEY).nodes) == 3
 
 
@@ -185,6 +200,7 @@ def test_vmap_inside_f_records_batched_node():
     def f(t, key):
         z = jax.vmap(lambda k: bern(k, t))(jax.random.split(key, 5))
         return z.sum()
+
     (node,) = graph_of(f, 0.1, KEY).nodes.values()
     assert node.shape == (5,)
 
@@ -194,6 +210,7 @@ def test_while_loop_value_and_forward_mode_work():
         def body(s):
             i, c = s
             return i + 1, c + bern(jax.random.fold_in(key, i), t)
+
         return lax.while_loop(lambda s: s[0] < 3, body, (0, 0.0))[1]
 
     assert scg.surrogate(f)(0.3, KEY) == f(0.3, KEY)
@@ -210,6 +227,7 @@ def test_while_loop_under_reverse_mode_is_a_clear_error():
         def body(s):
             i, c = s
             return i + 1, c + bern(jax.random.fold_in(key, i), t)
+
         return lax.while_loop(lambda s: s[0] < 3, body, (0, 0.0))[1]
 
     with pytest.raises(ValueError, match="while_loop.*lax.scan.*fori_loop"):
@@ -220,6 +238,7 @@ def test_while_loop_without_samples_is_rebound_unchanged():
     def f(t, key):
         n = lax.while_loop(lambda i: i < 3, lambda i: i + 1, 0)
         return bern(key, t) * n
+
     g = scg.scg_grad(f)(0.3, KEY)
     z = dist.Bernoulli(logits=0.3).sample(KEY)
     np.testing.assert_allclose(g, 3 * z * (z - jax.nn.sigmoid(0.3)), rtol=1e-6)
@@ -230,7 +249,7 @@ def test_custom_jvp_next_to_a_sample_keeps_its_rule():
     def clipped(x):
         return x
 
-    clipped.defjvp(lambda p, t: (p[0], 10.0 * t[0]))   # a deliberately unusual rule
+    clipped.defjvp(lambda p, t: (p[0], 10.0 * t[0]))  # a deliberately unusual rule
 
     def f(t, key):
         return clipped(t) + bern(key, 0.0)
@@ -254,7 +273,7 @@ def test_custom_vjp_next_to_a_sample_keeps_its_rule():
 def test_custom_jvp_of_a_multi_term_cost_is_rebound():
     def f(t, key):
         k1, k2 = jax.random.split(key)
-        return jax.nn.relu(bern(k1, t) + 2.0 * bern(k2, t))   # relu is a custom_jvp
+        return jax.nn.relu(bern(k1, t) + 2.0 * bern(k2, t))  # relu is a custom_jvp
 
     g = scg.scg_grad(f)(0.3, KEY)
     k1, k2 = jax.random.split(KEY)
@@ -277,8 +296,10 @@ def test_sample_inside_unknown_higher_order_primitive_is_not_implemented():
     def f(t, key):
         def matvec(x):
             return x
+
         def solve(mv, b):
             return b * bern(key, t)
+
         return lax.custom_linear_solve(matvec, t, solve)
 
     with pytest.raises(NotImplementedError, match="custom_linear_solve"):
@@ -286,6 +307,7 @@ def test_sample_inside_unknown_higher_order_primitive_is_not_implemented():
 
 
 # -- Composition ---------------------------------------------------------------------------
+
 
 def f_mixed(theta, key):
     k1, k2 = jax.random.split(key)
@@ -312,9 +334,12 @@ def test_emitted_program_keeps_one_plain_draw_per_score_site():
         return (x - 2.0) ** 2 + 0.5 * z
 
     theta = jnp.array([0.1, 0.2])
-    cases = [(scg.scg_grad(f), KEY), (scg.surrogate(f), KEY),
-             (jax.hessian(scg.surrogate(f)), KEY),
-             (jax.vmap(scg.scg_grad(f), (None, 0)), jax.random.split(KEY, 2))]
+    cases = [
+        (scg.scg_grad(f), KEY),
+        (scg.surrogate(f), KEY),
+        (jax.hessian(scg.surrogate(f)), KEY),
+        (jax.vmap(scg.scg_grad(f), (None, 0)), jax.random.split(KEY, 2)),
+    ]
     for fn, key in cases:
         eqns = list(_sample_eqns(jax.make_jaxpr(fn)(theta, key).jaxpr))
         assert len(eqns) == 1, fn
@@ -333,8 +358,9 @@ def test_jit_and_vmap_of_scg_grad_agree_with_eager():
     theta = jnp.array([0.1, 1.5])
     keys = jax.random.split(KEY, 4)
     eager = jnp.stack([scg.scg_grad(f_mixed)(theta, k) for k in keys])
-    np.testing.assert_allclose(jax.jit(jax.vmap(scg.scg_grad(f_mixed), (None, 0)))(theta, keys),
-                               eager, rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(scg.scg_grad(f_mixed), (None, 0)))(theta, keys), eager, rtol=1e-5
+    )
     thetas = jnp.stack([theta, theta + 1.0])
     by_theta = jax.vmap(scg.scg_grad(f_mixed), (0, None))(thetas, KEY)
     np.testing.assert_allclose(by_theta[1], scg.scg_grad(f_mixed)(thetas[1], KEY), rtol=1e-5)
@@ -382,9 +408,11 @@ def test_second_derivatives_of_surrogate_compose():
 
 # -- Errors ----------------------------------------------------------------------------------
 
+
 def test_non_scalar_cost_names_scalar_and_shape():
     def f(t, key):
         return scg.sample(key, dist.Normal(t, 1.0), (3,))
+
     with pytest.raises(ValueError, match=r"scalar.*\(3,\)"):
         scg.scg_grad(f)(0.0, KEY)
 
@@ -392,6 +420,7 @@ def test_non_scalar_cost_names_scalar_and_shape():
 def test_integer_cost_is_a_type_error():
     def f(t, key):
         return scg.sample(key, dist.Bernoulli(logits=t))
+
     with pytest.raises(TypeError, match="floating-point"):
         scg.surrogate(f)(0.0, KEY)
 
@@ -403,26 +432,32 @@ def test_has_aux_requires_a_pair():
 
 # -- Weighted sums through dot_general keep causality and plates -----------------------------
 
+
 def _rollout(combine, horizon=5):
     def f(theta, key):
         def body(s, k):
             a = bern(k, theta * s)
             s2 = 0.5 * s + a - 0.3
             return s2, (s2 - 1.0) ** 2
+
         _, rewards = lax.scan(body, 0.1, jax.random.split(key, horizon))
         return combine(rewards)
+
     return f
 
 
-@pytest.mark.parametrize("combine", [lambda g, r: jnp.dot(g, r), lambda g, r: r @ g,
-                                     lambda g, r: jnp.einsum("t,t->", r, g)])
+@pytest.mark.parametrize(
+    "combine",
+    [lambda g, r: jnp.dot(g, r), lambda g, r: r @ g, lambda g, r: jnp.einsum("t,t->", r, g)],
+)
 def test_discounting_with_dot_keeps_reward_to_go(combine):
     discounts = 0.9 ** jnp.arange(5)
     elementwise = _rollout(lambda r: jnp.sum(discounts * r))
     dotted = _rollout(lambda r: combine(discounts, r))
     for k in jax.random.split(KEY, 3):
-        np.testing.assert_allclose(scg.scg_grad(dotted)(0.7, k), scg.scg_grad(elementwise)(0.7, k),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            scg.scg_grad(dotted)(0.7, k), scg.scg_grad(elementwise)(0.7, k), rtol=1e-5
+        )
     # and it differs from whole-loop weighting: the reward-to-go downstream cost
     _, q = scg.scg_grad(dotted, downstream=True)(0.7, KEY)
     _, q_ref = scg.scg_grad(elementwise, downstream=True)(0.7, KEY)
@@ -441,8 +476,11 @@ def test_batched_weighted_sum_with_einsum_keeps_plates():
         return jnp.sum(costs * weights)
 
     for k in jax.random.split(KEY, 3):
-        np.testing.assert_allclose(scg.scg_grad(f)(jnp.zeros(3), k, True),
-                                   scg.scg_grad(f)(jnp.zeros(3), k, False), rtol=1e-5)
+        np.testing.assert_allclose(
+            scg.scg_grad(f)(jnp.zeros(3), k, True),
+            scg.scg_grad(f)(jnp.zeros(3), k, False),
+            rtol=1e-5,
+        )
 
 
 def test_categorical_logits_keep_the_batch_plate_of_their_parents():
@@ -460,7 +498,7 @@ def test_categorical_logits_keep_the_batch_plate_of_their_parents():
         z = dz.sample(k1, (n,)).astype(jnp.float32)
         da = dist.Categorical(logits=z[:, None] * weights + theta)
         a = da.sample(k2)
-        lp = (z * theta - jax.nn.softplus(theta)) + da.log_prob(a)   # per row b
+        lp = (z * theta - jax.nn.softplus(theta)) + da.log_prob(a)  # per row b
         return jnp.sum(box(lp) * (a == 1) * (z + 1.0))
 
     for k in jax.random.split(KEY, 4):
@@ -492,14 +530,15 @@ def test_discounted_carry_gets_discounted_reward_to_go(reverse):
     steps_after = jnp.arange(horizon) if reverse else horizon - 1 - jnp.arange(horizon)
 
     def stacked(theta, key):
-        return jnp.sum(gamma ** steps_after * rollout(theta, key))
+        return jnp.sum(gamma**steps_after * rollout(theta, key))
 
     for k in jax.random.split(KEY, 3):
         assert jnp.allclose(carried(0.7, k), stacked(0.7, k), rtol=1e-6)
-        np.testing.assert_allclose(scg.scg_grad(carried)(0.7, k), scg.scg_grad(stacked)(0.7, k),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            scg.scg_grad(carried)(0.7, k), scg.scg_grad(stacked)(0.7, k), rtol=1e-5
+        )
     _, q = scg.scg_grad(carried, downstream=True)(0.7, KEY)
-    assert not np.allclose(q["node0"], q["node0"][0])   # not the whole-loop weight
+    assert not np.allclose(q["node0"], q["node0"][0])  # not the whole-loop weight
 
 
 def test_discount_that_depends_on_a_draw_is_not_split():
@@ -510,8 +549,9 @@ def test_discount_that_depends_on_a_draw_is_not_split():
         return lax.scan(lambda c, r: (g * c + r, None), 0.0, rewards)[0]
 
     from scgjax._surrogate import _evaluate
+
     cost, _, _ = _evaluate(f, (0.7, KEY), {}, False)
-    assert cost.terms is None     # one term: every draw weights the whole return
+    assert cost.terms is None  # one term: every draw weights the whole return
 
 
 def test_jit_of_scg_grad_traces_once():
@@ -529,13 +569,16 @@ def test_jit_of_scg_grad_traces_once():
 
 # -- Regressions found by review: each of these once gave a biased gradient ----------------
 
+
 def _whole_node_grad(theta, key, cost_of_z):
     """Same-key REINFORCE with one box over every element of one Bernoulli node."""
+
     def hand(theta):
         d = dist.Bernoulli(logits=theta)
         z = d.sample(key).astype(jnp.float32)
         lp = jnp.sum(z * theta - jax.nn.softplus(theta))
         return box(lp) * cost_of_z(z)
+
     return jax.grad(hand)(theta)
 
 
@@ -550,8 +593,9 @@ def test_fortran_order_reshape_is_not_taken_as_aligned():
 
     theta = jnp.array([[0.1, -0.4], [0.3, 0.2]])
     for k in jax.random.split(KEY, 3):
-        np.testing.assert_allclose(scg.scg_grad(f)(theta, k),
-                                   _whole_node_grad(theta, k, cost_of_z), rtol=1e-5)
+        np.testing.assert_allclose(
+            scg.scg_grad(f)(theta, k), _whole_node_grad(theta, k, cost_of_z), rtol=1e-5
+        )
 
 
 def test_float_to_int_conversion_on_the_cost_is_not_split():
@@ -563,8 +607,9 @@ def test_float_to_int_conversion_on_the_cost_is_not_split():
 
     theta = jnp.array([0.2, -0.3])
     for k in jax.random.split(KEY, 4):
-        np.testing.assert_allclose(scg.scg_grad(f)(theta, k),
-                                   _whole_node_grad(theta, k, cost_of_z), rtol=1e-5)
+        np.testing.assert_allclose(
+            scg.scg_grad(f)(theta, k), _whole_node_grad(theta, k, cost_of_z), rtol=1e-5
+        )
 
 
 def test_integer_division_on_the_cost_is_not_split():
@@ -575,6 +620,7 @@ def test_integer_division_on_the_cost_is_not_split():
         return lax.div(z1 + z2, 2).astype(jnp.float32)
 
     from scgjax._surrogate import _evaluate
+
     cost, _, _ = _evaluate(f, (jnp.array([0.2, -0.3]), KEY), {}, False)
     assert cost.terms is None and len(cost.deps) == 2
 
@@ -585,6 +631,7 @@ def test_scalar_increment_into_a_vector_carry_is_not_an_accumulator():
     def f(theta, key):
         def body(c, k):
             return c + bern(k, theta) * 2.0, None
+
         return lax.scan(body, jnp.zeros(2), jax.random.split(key, 3))[0].sum()
 
     def hand(theta, key):
@@ -615,7 +662,7 @@ def test_logit_zero_guard_reaches_wrapped_distributions(wrap):
     theta = jnp.zeros(3)
     for k in jax.random.split(KEY, 3):
         z = make_dist(theta).sample(k).astype(jnp.float32)
-        score = z - 0.5                              # exact d/dl log p at l = 0
+        score = z - 0.5  # exact d/dl log p at l = 0
         if wrap == "to_event":
             expected = jnp.sum(weights * z) * score
         elif wrap == "mask":
@@ -626,6 +673,7 @@ def test_logit_zero_guard_reaches_wrapped_distributions(wrap):
 
 
 # -- API edge cases found by review ----------------------------------------------------------
+
 
 def test_non_jax_aux_passes_through_like_jax_grad():
     def f(t, key):
@@ -671,8 +719,10 @@ def test_low_precision_cost_keeps_its_dtype_with_baselines():
         return jnp.sum(z * t).astype(jnp.bfloat16)
 
     assert scg.surrogate(f)(jnp.zeros(2), KEY).dtype == jnp.bfloat16
-    assert scg.surrogate(f, num_samples=2, baseline="leave_one_out")(jnp.zeros(2), KEY).dtype \
+    assert (
+        scg.surrogate(f, num_samples=2, baseline="leave_one_out")(jnp.zeros(2), KEY).dtype
         == jnp.bfloat16
+    )
 
 
 def test_gradient_variance_drops_downstream_and_compiles_once():

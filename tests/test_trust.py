@@ -36,13 +36,18 @@ def bern(key, logits, name=None):
 
 # -- 1. sign flip when a subtraction broadcasts -----------------------------------------
 
-@pytest.mark.parametrize("cost", [
-    lambda z, t: (z - t).sum(),
-    lambda z, t: (z - t).mean(),
-    lambda z, t: (z - t ** 2).sum(),
-    lambda z, t: (z - jnp.sin(t)).sum(),
-    lambda z, t: (t - z).sum(),
-], ids=["sum", "mean", "square", "sin", "reversed"])
+
+@pytest.mark.parametrize(
+    "cost",
+    [
+        lambda z, t: (z - t).sum(),
+        lambda z, t: (z - t).mean(),
+        lambda z, t: (z - t**2).sum(),
+        lambda z, t: (z - jnp.sin(t)).sum(),
+        lambda z, t: (t - z).sum(),
+    ],
+    ids=["sum", "mean", "square", "sin", "reversed"],
+)
 def test_broadcast_sub_without_score_term_equals_jax_grad(cost):
     # z's distribution does not depend on t: no score term, so scg_grad is jax.grad
     # bit for bit (it gave +3 instead of -3 for the first).
@@ -108,12 +113,13 @@ def _lane_cost(t, x, key):
     z = scg.sample(key, dist.Bernoulli(logits=t * x), name="z").astype(t.dtype)
     c = (z - 0.5 * x) ** 2 * t
     m = lax.pmean(c, "b")
-    return c - m + m ** 2 + lax.psum(z * t, "b")
+    return c - m + m**2 + lax.psum(z * t, "b")
 
 
 def _lanes_exact(t):
     """Per lane, d/dt_i E[Σ_lanes cost_lane] (JAX's semantics for vmap of grad with
     collectives), with every lane's t a separate copy; enumerated over all lanes."""
+
     def total(tv):
         out = 0.0
         for cfg in itertools.product((0.0, 1.0), repeat=len(XS)):
@@ -121,8 +127,9 @@ def _lanes_exact(t):
             p = jnp.prod(jnp.where(z == 1, jax.nn.sigmoid(tv * XS), 1 - jax.nn.sigmoid(tv * XS)))
             c = (z - 0.5 * XS) ** 2 * tv
             m = jnp.mean(c)
-            out = out + p * jnp.sum(c - m + m ** 2 + jnp.sum(z * tv))
+            out = out + p * jnp.sum(c - m + m**2 + jnp.sum(z * tv))
         return out
+
     return jax.grad(total)(jnp.full(len(XS), t))
 
 
@@ -134,8 +141,9 @@ def test_pmean_under_vmap_axis_name_is_exact():
 
         @jax.jit
         def estimate(z):
-            return jax.vmap(lambda x, k, zz: scg.scg_grad(_lane_cost, draws={"z": zz})(t, x, k),
-                            axis_name="b")(jnp.asarray(XS), keys, z)
+            return jax.vmap(
+                lambda x, k, zz: scg.scg_grad(_lane_cost, draws={"z": zz})(t, x, k), axis_name="b"
+            )(jnp.asarray(XS), keys, z)
 
         mean = 0.0
         for cfg in itertools.product((0.0, 1.0), repeat=len(XS)):
@@ -171,18 +179,22 @@ def test_pmap_and_shard_map_give_the_same_estimates_as_vmap():
         np.testing.assert_allclose(s, v, rtol=1e-6)
         print("OK", v)
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
 # -- 3. nested transforms ---------------------------------------------------------------
 
+
 def _inner_cost(theta, key):
     z = bern(key, theta, name="z_inner")
-    return (z - 0.3) ** 2 * theta ** 2 + z
+    return (z - 0.3) ** 2 * theta**2 + z
 
 
 def test_maml_with_an_inner_scg_grad_is_exact():
@@ -241,6 +253,7 @@ def test_gradient_of_a_gradient_estimate_is_still_unbiased_for_the_hessian():
 
 # -- 4. d.mask(m) -------------------------------------------------------------------------
 
+
 def test_masked_out_draw_that_reaches_the_cost_keeps_its_score_term():
     # [0.248, 0.000, 0.958] vs exact [0.248, -0.470, 0.961]
     def f(theta, key):
@@ -253,6 +266,7 @@ def test_masked_out_draw_that_reaches_the_cost_keeps_its_score_term():
 
 # -- 5. second order at logits exactly 0 inside lax.scan --------------------------------
 
+
 def test_guarded_log_prob_has_the_same_hessian_in_and_out_of_scan():
     # The custom_jvp guard lost its rule inside a scan under jax.hessian (forward over
     # reverse): [[0.125, 0.75], [2.25, 3]] instead of [[0, 0.75], [0.75, 3]].
@@ -262,8 +276,7 @@ def test_guarded_log_prob_has_the_same_hessian_in_and_out_of_scan():
         return score_log_prob(dist.Bernoulli(logits=l), v)
 
     def in_scan(p, a):
-        return lax.scan(lambda c, x: (c + jnp.exp(lp(p[0] * p[1], x)) * p[1] ** 2, None),
-                        0.0, a)[0]
+        return lax.scan(lambda c, x: (c + jnp.exp(lp(p[0] * p[1], x)) * p[1] ** 2, None), 0.0, a)[0]
 
     def unrolled(p, a):
         return sum(jnp.exp(lp(p[0] * p[1], x)) * p[1] ** 2 for x in a)
@@ -276,8 +289,12 @@ def test_guarded_log_prob_has_the_same_hessian_in_and_out_of_scan():
         p, a = jnp.array([0.0, 1.0]), jnp.array([1.0, 0.0, 1.0])
         want = jax.hessian(reference)(p, a)
         for fn in (in_scan, unrolled):
-            for hess in (jax.hessian, lambda g: jax.jacrev(jax.jacfwd(g)),
-                         lambda g: jax.jacfwd(jax.jacfwd(g)), lambda g: jax.jacrev(jax.jacrev(g))):
+            for hess in (
+                jax.hessian,
+                lambda g: jax.jacrev(jax.jacfwd(g)),
+                lambda g: jax.jacfwd(jax.jacfwd(g)),
+                lambda g: jax.jacrev(jax.jacrev(g)),
+            ):
                 np.testing.assert_allclose(hess(fn)(p, a), want, rtol=1e-12, atol=1e-15)
 
 
@@ -306,6 +323,7 @@ def test_hessian_at_zero_logits_inside_a_scan_is_exact():
 
 # -- Found in review: a parameter's alignment is judged for the distribution it belongs to -
 
+
 def test_expanded_categorical_whose_logits_length_equals_the_batch_is_exact():
     # `Categorical(logits (K,)).expand((B,))` with B == K: the logits' category axis was
     # taken as the batch axis, so query b was credited to gate b only.
@@ -333,15 +351,21 @@ def test_mixture_whose_mixing_logits_length_equals_the_batch_is_exact():
     assert_exact(f, np.array([0.3, -0.5]), supports={"x": (0, 1)})
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda logits: dist.Bernoulli(logits=logits).expand((3,)),
-    lambda logits: dist.Bernoulli(logits=logits).mask(jnp.array([True, False, True])),
-    lambda logits: dist.ZeroInflatedDistribution(dist.Poisson(jnp.exp(logits)), gate_logits=-logits),
-    lambda logits: dist.MixtureSameFamily(
-        dist.Categorical(logits=jnp.stack([logits, -logits], -1)),
-        dist.Bernoulli(logits=jnp.array([[2.0, -2.0]] * 3)),
-    ),
-], ids=["expand-noop", "mask", "zero-inflated", "mixture"])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda logits: dist.Bernoulli(logits=logits).expand((3,)),
+        lambda logits: dist.Bernoulli(logits=logits).mask(jnp.array([True, False, True])),
+        lambda logits: dist.ZeroInflatedDistribution(
+            dist.Poisson(jnp.exp(logits)), gate_logits=-logits
+        ),
+        lambda logits: dist.MixtureSameFamily(
+            dist.Categorical(logits=jnp.stack([logits, -logits], -1)),
+            dist.Bernoulli(logits=jnp.array([[2.0, -2.0]] * 3)),
+        ),
+    ],
+    ids=["expand-noop", "mask", "zero-inflated", "mixture"],
+)
 def test_wrappers_of_the_same_batch_shape_stay_aligned(wrap):
     # the sound fallback must not cost the plates their variance reduction: element i of
     # the second draw reads element i of the first only
@@ -358,11 +382,16 @@ def test_wrappers_of_the_same_batch_shape_stay_aligned(wrap):
 
 # -- Found in review: softplus in other discrete log-densities, logit 0 in a scan ---------
 
-@pytest.mark.parametrize("make, support", [
-    (lambda l: dist.Geometric(logits=l), 60),
-    (lambda l: dist.NegativeBinomialLogits(2.0, l), 70),
-    (lambda l: dist.ZeroInflatedDistribution(dist.Poisson(2.0), gate_logits=l), 40),
-], ids=["geometric", "negative-binomial", "zero-inflated"])
+
+@pytest.mark.parametrize(
+    "make, support",
+    [
+        (lambda l: dist.Geometric(logits=l), 60),
+        (lambda l: dist.NegativeBinomialLogits(2.0, l), 70),
+        (lambda l: dist.ZeroInflatedDistribution(dist.Poisson(2.0), gate_logits=l), 40),
+    ],
+    ids=["geometric", "negative-binomial", "zero-inflated"],
+)
 def test_softplus_log_densities_have_exact_hessians_at_logit_zero_in_a_scan(make, support):
     # A logit that depends on the carry is computed inside the scan body, where JAX 0.10's
     # forward-over-reverse differentiates softplus's kinks: a Geometric's E[hessian] was
@@ -371,6 +400,7 @@ def test_softplus_log_densities_have_exact_hessians_at_logit_zero_in_a_scan(make
         def step(c, k):
             a = scg.sample(k, make(t[0] * (1.0 + c) + t[1] * c), name="a").astype(t.dtype)
             return c + 1.0, a * (1.0 + c)
+
         return lax.scan(step, 0.0, jax.random.split(key, 2))[1].sum()
 
     assert_exact(f, np.zeros(2), supports={"a": tuple(range(support))})
@@ -378,19 +408,34 @@ def test_softplus_log_densities_have_exact_hessians_at_logit_zero_in_a_scan(make
 
 # -- Found in review: a literal parameter under vmap ---------------------------------------
 
+
 def _in_scan(draw):
-    return lambda t, k: lax.scan(lambda c, kk: (c, draw(t, kk)), 0.0, jax.random.split(k, 2))[1].sum()
+    return lambda t, k: lax.scan(lambda c, kk: (c, draw(t, kk)), 0.0, jax.random.split(k, 2))[
+        1
+    ].sum()
 
 
-@pytest.mark.parametrize("f", [
-    lambda t, k: scg.sample(k, dist.Normal(0.0, 1.0)) * t,
-    jax.jit(lambda t, k: scg.sample(k, dist.Binomial(3, logits=t)).astype(t.dtype) * t),
-    jax.checkpoint(lambda t, k: scg.sample(k, dist.Binomial(3, logits=t)).astype(t.dtype) * t),
-    _in_scan(lambda t, k: scg.sample(k, dist.NegativeBinomialLogits(2.0, t)).astype(t.dtype) * t),
-    _in_scan(lambda t, k: scg.sample(k, dist.Normal(0.0, 1.0)) * t),
-    _in_scan(lambda t, k: scg.sample(k, dist.Bernoulli(probs=0.5)) * t),
-], ids=["eager-normal", "jit-binomial", "checkpoint-binomial", "scan-negbin", "scan-normal",
-        "scan-bernoulli"])
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda t, k: scg.sample(k, dist.Normal(0.0, 1.0)) * t,
+        jax.jit(lambda t, k: scg.sample(k, dist.Binomial(3, logits=t)).astype(t.dtype) * t),
+        jax.checkpoint(lambda t, k: scg.sample(k, dist.Binomial(3, logits=t)).astype(t.dtype) * t),
+        _in_scan(
+            lambda t, k: scg.sample(k, dist.NegativeBinomialLogits(2.0, t)).astype(t.dtype) * t
+        ),
+        _in_scan(lambda t, k: scg.sample(k, dist.Normal(0.0, 1.0)) * t),
+        _in_scan(lambda t, k: scg.sample(k, dist.Bernoulli(probs=0.5)) * t),
+    ],
+    ids=[
+        "eager-normal",
+        "jit-binomial",
+        "checkpoint-binomial",
+        "scan-negbin",
+        "scan-normal",
+        "scan-bernoulli",
+    ],
+)
 def test_literal_parameters_batch_under_vmap(f):
     # A Python-scalar parameter is a literal in a jaxpr; batching `sample_p` read its
     # `.shape` and crashed every vmap of such a program (a Gaussian policy's fixed scale).

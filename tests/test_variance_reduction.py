@@ -190,8 +190,9 @@ def plate_broadcast_program(params, key):
     c = Σ_ihp sin(z_ih Q_hp) + Σ_id tanh((Σ_h z_ih)·x_id)."""
     W1, _ = params
     z = scg.sample(key, dist.Bernoulli(logits=PX @ W1)).astype(F32)
-    return (jnp.sum(jnp.sin(z[:, :, None] * PQ[None]))
-            + jnp.sum(jnp.tanh(jnp.sum(z, axis=-1, keepdims=True) * PX)))
+    return jnp.sum(jnp.sin(z[:, :, None] * PQ[None])) + jnp.sum(
+        jnp.tanh(jnp.sum(z, axis=-1, keepdims=True) * PX)
+    )
 
 
 def plate_broadcast_hand(params, key):
@@ -200,22 +201,25 @@ def plate_broadcast_hand(params, key):
     z = sg(bern(key, logits))
     lp = lq(z, logits)
     elems = magic_box(lp) * jnp.sum(jnp.sin(z[:, :, None] * PQ[None]), -1)
-    rows = magic_box(jnp.sum(lp, -1)) * jnp.sum(
-        jnp.tanh(jnp.sum(z, -1, keepdims=True) * PX), -1)
+    rows = magic_box(jnp.sum(lp, -1)) * jnp.sum(jnp.tanh(jnp.sum(z, -1, keepdims=True) * PX), -1)
     return jnp.sum(elems) + jnp.sum(rows)
 
 
 def test_plates_split_additive_tail_at_the_finest_grain():
-    out = same_key(fixed_keys(4),
-                   got=lambda k: scg.scg_grad(plate_split_program)(P_PARAMS, k),
-                   want=lambda k: jax.grad(plate_split_hand)(P_PARAMS, k))
+    out = same_key(
+        fixed_keys(4),
+        got=lambda k: scg.scg_grad(plate_split_program)(P_PARAMS, k),
+        want=lambda k: jax.grad(plate_split_hand)(P_PARAMS, k),
+    )
     assert_trees_allclose(out["got"], out["want"])
 
 
 def test_plates_through_numpy_broadcasting():
-    out = same_key(fixed_keys(41),
-                   got=lambda k: scg.scg_grad(plate_broadcast_program)(P_PARAMS, k),
-                   want=lambda k: jax.grad(plate_broadcast_hand)(P_PARAMS, k))
+    out = same_key(
+        fixed_keys(41),
+        got=lambda k: scg.scg_grad(plate_broadcast_program)(P_PARAMS, k),
+        want=lambda k: jax.grad(plate_broadcast_hand)(P_PARAMS, k),
+    )
     assert_trees_allclose(out["got"], out["want"])
 
 
@@ -236,9 +240,11 @@ def sorted_hand_whole(params, key):
 
 
 def test_mixing_rows_falls_back_to_the_whole_node():
-    out = same_key(fixed_keys(5),
-                   got=lambda k: scg.scg_grad(sorted_program)(P_PARAMS, k),
-                   want=lambda k: jax.grad(sorted_hand_whole)(P_PARAMS, k))
+    out = same_key(
+        fixed_keys(5),
+        got=lambda k: scg.scg_grad(sorted_program)(P_PARAMS, k),
+        want=lambda k: jax.grad(sorted_hand_whole)(P_PARAMS, k),
+    )
     assert_trees_allclose(out["got"], out["want"])
 
 
@@ -248,8 +254,7 @@ def test_mixing_rows_is_unbiased():
         logits = PX @ W1
         zs = jnp.asarray(binary_configs(PB * PH)).reshape(-1, PB, PH)
         prob = jnp.prod(bernoulli_pmf(zs, logits), axis=(1, 2))
-        cost = jax.vmap(lambda z: jnp.sum(
-            (jnp.sort(jnp.tanh(z @ W2), axis=0) - PX) ** 2) / PB)(zs)
+        cost = jax.vmap(lambda z: jnp.sum((jnp.sort(jnp.tanh(z @ W2), axis=0) - PX) ** 2) / PB)(zs)
         return jnp.sum(prob * cost)
 
     draws = mc_draws(lambda k: scg.scg_grad(sorted_program)(P_PARAMS, k), N, 6)
@@ -372,14 +377,14 @@ def per_row_estimator_moments(theta):
 
 
 def test_plate_estimator_has_much_lower_variance_than_whole_node():
-    (mean, var_plate, mu4_plate), (mean_w, var_whole, _) = per_row_estimator_moments(
-        V_THETA)
+    (mean, var_plate, mu4_plate), (mean_w, var_whole, _) = per_row_estimator_moments(V_THETA)
     np.testing.assert_allclose(mean, mean_w, rtol=1e-9)  # both unbiased
     # Design: the plate estimator is exactly (much) better.
     assert np.all(var_plate < 0.25 * var_whole), var_plate / var_whole
 
-    draws = np.asarray(mc_draws(lambda k: scg.scg_grad(per_row_program)(V_THETA, k),
-                                N, 9), np.float64)
+    draws = np.asarray(
+        mc_draws(lambda k: scg.scg_grad(per_row_program)(V_THETA, k), N, 9), np.float64
+    )
     assert_mc_close(draws, mean)
     for i in range(8):
         assert_variance_close(draws[:, i], var_plate[i], mu4_plate[i])
@@ -387,7 +392,8 @@ def test_plate_estimator_has_much_lower_variance_than_whole_node():
         se = np.sqrt((mu4_plate[i] - var_plate[i] ** 2) / n)
         assert draws[:, i].var(ddof=1) + 5 * se < 0.25 * var_whole[i], (
             f"theta[{i}]: variance {draws[:, i].var():.4g} is not much below the "
-            f"whole-node estimator's {var_whole[i]:.4g}")
+            f"whole-node estimator's {var_whole[i]:.4g}"
+        )
 
 
 def test_per_row_same_key_and_downstream_per_element():
@@ -447,8 +453,9 @@ def scan_carry_program(theta, key):
         s, r = policy_step(theta, s, a.astype(F32), w)
         return (s, total + r), None
 
-    (_, total), _ = lax.scan(step, (jnp.float32(0.0), jnp.float32(0.0)),
-                             (jax.random.split(key, T), CW))
+    (_, total), _ = lax.scan(
+        step, (jnp.float32(0.0), jnp.float32(0.0)), (jax.random.split(key, T), CW)
+    )
     return total
 
 
@@ -578,8 +585,9 @@ def test_loop_causal_estimator_has_its_exact_variance():
     np.testing.assert_allclose(mean_w, exact, rtol=1e-4, atol=1e-5)
     assert var_c[0] < 0.6 * var_w[0] and var_c[1] < 0.6 * var_w[1], (var_c, var_w)
 
-    draws = np.asarray(mc_draws(lambda k: scg.scg_grad(scan_ys_program)(C_THETA, k),
-                                N, 13), np.float64)
+    draws = np.asarray(
+        mc_draws(lambda k: scg.scg_grad(scan_ys_program)(C_THETA, k), N, 13), np.float64
+    )
     for i in range(3):
         assert_variance_close(draws[:, i], var_c[i], mu4_c[i])
 
@@ -603,8 +611,11 @@ def test_loop_with_independent_steps_weights_each_reward_by_its_own_action():
         own = magic_box(lq(a, theta)) * 2.0 * (a - CW) ** 2
         return jnp.sum(own) + jnp.sum(jnp.arange(T, dtype=F32))
 
-    out = same_key(fixed_keys(14), got=lambda k: scg.scg_grad(program)(theta, k),
-                   want=lambda k: jax.grad(hand)(theta, k))
+    out = same_key(
+        fixed_keys(14),
+        got=lambda k: scg.scg_grad(program)(theta, k),
+        want=lambda k: jax.grad(hand)(theta, k),
+    )
     assert_trees_allclose(out["got"], out["want"])
 
 
@@ -641,9 +652,11 @@ def test_scan_under_vmap_has_per_environment_causality():
 
         return jnp.mean(jax.vmap(env)(jax.random.split(key, E)))
 
-    out = same_key(fixed_keys(16),
-                   got=lambda k: scg.scg_grad(vmapped_scan_program)(C_THETA, k),
-                   want=lambda k: jax.grad(hand)(C_THETA, k))
+    out = same_key(
+        fixed_keys(16),
+        got=lambda k: scg.scg_grad(vmapped_scan_program)(C_THETA, k),
+        want=lambda k: jax.grad(hand)(C_THETA, k),
+    )
     assert_trees_allclose(out["got"], out["want"])
 
     draws = mc_draws(lambda k: scg.scg_grad(vmapped_scan_program)(C_THETA, k), N, 17)
@@ -671,8 +684,7 @@ def nested_program(theta, key):
 
 def nested_keys(key):
     """The per-draw keys of `nested_program`, in flattened time order (t, u)."""
-    return jax.vmap(lambda k: jax.random.split(k, U))(jax.random.split(key, T2)).reshape(
-        T2 * U)
+    return jax.vmap(lambda k: jax.random.split(k, U))(jax.random.split(key, T2)).reshape(T2 * U)
 
 
 def nested_dice(theta, actions, mode):
@@ -694,8 +706,9 @@ def nested_estimator_table():
     """Per trajectory (all 2^6): its probability and the three estimates."""
     acts = jnp.asarray(binary_configs(T2 * U))
     probs = jax.vmap(lambda a: rollout(C_THETA, a, NW.reshape(-1))[1])(acts)
-    return probs, {m: jax.vmap(lambda a: jax.grad(nested_dice)(C_THETA, a, m))(acts)
-                   for m in NESTED_MODES}
+    return probs, {
+        m: jax.vmap(lambda a: jax.grad(nested_dice)(C_THETA, a, m))(acts) for m in NESTED_MODES
+    }
 
 
 def test_nested_scans_same_key_equal_flattened_time_order_estimator():
@@ -705,13 +718,16 @@ def test_nested_scans_same_key_equal_flattened_time_order_estimator():
     def hand(k, mode):
         return jax.grad(nested_dice)(C_THETA, policy_actions(C_THETA, nested_keys(k)), mode)
 
-    out = same_key(fixed_keys(18), got=lambda k: scg.scg_grad(nested_program)(C_THETA, k),
-                   **{m: functools.partial(hand, mode=m) for m in NESTED_MODES})
+    out = same_key(
+        fixed_keys(18),
+        got=lambda k: scg.scg_grad(nested_program)(C_THETA, k),
+        **{m: functools.partial(hand, mode=m) for m in NESTED_MODES},
+    )
     assert_not_close(out["causal"], out["outer"], "flattened and outer-step estimators")
-    matches = {m: bool(np.allclose(out["got"], out[m], rtol=1e-4, atol=1e-5))
-               for m in NESTED_MODES}
-    assert_trees_allclose(out["got"], out["causal"],
-                          err_msg=f"(which hand-written estimator matches: {matches})")
+    matches = {m: bool(np.allclose(out["got"], out[m], rtol=1e-4, atol=1e-5)) for m in NESTED_MODES}
+    assert_trees_allclose(
+        out["got"], out["causal"], err_msg=f"(which hand-written estimator matches: {matches})"
+    )
 
 
 def test_nested_scans_are_unbiased_and_finer_than_whole_loop_weighting():
@@ -724,8 +740,9 @@ def test_nested_scans_are_unbiased_and_finer_than_whole_loop_weighting():
     # Design: both finer estimators are well below whole-loop weighting for θ0, θ1.
     assert np.all(moments["outer"][1][:2] < 0.8 * var_whole[:2]), moments
 
-    draws = np.asarray(mc_draws(lambda k: scg.scg_grad(nested_program)(C_THETA, k), N,
-                                19), np.float64)
+    draws = np.asarray(
+        mc_draws(lambda k: scg.scg_grad(nested_program)(C_THETA, k), N, 19), np.float64
+    )
     assert_mc_close(draws, exact)
     for i in range(2):
         assert_variance_below(draws[:, i], var_whole[i])
@@ -758,11 +775,11 @@ def chain_program(kind):
     def f(theta, key):
         k1, k2 = jax.random.split(key)
         b1 = chain_baseline_1(kind, theta)
-        z1 = scg.sample(k1, dist.Bernoulli(logits=theta[0]), baseline=b1,
-                        name="z1").astype(F32)
+        z1 = scg.sample(k1, dist.Bernoulli(logits=theta[0]), baseline=b1, name="z1").astype(F32)
         b2 = chain_baseline_2(kind, theta, z1)
-        z2 = scg.sample(k2, dist.Bernoulli(logits=theta[1] + theta[2] * z1), baseline=b2,
-                        name="z2").astype(F32)
+        z2 = scg.sample(
+            k2, dist.Bernoulli(logits=theta[1] + theta[2] * z1), baseline=b2, name="z2"
+        ).astype(F32)
         return chain_cost(theta, z1, z2)
 
     f.__name__ = f"chain_{kind}"
@@ -790,8 +807,9 @@ def chain_hand_grad(theta, key, kind):
     g1 = jax.grad(lambda th: lq(z1, th[0]))(theta)
     g2 = jax.grad(lambda th: lq(z2, th[1] + th[2] * z1))(theta)
     pathwise = jax.grad(chain_cost)(theta, z1, z2)
-    return (g1 * (q1 - (0.0 if b1 is None else b1))
-            + g2 * (q2 - (0.0 if b2 is None else b2)) + pathwise)
+    return (
+        g1 * (q1 - (0.0 if b1 is None else b1)) + g2 * (q2 - (0.0 if b2 is None else b2)) + pathwise
+    )
 
 
 def chain_expectation(theta):
@@ -866,8 +884,13 @@ def test_good_baseline_reduces_variance_to_its_exact_value():
     assert var_base < 0.02 * var_plain  # design: exactly 0.0137
 
     plain = mc_draws(lambda k: scg.scg_grad(offset_program(None))(VR_THETA, k), N, 23)
-    based = mc_draws(lambda k: scg.scg_grad(
-        offset_program(lambda th: 9.0 + 7.0 * jax.nn.sigmoid(th)))(VR_THETA, k), N, 23)
+    based = mc_draws(
+        lambda k: scg.scg_grad(offset_program(lambda th: 9.0 + 7.0 * jax.nn.sigmoid(th)))(
+            VR_THETA, k
+        ),
+        N,
+        23,
+    )
     assert_mc_close(based, m_base)
     assert_variance_close(np.asarray(plain), var_plain, mu4_plain)
     assert_variance_close(np.asarray(based), var_base, mu4_base)
@@ -909,8 +932,9 @@ def scan_baseline_program(theta, key):
 
     def step(s, xs):
         k, w = xs
-        a = scg.sample(k, dist.Bernoulli(logits=policy_logits(theta, s)),
-                       baseline=theta[3] * s + 1.0, name="a")
+        a = scg.sample(
+            k, dist.Bernoulli(logits=policy_logits(theta, s)), baseline=theta[3] * s + 1.0, name="a"
+        )
         return policy_step(theta, s, a.astype(F32), w)
 
     _, r = lax.scan(step, jnp.float32(0.0), (jax.random.split(key, T), CW))
@@ -923,8 +947,12 @@ def test_baseline_inside_scan_subtracts_per_step():
 
     def hand(k):
         acts = policy_actions(SB_THETA, scan_keys(k))
-        s = jnp.concatenate([jnp.zeros(1), lax.scan(
-            lambda s, a: (0.5 * s + a, 0.5 * s + a), jnp.float32(0.0), acts)[1][:-1]])
+        s = jnp.concatenate(
+            [
+                jnp.zeros(1),
+                lax.scan(lambda s, a: (0.5 * s + a, 0.5 * s + a), jnp.float32(0.0), acts)[1][:-1],
+            ]
+        )
         b = SB_THETA[3] * s + 1.0
         reinforce = jax.grad(dice_loop)(SB_THETA, acts, CW, "causal")
         minus_b = jax.grad(lambda th: jnp.sum(lq(acts, policy_logits(th, s)) * b))(SB_THETA)
@@ -995,8 +1023,9 @@ def loo_exact_moments():
 def test_leave_one_out_value_and_same_key_gradient():
     out = same_key(
         fixed_keys(25),
-        mean_cost=lambda k: jnp.mean(jax.vmap(lambda kk: loo_program(LOO_THETA, kk))(
-            jax.random.split(k, K))),
+        mean_cost=lambda k: jnp.mean(
+            jax.vmap(lambda kk: loo_program(LOO_THETA, kk))(jax.random.split(k, K))
+        ),
         hand=lambda k: loo_hand(LOO_THETA, k),
         value_and_grad=lambda k: scg.scg_value_and_grad(loo_program, **LOO)(LOO_THETA, k),
         grad=lambda k: scg.scg_grad(loo_program, **LOO)(LOO_THETA, k),
@@ -1040,8 +1069,7 @@ def test_key_argnum_selects_the_key_argument():
 
 def test_leave_one_out_is_unbiased_and_has_its_exact_variance():
     loo = mc_draws(lambda k: scg.scg_grad(loo_program, **LOO)(LOO_THETA, k), N, 28)
-    plain = mc_draws(lambda k: scg.scg_grad(loo_program, num_samples=K)(LOO_THETA, k),
-                     N, 28)
+    plain = mc_draws(lambda k: scg.scg_grad(loo_program, num_samples=K)(LOO_THETA, k), N, 28)
     exact = jax.grad(loo_expectation)(LOO_THETA)
     assert_mc_close(loo, exact)
     assert_mc_close(plain, exact)
@@ -1058,7 +1086,8 @@ def test_leave_one_out_on_a_chain_is_unbiased_first_and_second_order():
     grad, hess = chain_exact()
     assert_mc_close(mc_draws(lambda k: scg.scg_grad(f, **LOO)(BL_THETA, k), N, 29), grad)
     assert_mc_close(
-        mc_draws(lambda k: jax.hessian(scg.surrogate(f, **LOO))(BL_THETA, k), N, 30), hess)
+        mc_draws(lambda k: jax.hessian(scg.surrogate(f, **LOO))(BL_THETA, k), N, 30), hess
+    )
 
 
 def test_leave_one_out_on_a_chain_uses_each_nodes_own_downstream_costs():
@@ -1071,13 +1100,11 @@ def test_leave_one_out_on_a_chain_uses_each_nodes_own_downstream_costs():
         b1 = (q1.sum() - q1) / (K - 1)
         b2 = (q2.sum() - q2) / (K - 1)
         g1 = jax.vmap(lambda a: jax.grad(lambda th: lq(a, th[0]))(BL_THETA))(z1)
-        g2 = jax.vmap(lambda a, b: jax.grad(lambda th: lq(b, th[1] + th[2] * a))(
-            BL_THETA))(z1, z2)
+        g2 = jax.vmap(lambda a, b: jax.grad(lambda th: lq(b, th[1] + th[2] * a))(BL_THETA))(z1, z2)
         pw = jax.vmap(lambda a, b: jax.grad(chain_cost)(BL_THETA, a, b))(z1, z2)
         return jnp.mean(g1 * (q1 - b1)[:, None] + g2 * (q2 - b2)[:, None] + pw, axis=0)
 
-    out = same_key(fixed_keys(31), got=lambda k: scg.scg_grad(f, **LOO)(BL_THETA, k),
-                   want=hand)
+    out = same_key(fixed_keys(31), got=lambda k: scg.scg_grad(f, **LOO)(BL_THETA, k), want=hand)
     assert_trees_allclose(out["got"], out["want"])
 
 
@@ -1130,8 +1157,9 @@ def test_downstream_costs_carry_no_gradient():
     # Regression targets: differentiating through them gives exactly zero.
     key = jax.random.key(0)
     for name in ("z1", "z2"):
-        d = jax.grad(lambda th: scg.scg_grad(two_node_program, downstream=True)(
-            th, key)[1][name])(DS_THETA)
+        d = jax.grad(lambda th: scg.scg_grad(two_node_program, downstream=True)(th, key)[1][name])(
+            DS_THETA
+        )
         np.testing.assert_array_equal(d, 0.0)
 
 
@@ -1164,8 +1192,7 @@ def test_gradient_variance_matches_exact_moments():
     # The estimator is c·z·(z − p) = c(1 − p)·z.
     p = float(jax.nn.sigmoid(GV_THETA))
     m, var, mu4 = discrete_moments(np.array([0.0, GV_C * (1 - p)]), np.array([1 - p, p]))
-    mean, variance = scg.gradient_variance(gv_program, num_draws=N)(GV_THETA,
-                                                                     jax.random.key(34))
+    mean, variance = scg.gradient_variance(gv_program, num_draws=N)(GV_THETA, jax.random.key(34))
     assert np.shape(mean) == np.shape(variance) == ()
     assert abs(float(mean) - m) <= 5 * np.sqrt(var / N), (float(mean), m)
     se_var = np.sqrt((mu4 - var**2) / N)
@@ -1200,13 +1227,17 @@ def test_gradient_variance_passes_estimator_options_argnums_and_key_argnum():
     @jax.jit
     def run(key):
         loo = scg.gradient_variance(f, argnums=1, num_draws=n, key_argnum=0, **LOO)(
-            key, LOO_THETA, one)
-        draws = jax.vmap(lambda k: scg.scg_grad(f, argnums=1, key_argnum=0, **LOO)(
-            k, LOO_THETA, one))(jax.random.split(key, n))
-        plain = scg.gradient_variance(f, argnums=1, num_draws=n, key_argnum=0,
-                                      num_samples=K)(key, LOO_THETA, one)
+            key, LOO_THETA, one
+        )
+        draws = jax.vmap(
+            lambda k: scg.scg_grad(f, argnums=1, key_argnum=0, **LOO)(k, LOO_THETA, one)
+        )(jax.random.split(key, n))
+        plain = scg.gradient_variance(f, argnums=1, num_draws=n, key_argnum=0, num_samples=K)(
+            key, LOO_THETA, one
+        )
         both = scg.gradient_variance(f, argnums=(1, 2), num_draws=n, key_argnum=0)(
-            key, LOO_THETA, one)
+            key, LOO_THETA, one
+        )
         return loo, draws, plain, both
 
     (mean, variance), draws, (_, var_plain), both = run(key)
