@@ -54,9 +54,15 @@ def scan_layout(params: dict[str, Any]) -> tuple[int, int]:
     """`(num_consts, num_carry)` of a `scan` equation."""
     if "num_consts" in params:
         return params["num_consts"], params["num_carry"]
-    # 0.12: `ft_in` is a flat tree `(consts, carry, xs)`; `len` counts a group's leaves.
-    consts, carry, _ = params["ft_in"].elts
-    return len(consts), len(carry)
+    # 0.12: `ft_in` is a flat tree `(consts, carry, xs)`: a tuple of three flat trees
+    # (`.elts`) as traced, or one pytree of the three (`FTPyTree`) once re-bound.
+    ft = params["ft_in"]
+    elts = getattr(ft, "elts", None)
+    if elts is not None:
+        consts, carry, _ = elts
+        return len(consts), len(carry)
+    consts, carry, _ = jax.tree_util.tree_unflatten(ft.tree, list(range(len(ft))))
+    return len(jax.tree_util.tree_leaves(consts)), len(jax.tree_util.tree_leaves(carry))
 
 
 def iter_subjaxprs(params: dict[str, Any]) -> Iterator[Jaxpr]:
