@@ -29,7 +29,7 @@ from jax import lax
 from . import _compat, _deps, _graph
 from ._deps import ALL, Axis, Deps, Loop
 from ._graph import Graph, Val
-from ._interpret import Context, eval_jaxpr, higher_order_rules, jaxpr_has_sample
+from ._interpret import Context, eval_jaxpr, higher_order_rules, inside_call, jaxpr_has_sample
 
 P = _compat.primitives
 
@@ -117,7 +117,8 @@ def _call_rule(wrap):
         sub = ctx.child(index)
 
         def inner(*arrays):
-            return _run(sub, jaxpr, consts, unpack(list(arrays), in_struct), meta)
+            with inside_call(eqn):
+                return _run(sub, jaxpr, consts, unpack(list(arrays), in_struct), meta)
 
         inner.__name__ = str(eqn.params.get("name", eqn.primitive.name))
         out_arrays, log_probs, baseline_total = wrap(inner, eqn.params)(*in_arrays)

@@ -18,6 +18,7 @@ Rules live in registries:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -177,7 +178,10 @@ def output_deps(eqn, in_deps: list[Deps]) -> list[Deps]:
     if name in STATIC_CALLS and STATIC_CALLS[name] in eqn.params:
         jaxpr, consts = _compat.open_jaxpr(eqn.params[STATIC_CALLS[name]])
         if len(jaxpr.invars) == len(in_deps):
-            return static_deps(jaxpr, [EMPTY] * len(consts), in_deps)
+            # The equations of a library function's jaxpr (`jnp.take` is a `jit`) carry
+            # no user source line: `describe` names the call's.
+            with inside_call(eqn):
+                return static_deps(jaxpr, [EMPTY] * len(consts), in_deps)
     in_shapes = [_aval_shape(v) for v in eqn.invars]
     if len(eqn.outvars) == 1:
         return [_deps.through(eqn, in_deps, in_shapes, _aval_shape(eqn.outvars[0]))]
@@ -187,6 +191,19 @@ def output_deps(eqn, in_deps: list[Deps]) -> list[Deps]:
 # Where alignment fell back to "every element", collected while `describe` runs:
 # (node id, node axis) -> [(primitive, source)].
 _FALLBACKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fallbacks", default=None)
+# The source line of the innermost call equation whose jaxpr is being read.
+_CALL_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("call_source", default="")
+
+
+@contextlib.contextmanager
+def inside_call(eqn):
+    """While reading the jaxpr of call equation `eqn`: its equations without a source
+    line of their own are reported at `eqn`'s."""
+    token = _CALL_SOURCE.set(_compat.source_info(eqn) or _CALL_SOURCE.get())
+    try:
+        yield
+    finally:
+        _CALL_SOURCE.reset(token)
 
 
 def note_fallbacks(eqn, in_deps: list[Deps], out_deps: list[Deps], what: str | None = None):
@@ -210,7 +227,7 @@ def note_fallbacks(eqn, in_deps: list[Deps], out_deps: list[Deps], what: str | N
 
     lost = aligned(in_deps) - aligned(out_deps)
     if lost:
-        where = (what or eqn.primitive.name, _compat.source_info(eqn))
+        where = (what or eqn.primitive.name, _compat.source_info(eqn) or _CALL_SOURCE.get())
         for node_axis in lost:
             entries = log.setdefault(node_axis, [])
             if where not in entries:

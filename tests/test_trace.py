@@ -189,3 +189,17 @@ def test_describe_says_where_the_cost_stopped_splitting():
 
     table = scg.describe(f)(jnp.zeros(3), KEY)
     assert "the cost is one term: it is not split at log1p" in table, table
+
+
+def test_describe_names_the_user_line_of_a_fallback_inside_a_library_function():
+    # `jnp.take` is a `jit`: its gather has no user frame, so the fallback was reported
+    # with no source line at all.
+    V = jnp.arange(12.0).reshape(3, 4)
+
+    def f(W, key):
+        idx = scg.sample(key, dist.Categorical(logits=W))
+        return (jnp.take(V, idx, axis=0) ** 2).sum()
+
+    table = scg.describe(f)(jnp.zeros((3, 3)), KEY)
+    line = next(s for s in table.splitlines() if "from gather" in s)
+    assert f"{__file__}:" in line, table
