@@ -389,8 +389,9 @@ def test_wrappers_of_the_same_batch_shape_stay_aligned(wrap):
         (lambda l: dist.Geometric(logits=l), 60),
         (lambda l: dist.NegativeBinomialLogits(2.0, l), 70),
         (lambda l: dist.ZeroInflatedDistribution(dist.Poisson(2.0), gate_logits=l), 40),
+        (lambda l: dist.Binomial(3, logits=l), 4),
     ],
-    ids=["geometric", "negative-binomial", "zero-inflated"],
+    ids=["geometric", "negative-binomial", "zero-inflated", "binomial"],
 )
 def test_softplus_log_densities_have_exact_hessians_at_logit_zero_in_a_scan(make, support):
     # A logit that depends on the carry is computed inside the scan body, where JAX 0.10's
