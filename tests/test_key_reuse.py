@@ -281,9 +281,9 @@ def test_a_key_closed_over_a_loop_body_is_refused(loop, any_key):
             return lax.scan(lambda c, _: (step(c), None), 0.0, None, length=3)[0]  # @loop-scan
         if loop == "fori_loop":
             return lax.fori_loop(0, 3, lambda i, c: step(c), 0.0)  # @loop-fori_loop
-        return lax.while_loop(
+        return lax.while_loop(  # @loop-while_loop
             lambda c: c[0] < 3,
-            lambda c: (c[0] + 1, step(c[1])),  # @loop-while_loop
+            lambda c: (c[0] + 1, step(c[1])),
             (0, 0.0),
         )[1]
 
@@ -337,10 +337,10 @@ def test_keys_at_i_and_i_plus_one_in_a_fori_loop_are_refused():
             lambda i, c: (
                 c
                 + bern(keys[i], t)  # @at-i
-                + bern(keys[i + 1], -t)
+                + bern(keys[i + 1], -t)  # @at-i-plus-1
             ),
             0.0,
-        )  # @at-i-plus-1
+        )
 
     msg = refused(f, THETA, KEY)
     assert_names(msg, "at-i", "at-i-plus-1")
@@ -354,10 +354,10 @@ def test_offsets_of_the_loop_counter_are_compared_across_iterations():
             lambda i, c: (
                 c
                 + bern(jax.random.fold_in(key, i + 2), t)  # @plus-2
-                + bern(jax.random.fold_in(key, i + 1), -t)
+                + bern(jax.random.fold_in(key, i + 1), -t)  # @plus-1
             ),
             0.0,
-        )  # @plus-1
+        )
 
     msg = refused(f, THETA, KEY)
     assert_names(msg, "plus-2", "plus-1")
@@ -434,8 +434,11 @@ def test_a_fold_in_in_a_loop_and_a_sample_outside_on_one_key_are_refused(any_key
     def f(t, key):
         z = bern(key, t)  # @outer-sample
         return z + lax.fori_loop(
-            0, 3, lambda i, c: c + bern(jax.random.fold_in(key, i), t), 0.0
-        )  # @loop-fold
+            0,
+            3,
+            lambda i, c: c + bern(jax.random.fold_in(key, i), t),  # @loop-fold
+            0.0,
+        )
 
     msg = refused(f, THETA, any_key)
     assert_names(msg, "outer-sample", "loop-fold")
