@@ -510,7 +510,17 @@ def _inner_distributions(d: dist.Distribution) -> list[dist.Distribution]:
     return inner
 
 
-def _elementwise_leaves(d: dist.Distribution) -> set[int]:
+def _event_dim(constraint: Any) -> int | None:
+    """A constraint's `event_dim`, or None where it is not static (`Delta`'s `v` is
+    `constraints.dependent`, whose `event_dim` raises)."""
+    try:
+        event_dim = getattr(constraint, "event_dim", None)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    return event_dim if isinstance(event_dim, int) else None
+
+
+def _elementwise_leaves(d: dist.Distribution, n_batch: int = 0) -> set[int]:
     """The `id`s of the leaves of `d` whose leading axes are `d`'s batch axes, element
     for element: batch element `i` of a draw reads element `i` of the leaf only.
 
@@ -520,7 +530,7 @@ def _elementwise_leaves(d: dist.Distribution) -> set[int]:
     Anything else (an event shape, a leaf no constraint names, an inner distribution of
     another batch shape, such as the base of `Categorical(l).expand((B,))` whose logits are
     `(K,)`) reaches every element: the sound default. A leaf in two roles qualifies only
-    if it qualifies in both.
+    if it qualifies in both. The leaves carry `n_batch` leading vmapped axes of their own.
     """
     good: set[int] = set()
     bad: set[int] = set()
@@ -545,8 +555,8 @@ def _elementwise_leaves(d: dist.Distribution) -> set[int]:
             if name == "_mask" and isinstance(d, dist.MaskedDistribution):
                 event_dim = 0
             else:
-                event_dim = getattr(constraints.get(name), "event_dim", None)
-            shape = tuple(np.shape(value))
+                event_dim = _event_dim(constraints.get(name))
+            shape = tuple(np.shape(value))[n_batch:]
             ok = (
                 event_dim is not None
                 and len(shape) == len(batch) + event_dim
@@ -566,7 +576,7 @@ def _parent_deps(eqn, invals: list[Val], value) -> Deps:
     n_batch, sample_shape = params["n_batch"], params["sample_shape"]
     d = params["spec"].unflatten([v.value for v in invals[1:]])  # shapes are static aux data
     n_axes = len(d.batch_shape)
-    good = _elementwise_leaves(d)
+    good = _elementwise_leaves(d, n_batch)
     leaves = jax.tree_util.tree_leaves(d)
     parts = []
     for i, v in enumerate(invals):

@@ -63,9 +63,10 @@ def score_log_prob(d: dist.Distribution, value: jax.Array) -> Any:
 
 
 def _guarded(d: dist.Distribution) -> dist.Distribution:
-    """A shallow copy of `d` whose guarded parts (itself, or its `base_dist`, recursively)
-    compute `log_prob` with the registered guard, with masks removed (a masked
-    distribution draws from its base); `d` itself when nothing changes."""
+    """A shallow copy of `d` whose guarded parts (itself, or its inner distributions:
+    `base_dist`, mixture components, recursively) compute `log_prob` with the registered
+    guard, with masks removed (a masked distribution draws from its base); `d` itself
+    when nothing changes."""
     if isinstance(d, dist.MaskedDistribution):
         return _guarded(d.base_dist)  # numpyro has expanded it to the mask's batch shape
     guard = _GUARDS.get(type(d))
@@ -73,14 +74,26 @@ def _guarded(d: dist.Distribution) -> dist.Distribution:
         out = copy.copy(d)
         out.__class__ = _guarded_class(type(d))
         return out
-    base = getattr(d, "base_dist", None)
-    if isinstance(base, dist.Distribution):
-        guarded_base = _guarded(base)
-        if guarded_base is not base:
-            out = copy.copy(d)
-            setattr(out, "base_dist", guarded_base)  # noqa: B010 (not a declared attribute)
-            return out
-    return d
+    # Inner distributions: a wrapper's `base_dist`, a mixture's components (a list for
+    # `MixtureGeneral`), ...: every Distribution-valued attribute.
+    changed = {}
+    for name, value in vars(d).items():
+        if isinstance(value, dist.Distribution):
+            new = _guarded(value)
+            if new is not value:
+                changed[name] = new
+        elif isinstance(value, (list, tuple)) and any(
+            isinstance(x, dist.Distribution) for x in value
+        ):
+            new = [_guarded(x) if isinstance(x, dist.Distribution) else x for x in value]
+            if any(a is not b for a, b in zip(new, value)):
+                changed[name] = type(value)(new)
+    if not changed:
+        return d
+    out = copy.copy(d)
+    for name, value in changed.items():
+        setattr(out, name, value)
+    return out
 
 
 @functools.cache
@@ -124,7 +137,11 @@ def _bernoulli_logits(d, value):
 @register_score_log_prob(dist.BinomialLogits)
 def _binomial_logits(d, value):
     out = dist.BinomialLogits.log_prob(d, value)
-    return with_derivatives_of(out, value * d.logits - d.total_count * softplus(d.logits))
+    n, l = d.total_count, d.logits
+    # numpyro's value minus `v·l − n·softplus(l)` is the log binomial coefficient, smooth
+    # in `n`: keep it (and its derivative in `n`), and put the logit terms back smooth.
+    rest = out - (value * l - n * jax.nn.softplus(l))
+    return with_derivatives_of(out, rest + value * l - n * softplus(l))
 
 
 @register_score_log_prob(dist.GeometricLogits)

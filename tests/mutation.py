@@ -1095,6 +1095,37 @@ for _cls in (
     )(lambda _cls=_cls: _drop_guard(_cls))
 
 
+@mutant(
+    "logprob:guard:components_skipped",
+    "the guards follow `base_dist` only, not a mixture's components",
+    tests=("tests/test_trust.py",),
+)
+def _():
+    from scgjax import _logprob
+
+    rewrite(
+        _logprob,
+        "_guarded",
+        "        if isinstance(value, dist.Distribution):",
+        '        if name == "base_dist" and isinstance(value, dist.Distribution):',
+    )
+
+
+@mutant(
+    "axis:parents:vmapped_shape",
+    "the alignment check reads a vmapped leaf's shape with its vmapped axes (variance only)",
+    tests=("tests/test_trust.py",),
+)
+def _():
+    _interpret = _modules()[0]
+    rewrite(
+        _interpret,
+        "_elementwise_leaves",
+        "shape = tuple(np.shape(value))[n_batch:]",
+        "shape = tuple(np.shape(value))",
+    )
+
+
 # -- Running -------------------------------------------------------------------------------
 
 
