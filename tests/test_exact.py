@@ -48,6 +48,19 @@ def p_add_sub_broadcast(t, key):
     return (z - t[0]).sum() + (t[1] - z * jnp.ones(3)).sum() - (w - z).sum() * t[2] + (z - w).mean()
 
 
+def p_broadcast_of_terms(t, key):
+    # a cost already split into terms, then broadcast (`c * w`, `broadcast_to`, `c + 0`)
+    k1, k2 = keys(key, 2)
+    z = bern(k1, t[:2])
+    w = bern(k2, t[2])
+    c = z[0] * t[3] + 2.0 * w - z[1]
+    return (
+        (c * jnp.array([1.0, -2.0, 0.5])).sum()
+        + jnp.broadcast_to(c, (2,)).sum() * t[0]
+        + (c + jnp.zeros((2, 2))).mean()
+    )
+
+
 def p_neg_mul_div(t, key):
     z = bern(key, t[:3])
     return -(z * t[3]).sum() / 2.0 + (3.0 * z / (1.0 + t[0] ** 2)).sum() - (t[1] * -z).sum()
