@@ -574,10 +574,12 @@ def _parent_deps(eqn, invals: list[Val], value) -> Deps:
     accepts; every element otherwise."""
     params = eqn.params
     n_batch, sample_shape = params["n_batch"], params["sample_shape"]
-    d = params["spec"].unflatten([v.value for v in invals[1:]])  # shapes are static aux data
+    leaves = [v.value for v in invals[1:]]
+    d = params["spec"].unflatten(leaves)  # shapes are static aux data
     n_axes = len(d.batch_shape)
+    # `d` holds these very objects: a leaf is known by its `id` (a copy would be a leaf
+    # no rule names, so it would reach every element)
     good = _elementwise_leaves(d, n_batch)
-    leaves = jax.tree_util.tree_leaves(d)
     parts = []
     for i, v in enumerate(invals):
         if not v.deps:
