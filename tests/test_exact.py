@@ -50,10 +50,10 @@ def p_add_sub_broadcast(t, key):
 
 def p_broadcast_of_terms(t, key):
     # a cost already split into terms, then broadcast (`c * w`, `broadcast_to`, `c + 0`)
-    k1, k2 = keys(key, 2)
-    z = bern(k1, t[:2])
-    w = bern(k2, t[2])
-    c = z[0] * t[3] + 2.0 * w - z[1]
+    # (three nodes, so that the broadcast value keeps at least three distinct terms)
+    k1, k2, k3 = keys(key, 3)
+    z0, z1, w = bern(k1, t[0]), bern(k2, t[1]), bern(k3, t[2])
+    c = z0 * t[3] + 2.0 * w - z1
     return (
         (c * jnp.array([1.0, -2.0, 0.5])).sum()
         + jnp.broadcast_to(c, (2,)).sum() * t[0]
