@@ -547,6 +547,11 @@ SIZE_GUARD = (
     "are equal, summing over the node axis otherwise, which is what ALL means; "
     "so the weights do not change"
 )
+ELEMENTWISE_SAME_SHAPES = (
+    "equivalent: a jaxpr's elementwise operands have the output's shape (jnp inserts "
+    "broadcast_in_dim first), so the elementwise rule never makes an axis ALL: the "
+    "mutant is not reached"
+)
 for _family in AXIS_FAMILIES:
     mutant(
         f"axis:{_family}:shift",
@@ -557,6 +562,8 @@ for _family in AXIS_FAMILIES:
         f"the {_family} axis rule keeps an axis that should be ALL",
         equivalent=SIZE_GUARD
         if _family in ("slice", "concatenate", "broadcast_in_dim", "stack", "squeeze")
+        else ELEMENTWISE_SAME_SHAPES
+        if _family == "elementwise"
         else None,
     )(lambda f=_family: _wrap_axis_rule(f, _keep))
 for _family in ("elementwise", "broadcast_in_dim", "transpose", "reduce", "dot_general"):
