@@ -61,6 +61,17 @@ def p_broadcast_of_terms(t, key):
     )
 
 
+def p_reshape_transpose_squeeze_cumsum_of_terms(t, key):
+    # a cost split into terms of three nodes, then reshaped, transposed, squeezed and
+    # accumulated before it is reduced
+    k1, k2, k3 = keys(key, 3)
+    z0, z1, w = bern(k1, t[0]), bern(k2, t[1]), bern(k3, t[2])
+    c = z0 * jnp.array([1.0, -2.0, 0.5, 3.0]) + w * t[3] - z1 * jnp.arange(4.0)
+    m = c.reshape(2, 2).T * jnp.array([[1.0, 2.0], [-1.0, 0.5]])
+    s = c[None, :].squeeze(0)
+    return m.sum() + (jnp.cumsum(s) * jnp.array([0.5, 1.0, -1.0, 2.0])).sum() + s.sum() * t[0]
+
+
 def p_neg_mul_div(t, key):
     z = bern(key, t[:3])
     return -(z * t[3]).sum() / 2.0 + (3.0 * z / (1.0 + t[0] ** 2)).sum() - (t[1] * -z).sum()
