@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax import lax
+from jax.scipy.special import gammaln
 
 _GUARDS: dict[type, Callable[[dist.Distribution, jax.Array], jax.Array]] = {}
 
@@ -138,10 +139,10 @@ def _bernoulli_logits(d, value):
 def _binomial_logits(d, value):
     out = dist.BinomialLogits.log_prob(d, value)
     n, l = d.total_count, d.logits
-    # numpyro's value minus `v·l − n·softplus(l)` is the log binomial coefficient, smooth
-    # in `n`: keep it (and its derivative in `n`), and put the logit terms back smooth.
-    rest = out - (value * l - n * jax.nn.softplus(l))
-    return with_derivatives_of(out, rest + value * l - n * softplus(l))
+    # the log binomial coefficient keeps the derivative in `n` (numpyro's own formula has
+    # kinks in `l`, so it cannot be subtracted out as for the negative binomial)
+    log_coef = gammaln(n + 1) - gammaln(value + 1) - gammaln(n - value + 1)
+    return with_derivatives_of(out, log_coef + value * l - n * softplus(l))
 
 
 @register_score_log_prob(dist.GeometricLogits)
