@@ -26,10 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _compat, _deps, _graph
+from . import _compat, _deps, _graph, _interpret
 from ._deps import ALL, Axis, Deps, Loop
 from ._graph import Graph, Val
-from ._interpret import Context, eval_jaxpr, higher_order_rules, inside_call, jaxpr_has_sample
+from ._interpret import (
+    Context,
+    const_val,
+    eval_jaxpr,
+    higher_order_rules,
+    inside_call,
+    jaxpr_has_sample,
+)
 
 P = _compat.primitives
 
@@ -78,13 +85,19 @@ def _run(ctx: Context, jaxpr, consts, args: list[Val], meta: dict, extra_outvars
     terms; fills `meta` with the static structure."""
     graph = Graph(ctx.graph.record)
     sub = dataclasses.replace(ctx, graph=graph)
-    outs = eval_jaxpr(sub, jaxpr, [Val(c) for c in consts], args, extra_outvars)
+    outs = eval_jaxpr(sub, jaxpr, [const_val(c) for c in consts], args, extra_outvars)
     arrays, struct = pack(outs)
     meta["struct"] = struct
     meta["out_shapes"] = [tuple(np.shape(o.value)) for o in outs]
     meta["nodes"] = list(graph.nodes.values())
     meta["has_baseline"] = bool(graph.baseline_terms)
+    meta["known"] = [o.known for o in outs]
     return arrays, graph.node_arrays(), graph.baseline_total()
+
+
+def _with_known(vals: list[Val], known: list) -> list[Val]:
+    """`vals` with the values known while tracing (index arrays) of the same positions."""
+    return [v if k is None else dataclasses.replace(v, known=k) for v, k in zip(vals, known)]
 
 
 def _adopt(ctx: Context, meta: dict, node_arrays, baseline_total, nodes=None) -> None:
@@ -117,13 +130,14 @@ def _call_rule(wrap):
         sub = ctx.child(index)
 
         def inner(*arrays):
+            args = _with_known(unpack(list(arrays), in_struct), [v.known for v in invals])
             with inside_call(eqn):
-                return _run(sub, jaxpr, consts, unpack(list(arrays), in_struct), meta)
+                return _run(sub, jaxpr, consts, args, meta)
 
         inner.__name__ = str(eqn.params.get("name", eqn.primitive.name))
         out_arrays, log_probs, baseline_total = wrap(inner, eqn.params)(*in_arrays)
         _adopt(ctx, meta, log_probs, baseline_total)
-        return unpack(list(out_arrays), meta["struct"])
+        return _with_known(unpack(list(out_arrays), meta["struct"]), meta["known"])
 
     return rule
 
@@ -191,6 +205,33 @@ def _accumulators(jaxpr, num_consts: int, num_carry: int) -> dict[int, tuple]:
     return out
 
 
+def _counters(jaxpr, num_consts, init, xs, level, length, reverse) -> dict:
+    """The body inputs (carries, then xs, counted from 0) that equal the iteration plus a
+    constant, as `LoopIndex`es: a carry that starts at a known integer and is
+    incremented by 1 (`fori_loop`'s counter; a forward scan only), and an `xs` known to
+    be `c + jnp.arange(length)` (its slice at iteration `t` is `c + t`)."""
+    out = {}
+    n_carry = len(init)
+    producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+    for j, v in enumerate(init):
+        c0 = _interpret._uniform(v.known) if np.ndim(v.known) == 0 else None
+        c_in, c_out = jaxpr.invars[num_consts + j], jaxpr.outvars[j]
+        eqn = None if isinstance(c_out, _compat.Literal) else producer.get(c_out)
+        if reverse or c0 is None or eqn is None or eqn.primitive.name != "add":
+            continue
+        a, b = eqn.invars
+        one = b if a is c_in else a if b is c_in else None
+        if isinstance(one, _compat.Literal) and np.ndim(one.val) == 0 and one.val == 1:
+            out[j] = _interpret.LoopIndex(level, c0, length)
+    for i, v in enumerate(xs):
+        k = v.known
+        if isinstance(k, np.ndarray) and not np.ma.isMaskedArray(k) and k.shape == (length,):
+            offset = int(k[0]) if length else 0
+            if np.array_equal(k, offset + np.arange(length)):
+                out[n_carry + i] = _interpret.LoopIndex(level, offset, length)
+    return out
+
+
 def _discount(gamma, exponent, term):
     """γ**exponent laid out on `term`'s axes: an optional leading step axis (when
     `exponent` has one), then the carry's axes (γ is a scalar or has the carry's rank),
@@ -251,6 +292,7 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     def lift_final(d: Deps) -> Deps:  # the final carry: every iteration
         return d.map_entries(lambda e: ALL if isinstance(e, Loop) and e.level == level else e)
 
+    counters = _counters(jaxpr, num_consts, init, xs, level, length, reverse)
     xs_body = [Val(None, slice_deps(v.deps)) for v in xs]
     extra = [accumulators[j][0] for j in acc_index]
     # Replayed draws of the body's nodes are stacked along the loop: scanned like xs.
@@ -268,11 +310,12 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         def body(carry, x):
             x, x_draws = x[: len(xs)], x[len(xs) :]
             here = dataclasses.replace(sub, draws=dict(zip(draw_ids, x_draws)) or None)
-            args = (
-                consts
-                + [Val(c, d) for c, d in zip(carry, carry_deps)]
-                + [Val(a, v.deps) for a, v in zip(x, xs_body)]
-            )
+            args = consts + [
+                Val(c, d, known=counters.get(i))
+                for i, (c, d) in enumerate(
+                    zip(list(carry) + list(x), carry_deps + [v.deps for v in xs_body])
+                )
+            ]
             arrays, log_probs, baseline_total = _run(here, jaxpr, jconsts, args, meta, extra)
             outs = unpack(arrays, meta["struct"])
             meta["carry_deps"] = [v.deps for v in outs[:num_carry]]
@@ -468,7 +511,7 @@ def _while_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         return eval_jaxpr(
             dataclasses.replace(sub, graph=Graph()),
             cond_jaxpr,
-            [Val(c) for c in cond_jconsts],
+            [const_val(c) for c in cond_jconsts],
             args,
         )[0]
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
+
 ALL = None
 # A kind is the set of orderings {"<", "=", ">"} of node index j against value index i.
 _ORDERS = {
@@ -335,11 +337,30 @@ ELEMENTWISE = frozenset(
 )
 
 
-def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
-    """For each operand, a map from its axes to the output's (None: not aligned)."""
+def axis_rule(
+    eqn, in_shapes: list[tuple], out_shape: tuple, known: list | None = None
+) -> list[AxisMap]:
+    """For each operand, a map from its axes to the output's (None: not aligned).
+
+    `known[i]`, where given, is operand `i`'s value as a NumPy array when it is known
+    while tracing (index arrays such as `jnp.arange(B)`), else None."""
     name = eqn.primitive.name
     params = eqn.params
     n_out = len(out_shape)
+    known = known if known is not None else [None] * len(in_shapes)
+    if name == "gather":
+        return _gather_maps(params, in_shapes, out_shape, known[1])
+    if name.startswith("scatter"):
+        return _scatter_maps(params, in_shapes, known[1])
+    if name == "dynamic_slice":
+        sizes = params["slice_sizes"]
+        shape = in_shapes[0]
+        return [lambda a: a if sizes[a] == shape[a] else None] + [_nothing] * (len(in_shapes) - 1)
+    if name == "dynamic_update_slice":
+        shape, upd = in_shapes[0], in_shapes[1]
+        return [_identity, lambda a: a if upd[a] == shape[a] else None] + [_nothing] * (
+            len(in_shapes) - 2
+        )
     if name in ELEMENTWISE:
         return [_elementwise(s, out_shape) for s in in_shapes]
     if name == "broadcast_in_dim":
@@ -377,7 +398,12 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
         dims = params.get("dimensions")
         if dims is not None and tuple(dims) != tuple(range(len(in_shapes[0]))):
             return [_nothing] * len(in_shapes)  # a transpose first (order='F')
-        return [_unit_reshape(in_shapes[0], out_shape)] + [_nothing] * (len(in_shapes) - 1)
+        return [_reshape_map(in_shapes[0], out_shape)] + [_nothing] * (len(in_shapes) - 1)
+    if name == "conv_general_dilated":
+        lhs_spec, _, out_spec = params["dimension_numbers"]
+        if params.get("batch_group_count", 1) != 1:
+            return [_nothing] * len(in_shapes)
+        return [_table({lhs_spec[0]: out_spec[0]})] + [_nothing] * (len(in_shapes) - 1)
     if name == "dot_general":
         (lc, rc), (lb, rb) = params["dimension_numbers"]
         maps = []
@@ -419,6 +445,111 @@ def axis_rule(eqn, in_shapes: list[tuple], out_shape: tuple) -> list[AxisMap]:
     return [_nothing] * len(in_shapes)
 
 
+def _table(table: dict) -> AxisMap:
+    return lambda a: table.get(a)
+
+
+def _iota_along(col: np.ndarray, size: int) -> int | None:
+    """The axis `j` of `col` (an index array) along which `col[..., i, ...] == i` for
+    every `i`, whatever the other axes (`jnp.arange(B)` broadcast), when `col` has
+    length `size` there; else None."""
+    if np.ma.getmaskarray(col).any():
+        return None
+    col = np.ma.getdata(col)
+    for j in range(col.ndim):
+        if col.shape[j] != size:
+            continue
+        shape = [1] * col.ndim
+        shape[j] = size
+        if np.array_equal(col, np.broadcast_to(np.arange(size).reshape(shape), col.shape)):
+            return j
+    return None
+
+
+def _gather_maps(params, in_shapes, out_shape, known_indices) -> list[AxisMap]:
+    """`lax.gather`: output element `(b, o)` (index batch position `b`, offset `o`) reads
+    the operand at the start given by `indices[b]`, plus `o`.
+
+    * indices: axis `j` (not the last, the index vector) is output batch axis `j`;
+    * operand: a batching dimension (`take_along_axis`, a `vmap`ped gather) is its
+      index batch axis; a window axis taken whole (its start is clamped to 0) is its
+      offset axis; an axis indexed by a column of the indices that is known to be
+      `arange` along index axis `j` (`x[jnp.arange(B), k]`) is output batch axis `j`.
+      Any other axis (indexed by data or by a draw) reaches every element."""
+    dn = params["dimension_numbers"]
+    op_shape, idx_shape = in_shapes[0], in_shapes[1]
+    offset_dims = tuple(dn.offset_dims)
+    collapsed = tuple(dn.collapsed_slice_dims)
+    start_map = tuple(dn.start_index_map)
+    op_batch = tuple(getattr(dn, "operand_batching_dims", ()))
+    idx_batch = tuple(getattr(dn, "start_indices_batching_dims", ()))
+    sizes = params["slice_sizes"]
+    batch_out = [d for d in range(len(out_shape)) if d not in offset_dims]
+    n_idx = len(idx_shape) - 1  # the last axis of the indices is the index vector
+    if len(batch_out) != n_idx:
+        return [_nothing] * len(in_shapes)
+    idx_map = {j: batch_out[j] for j in range(n_idx)}
+    op_map: dict = {}
+    window = [a for a in range(len(op_shape)) if a not in collapsed and a not in op_batch]
+    for a, d in zip(window, offset_dims):
+        if sizes[a] == op_shape[a] == out_shape[d]:
+            op_map[a] = d
+    for a, j in zip(op_batch, idx_batch):
+        if op_shape[a] == idx_shape[j]:
+            op_map[a] = batch_out[j]
+    if known_indices is not None and np.shape(known_indices) == tuple(idx_shape):
+        for p, a in enumerate(start_map):
+            if a in op_map or sizes[a] != 1:
+                continue
+            j = _iota_along(known_indices[..., p], op_shape[a])
+            if j is not None and j not in idx_batch and batch_out[j] not in op_map.values():
+                op_map[a] = batch_out[j]
+    return [_table(op_map), _table(idx_map)]
+
+
+def _scatter_maps(params, in_shapes, known_indices) -> list[AxisMap]:
+    """`lax.scatter` and `scatter-add` (`.at[...].set/add`, `segment_sum`): output
+    element `i` is operand element `i`, combined with the updates that land on it.
+
+    * operand: every axis (elementwise);
+    * updates: a window axis taken whole is its operand axis; a scatter axis is an
+      operand axis when it is a batching dimension, or when that operand axis is
+      indexed by a column of the indices known to be `arange` along the scatter axis
+      (`zeros.at[jnp.arange(B), k].add(v)`);
+    * indices: such a scatter axis decides which element of that operand axis it
+      writes, and nothing else does; every other axis reaches every element."""
+    dn = params["dimension_numbers"]
+    op_shape, idx_shape, upd_shape = in_shapes[0], in_shapes[1], in_shapes[2]
+    window_dims = tuple(dn.update_window_dims)
+    inserted = tuple(dn.inserted_window_dims)
+    to_operand = tuple(dn.scatter_dims_to_operand_dims)
+    op_batch = tuple(getattr(dn, "operand_batching_dims", ()))
+    idx_batch = tuple(getattr(dn, "scatter_indices_batching_dims", ()))
+    scatter_upd = [u for u in range(len(upd_shape)) if u not in window_dims]
+    n_idx = len(idx_shape) - 1
+    if len(scatter_upd) != n_idx or len(in_shapes) != 3:
+        return [_identity] + [_nothing] * (len(in_shapes) - 1)
+    upd_map: dict = {}
+    window = [a for a in range(len(op_shape)) if a not in inserted and a not in op_batch]
+    for a, u in zip(window, window_dims):
+        if upd_shape[u] == op_shape[a]:
+            upd_map[u] = a
+    idx_map: dict = {}
+    for a, j in zip(op_batch, idx_batch):
+        if op_shape[a] == idx_shape[j]:
+            upd_map[scatter_upd[j]] = a
+            idx_map[j] = a
+    if known_indices is not None and np.shape(known_indices) == tuple(idx_shape):
+        for p, a in enumerate(to_operand):
+            if a not in inserted or a in upd_map.values():
+                continue
+            j = _iota_along(known_indices[..., p], op_shape[a])
+            if j is not None and j not in idx_batch:
+                upd_map[scatter_upd[j]] = a
+                idx_map[j] = a
+    return [_identity, _table(idx_map), _table(upd_map)]
+
+
 def _elementwise(in_shape, out_shape) -> AxisMap:
     """Right-aligned; an axis broadcast from size 1 is not aligned."""
     if tuple(in_shape) == tuple(out_shape):
@@ -440,14 +571,33 @@ def _dot_map(batch, free, offset) -> AxisMap:
     return m
 
 
-def _unit_reshape(in_shape, out_shape) -> AxisMap:
-    """Aligns axes when a reshape only inserts or removes size-1 axes."""
+def _reshape_map(in_shape, out_shape) -> AxisMap:
+    """A row-major reshape: size-1 axes aside, the axes fall into consecutive groups of
+    equal size (`(B, H, W) -> (B, H·W)`: `[B] -> [B]`, `[H, W] -> [H·W]`); an axis that is
+    a group of its own on both sides keeps its alignment. Merged or split axes reach
+    every element."""
     src = [a for a, s in enumerate(in_shape) if s != 1]
     dst = [a for a, s in enumerate(out_shape) if s != 1]
-    if [in_shape[a] for a in src] != [out_shape[a] for a in dst]:
-        return _nothing
-    table = dict(zip(src, dst))
-    return lambda a: table.get(a)
+    table: dict = {}
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        gi, gj = [src[i]], [dst[j]]
+        pi, pj = in_shape[src[i]], out_shape[dst[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(src):
+                gi.append(src[i])
+                pi *= in_shape[src[i]]
+                i += 1
+            elif pj < pi and j < len(dst):
+                gj.append(dst[j])
+                pj *= out_shape[dst[j]]
+                j += 1
+            else:
+                return _table(table)
+        if len(gi) == 1 and len(gj) == 1:
+            table[gi[0]] = gj[0]
+    return _table(table)
 
 
 def cumulative_kind(eqn) -> tuple[int, str] | None:
@@ -475,9 +625,10 @@ def move(eqn, deps: Deps, axis_map: AxisMap, n_in: int, n_out: int) -> Deps:
     return moved.map_entries(adjust)
 
 
-def through(eqn, in_deps: list[Deps], in_shapes, out_shape) -> Deps:
-    """The output's dependencies for a single-output equation without samples."""
-    maps = axis_rule(eqn, in_shapes, out_shape)
+def through(eqn, in_deps: list[Deps], in_shapes, out_shape, known=None) -> Deps:
+    """The output's dependencies for a single-output equation without samples (`known`:
+    the operands' values where known while tracing, as for `axis_rule`)."""
+    maps = axis_rule(eqn, in_shapes, out_shape, known)
     return join(
         move(eqn, d, m, len(s), len(out_shape)) for d, m, s in zip(in_deps, maps, in_shapes) if d
     )

@@ -71,6 +71,10 @@ class Val:
     value: Any
     deps: Deps = EMPTY
     terms: dict[TermKey, Any] | None = None  # None: one term, the value itself
+    # The value as a NumPy array when it is known while tracing (an integer index array
+    # built from `iota`, literals and constants, e.g. `jnp.arange(B)`): the axis rules of
+    # gathers and scatters read it to prove alignment. None when unknown.
+    known: Any = None
 
     def term_items(self) -> list[tuple[Deps, Any]]:
         if self.terms is None:
@@ -82,7 +86,7 @@ class Val:
         return self.terms is not None
 
     def collapsed(self) -> Val:
-        return Val(self.value, self.deps) if self.terms is not None else self
+        return Val(self.value, self.deps, known=self.known) if self.terms is not None else self
 
 
 def make_val(value: Any, deps: Deps, items: Iterable[tuple[Deps, Any]]) -> Val:

@@ -117,7 +117,7 @@ def eval_jaxpr(
 
     def read(v) -> Val:
         if isinstance(v, _compat.Literal):
-            return Val(v.val)
+            return Val(v.val, known=known_value(v.val))
         return env[v]
 
     if len(args) != len(jaxpr.invars):
@@ -127,10 +127,153 @@ def eval_jaxpr(
     for index, eqn in enumerate(jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
         outvals = eval_equation(ctx, index, eqn, invals)
+        known = _known_outputs(eqn, invals)
+        if known is not None:
+            outvals = [dataclasses.replace(o, known=k) for o, k in zip(outvals, known)]
         for v, out in zip(eqn.outvars, outvals):
             if not isinstance(v, _compat.DropVar):
                 env[v] = out
     return [read(v) for v in (*jaxpr.outvars, *extra_outvars)]
+
+
+# -- Values known while tracing -----------------------------------------------------------
+
+# Index arrays up to this many elements are evaluated while tracing when they are known.
+KNOWN_MAX_SIZE = 1 << 16
+
+
+def known_value(x: Any) -> np.ndarray | None:
+    """`x` as a NumPy array when it is a concrete (not traced), small integer or boolean
+    array: the index arrays whose values prove alignment (`jnp.arange(B)`)."""
+    if isinstance(x, _compat.Tracer):
+        return None
+    try:
+        a = np.asarray(x)
+    except (TypeError, ValueError):
+        return None
+    if a.dtype.kind not in "biu" or a.size > KNOWN_MAX_SIZE:
+        return None
+    return a
+
+
+def const_val(x: Any) -> Val:
+    """A jaxpr constant as a `Val` (known when it is an index array)."""
+    return Val(x, known=known_value(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopIndex:
+    """A known value that is not a constant: every element of the array equals the
+    current iteration of the `scan` at `level` (of `length` steps) plus `offset` (a
+    `fori_loop` counter, a slice of `jnp.arange(T)` scanned over). `xs[t]` and
+    `buf.at[t].set(c)` at such an index keep causality (`_loop_index_deps`)."""
+
+    level: int
+    offset: int
+    length: int
+
+    def covers(self, lo: int, hi: int) -> bool:
+        """Whether every value it takes lies in [lo, hi)."""
+        return lo <= self.offset and self.offset + self.length <= hi
+
+
+def _uniform(k: Any) -> int | None:
+    """The one value of a known integer array whose elements are all equal, else None."""
+    if not isinstance(k, np.ndarray) or np.ma.isMaskedArray(k) or k.size == 0:
+        return None
+    first = k.reshape(-1)[0]
+    return int(first) if np.all(k == first) else None
+
+
+# Shape and dtype changes that keep "every element equals t + offset".
+_INDEX_PRESERVING = frozenset(
+    {
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "broadcast_in_dim",
+        "reshape",
+        "squeeze",
+        "expand_dims",
+    }
+)
+
+
+def _loop_index_outputs(eqn, invals: list[Val]) -> list | None:
+    """Known outputs of the index arithmetic JAX emits around a loop counter: `t + c`,
+    `t - c`, `t < c` (the negative-index normalisation `select_n(t < 0, t, t + n)`)."""
+    name = eqn.primitive.name
+    ks = [v.known for v in invals]
+    if name == "select_n":
+        which = _uniform(ks[0])
+        return None if which is None or ks[1 + which] is None else [ks[1 + which]]
+    idx = [k for k in ks if isinstance(k, LoopIndex)]
+    if len(idx) != 1 or not _small_integral(eqn.outvars[0]):
+        return None
+    (li,) = idx
+    if name in _INDEX_PRESERVING:
+        return [li]
+    first = isinstance(ks[0], LoopIndex)
+    if len(ks) != 2 or (not first and name != "add"):
+        return None
+    c = _uniform(ks[1] if first else ks[0])
+    if c is None:
+        return None
+    if name == "add":
+        return [dataclasses.replace(li, offset=li.offset + c)]
+    if name == "sub":
+        return [dataclasses.replace(li, offset=li.offset - c)]
+    if name == "lt":
+        shape = _aval_shape(eqn.outvars[0])
+        if li.offset >= c:  # t + offset < c never holds
+            return [np.zeros(shape, bool)]
+        if li.offset + li.length <= c:  # always holds
+            return [np.ones(shape, bool)]
+    return None
+
+
+def _small_integral(v) -> bool:
+    aval = getattr(v, "aval", None)
+    dtype = getattr(aval, "dtype", None)
+    return (
+        isinstance(dtype, np.dtype)  # not a PRNG key's extended dtype
+        and dtype.kind in "biu"
+        and int(np.prod(_aval_shape(v), dtype=np.int64)) <= KNOWN_MAX_SIZE
+    )
+
+
+def _known_outputs(eqn, invals: list[Val]) -> list | None:
+    """The outputs of a sample-free equation on known integer inputs (`iota`, the index
+    normalisation `select_n(x < 0, x, x + n)`, `broadcast_in_dim`), computed now with
+    eager JAX; None when an input or output is not known. A `concatenate` of known and
+    unknown parts is a `np.ma.MaskedArray`, the unknown elements masked."""
+    if any(isinstance(v.known, LoopIndex) for v in invals):
+        return _loop_index_outputs(eqn, invals)
+    if eqn.primitive.name == "concatenate" and any(v.known is not None for v in invals):
+        # Index columns side by side (`x[jnp.arange(B), k]`): the known ones stay known,
+        # the others are masked.
+        if not _small_integral(eqn.outvars[0]):
+            return None
+        parts = [
+            np.ma.masked_all(_aval_shape(var), var.aval.dtype)
+            if v.known is None
+            else np.ma.asarray(v.known)
+            for v, var in zip(invals, eqn.invars)
+        ]
+        return [np.ma.concatenate(parts, axis=eqn.params["dimension"])]
+    if (
+        any(v.known is None or np.ma.isMaskedArray(v.known) for v in invals)
+        or eqn.effects
+        or not all(_small_integral(v) for v in eqn.outvars)
+        or any(True for _ in _compat.iter_subjaxprs(eqn.params))
+    ):
+        return None
+    try:
+        with jax.ensure_compile_time_eval():
+            outs = _compat.bind_equation(eqn, [v.known for v in invals])
+    except Exception:  # noqa: BLE001  (unknown is always sound)
+        return None
+    return [known_value(o) for o in outs]
 
 
 def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
@@ -158,7 +301,10 @@ def default_rule(eqn, invals: list[Val]) -> list[Val]:
     in_deps = [v.deps for v in invals]
     if not any(in_deps):
         return [Val(o) for o in outs]
-    out_deps = output_deps(eqn, in_deps)
+    out_deps = _loop_index_deps(eqn, invals)
+    if out_deps is None:
+        arrays = [v.known if isinstance(v.known, np.ndarray) else None for v in invals]
+        out_deps = output_deps(eqn, in_deps, arrays)
     if len(outs) == 1:
         rule = term_rules.get(eqn.primitive.name)
         items = rule(eqn, invals, outs[0]) if rule is not None else None
@@ -172,8 +318,9 @@ def default_rule(eqn, invals: list[Val]) -> list[Val]:
     return [Val(o, d) for o, d in zip(outs, out_deps)]
 
 
-def output_deps(eqn, in_deps: list[Deps]) -> list[Deps]:
-    """Dependencies of each output of a sample-free equation."""
+def output_deps(eqn, in_deps: list[Deps], known: list | None = None) -> list[Deps]:
+    """Dependencies of each output of a sample-free equation (`known`: the operands'
+    values where known while tracing, see `known_value`)."""
     name = eqn.primitive.name
     if name in STATIC_CALLS and STATIC_CALLS[name] in eqn.params:
         jaxpr, consts = _compat.open_jaxpr(eqn.params[STATIC_CALLS[name]])
@@ -183,9 +330,112 @@ def output_deps(eqn, in_deps: list[Deps]) -> list[Deps]:
             with inside_call(eqn):
                 return static_deps(jaxpr, [EMPTY] * len(consts), in_deps)
     in_shapes = [_aval_shape(v) for v in eqn.invars]
+    if name in ("sort", "top_k"):
+        # Along the sorted axis every output element may come from any operand element;
+        # the other axes stay aligned (every operand has the output's shape there).
+        n = len(in_shapes[0])
+        axis = eqn.params["dimension"] if name == "sort" else eqn.params.get("axis", n - 1)
+
+        def along(a):
+            return None if a == axis else a
+
+        out = _deps.join(d.map_axes(lambda a: along(a % n) if a < n else None) for d in in_deps)
+        return [out] * len(eqn.outvars)
     if len(eqn.outvars) == 1:
-        return [_deps.through(eqn, in_deps, in_shapes, _aval_shape(eqn.outvars[0]))]
+        return [_deps.through(eqn, in_deps, in_shapes, _aval_shape(eqn.outvars[0]), known)]
     return [_deps.join(d.coarsened() for d in in_deps)] * len(eqn.outvars)
+
+
+def _shifted_kind(kind: str, offset: int) -> str | None:
+    """Node element `j` related by `kind` to `t + offset`: its relation to `t` (None:
+    every element)."""
+    if offset == 0:
+        return kind
+    below = offset < 0
+    if kind in (("eq", "le", "lt") if below else ("eq", "ge", "gt")):
+        return "lt" if below else "gt"
+    return None
+
+
+def _loop_index_deps(eqn, invals: list[Val]) -> list[Deps] | None:
+    """`xs[t]` (`dynamic_slice`) and `buf.at[t].set(c)` (`dynamic_update_slice`, or a
+    `scatter` at one index) at a loop counter `t` (`LoopIndex`) of a scan of length
+    `len(xs)`: element `t` of axis `a` is the current iteration, so a node axis aligned
+    with axis `a` becomes `Loop(level)` when read (step `t` reads what step `t` wrote,
+    or what the `t`-th draw made) and a `Loop(level)` relation of the written value
+    becomes axis `a` of the buffer (element `u` holds what step `u` wrote). Returns None
+    when no index is a loop counter (the axis rules apply)."""
+    name = eqn.primitive.name
+    if name == "dynamic_slice":
+        shape, sizes = _aval_shape(eqn.invars[0]), eqn.params["slice_sizes"]
+        starts = invals[1:]
+        to_loop = {}
+        for a, v in enumerate(starts):
+            li = v.known
+            if isinstance(li, LoopIndex) and sizes[a] == 1 and li.covers(0, shape[a]):
+                to_loop[a] = li
+        if not to_loop:
+            return None
+
+        def read(e):
+            if isinstance(e, Axis):
+                if e.axis in to_loop:
+                    li = to_loop[e.axis]
+                    kind = _shifted_kind(e.kind, li.offset)
+                    return ALL if kind is None else _deps.Loop(li.level, kind)
+                return e if sizes[e.axis] == shape[e.axis] else ALL
+            return e
+
+        parts = [invals[0].deps.map_entries(read)] + [v.deps.coarsened() for v in starts]
+        return [_deps.join(parts)]
+    if name == "dynamic_update_slice":
+        shape, upd = _aval_shape(eqn.invars[0]), _aval_shape(eqn.invars[1])
+        starts, n_index = invals[2:], 2
+    elif name in ("scatter", "scatter-add", "scatter_add"):
+        dn = eqn.params["dimension_numbers"]
+        li = invals[1].known
+        shape, upd = _aval_shape(eqn.invars[0]), _aval_shape(eqn.invars[2])
+        if not (
+            isinstance(li, LoopIndex)
+            and _aval_shape(eqn.invars[1]) == (1,)
+            and len(dn.scatter_dims_to_operand_dims) == 1
+            and tuple(dn.inserted_window_dims) == tuple(dn.scatter_dims_to_operand_dims)
+            and not getattr(dn, "operand_batching_dims", ())
+            and len(upd) == len(shape) - 1
+        ):
+            return None
+        (a,) = dn.scatter_dims_to_operand_dims
+        # The update is the buffer's row without axis `a`: laid out with a size-1 axis.
+        upd = upd[:a] + (1,) + upd[a:]
+        starts = [Val(None) for _ in shape]
+        starts[a] = invals[1]
+        n_index = 1
+    else:
+        return None
+    written = {}
+    for a, v in enumerate(starts):
+        li = v.known
+        if isinstance(li, LoopIndex) and li.offset == 0 and upd[a] == 1 and li.length == shape[a]:
+            written[a] = li
+    if not written:
+        return None
+    inserted = name != "dynamic_update_slice"
+    (a,) = written if len(written) == 1 else (None,)
+    if a is None:
+        return None
+    li = written[a]
+
+    def write(e):
+        if isinstance(e, _deps.Loop) and e.level == li.level:
+            return Axis(a, e.kind)
+        if isinstance(e, Axis):
+            axis = e.axis + 1 if inserted and e.axis >= a else e.axis
+            return Axis(axis, e.kind) if axis != a and upd[axis] == shape[axis] else ALL
+        return e
+
+    update = invals[-1] if inserted else invals[1]
+    index_deps = [v.deps.coarsened() for v in (invals[1:2] if inserted else invals[n_index:])]
+    return [_deps.join([invals[0].deps, update.deps.map_entries(write), *index_deps])]
 
 
 # Where alignment fell back to "every element", collected while `describe` runs:
@@ -525,12 +775,15 @@ def _elementwise_leaves(d: dist.Distribution, n_batch: int = 0) -> set[int]:
     for element: batch element `i` of a draw reads element `i` of the leaf only.
 
     A parameter qualifies when it has exactly `batch_shape` followed by as many axes as
-    its constraint's `event_dim` (a Categorical's logits are `batch_shape + (K,)`), and a
-    wrapper's leaves when they qualify for an inner distribution of the same batch shape.
-    Anything else (an event shape, a leaf no constraint names, an inner distribution of
-    another batch shape, such as the base of `Categorical(l).expand((B,))` whose logits are
-    `(K,)`) reaches every element: the sound default. A leaf in two roles qualifies only
-    if it qualifies in both. The leaves carry `n_batch` leading vmapped axes of their own.
+    its constraint's `event_dim` (a Categorical's logits are `batch_shape + (K,)`, a
+    MultivariateNormal's loc `batch_shape + (D,)`, a Dirichlet's concentration
+    `batch_shape + (K,)`), and a wrapper's leaves when they qualify for an inner
+    distribution of the same batch shape (for `Independent`, one whose batch shape starts
+    with `Independent`'s). Anything else (a leaf no constraint names, a shared
+    `scale_tril`, an inner distribution of another batch shape, such as the base of
+    `Categorical(l).expand((B,))` whose logits are `(K,)`) reaches every element: the
+    sound default. A leaf in two roles qualifies only if it qualifies in both. The
+    leaves carry `n_batch` leading vmapped axes of their own.
     """
     good: set[int] = set()
     bad: set[int] = set()
@@ -538,11 +791,15 @@ def _elementwise_leaves(d: dist.Distribution, n_batch: int = 0) -> set[int]:
     def visit(d: dist.Distribution) -> None:
         batch = tuple(d.batch_shape)
         inner = _inner_distributions(d)
-        if d.event_shape or (inner and not isinstance(d, _ELEMENTWISE_WRAPPERS)):
+        independent = isinstance(d, dist.Independent)
+        if inner and not (independent or isinstance(d, _ELEMENTWISE_WRAPPERS)):
             bad.update(id(x) for x in jax.tree_util.tree_leaves(d))
             return
         for child in inner:
-            if tuple(child.batch_shape) == batch:
+            # `Independent`'s base has more batch axes (reinterpreted as event axes):
+            # its batch element `(i, j)` is element `j` of the event of batch element `i`.
+            base = tuple(child.batch_shape)
+            if base == batch or (independent and base[: len(batch)] == batch):
                 visit(child)
             else:
                 bad.update(id(x) for x in jax.tree_util.tree_leaves(child))

@@ -109,7 +109,10 @@ def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
     graph = Graph(record)
     ctx = _interpret.Context((), graph, draws=ids)
     outs = _interpret.eval_jaxpr(
-        ctx, closed.jaxpr, [Val(c) for c in closed.consts], [Val(x) for x in dyn_leaves]
+        ctx,
+        closed.jaxpr,
+        [_interpret.const_val(c) for c in closed.consts],
+        [Val(x) for x in dyn_leaves],
     )
     aux = rebuild_aux([v.value for v in outs[1:]]) if rebuild_aux is not None else None
     return outs[0], aux, graph
@@ -129,7 +132,7 @@ def _draws_by_id(closed, dyn_leaves, draws: dict) -> dict:
         _interpret.eval_jaxpr(
             _interpret.Context((), graph),
             closed.jaxpr,
-            [Val(c) for c in closed.consts],
+            [_interpret.const_val(c) for c in closed.consts],
             [Val(x) for x in leaves],
         )
         box["names"] = {name: n for n, name in _node_names(graph).items()}

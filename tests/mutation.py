@@ -623,15 +623,14 @@ def _():
     )
 
 
-@mutant("axis:reshape:by_position", "a reshape aligns axes by position whatever the sizes")
+@mutant("axis:reshape:by_position", "a reshape that merges or splits axes aligns them by position")
 def _():
     _deps = _modules()[1]
     rewrite(
         _deps,
-        "_unit_reshape",
-        "    if [in_shape[a] for a in src] != [out_shape[a] for a in dst]:\n"
-        "        return _nothing\n",
-        "",
+        "_reshape_map",
+        "        if len(gi) == 1 and len(gj) == 1:",
+        "        for gi0, gj0 in zip(gi, gj):\n            table[gi0] = gj0\n        if False:",
     )
 
 
