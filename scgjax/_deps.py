@@ -153,6 +153,14 @@ def _exact_union(r1: Rel, r2: Rel) -> Rel | None:
     )
 
 
+def _normalized(rels) -> tuple:
+    """`_normalize`, without its work for the common case of one relation."""
+    if len(rels) == 1:
+        return tuple(rels)
+    unique = tuple(dict.fromkeys(rels))
+    return unique if len(unique) == 1 else _normalize(unique)
+
+
 def _normalize(rels: Iterable[Rel]) -> tuple:
     """A set of disjoint relations covering `rels` (merging those that overlap)."""
     out: list[Rel] = list(dict.fromkeys(rels))
@@ -191,19 +199,28 @@ def _normalize(rels: Iterable[Rel]) -> tuple:
 class Deps:
     """An immutable map node id → disjoint relations; hashable, so it keys cost terms."""
 
-    __slots__ = ("_map", "_hash")
+    __slots__ = ("_map", "_hash", "_axis_free")
 
     def __init__(self, mapping: dict | None = None):
         """`mapping`: node id → one relation."""
         self._map = {n: (rel,) for n, rel in (mapping or {}).items()}
-        self._hash = hash(tuple(sorted(self._map.items(), key=lambda kv: repr(kv[0]))))
+        self._hash = hash(frozenset(self._map.items()))
+        self._axis_free = None
 
     @classmethod
     def _of(cls, relsets: dict) -> Deps:
         out = cls()
-        out._map = {n: _normalize(rels) for n, rels in _merge_lanes(relsets).items()}
-        out._hash = hash(tuple(sorted(out._map.items(), key=lambda kv: repr(kv[0]))))
+        out._map = {n: _normalized(rels) for n, rels in _merge_lanes(relsets).items()}
+        out._hash = hash(frozenset(out._map.items()))
         return out
+
+    def axis_free(self) -> bool:
+        """Whether no relation has a value-axis entry (then moving axes changes nothing)."""
+        if self._axis_free is None:
+            self._axis_free = not any(
+                isinstance(e, Axis) for rels in self._map.values() for rel in rels for e in rel
+            )
+        return self._axis_free
 
     def __hash__(self):
         return self._hash
@@ -237,6 +254,9 @@ class Deps:
 
     def map_axes(self, axis_map: Callable[[int], int | None]) -> Deps:
         """Moves value-axis entries with `axis_map` (None: that entry becomes ALL)."""
+
+        if self.axis_free():
+            return self
 
         def fn(e):
             if isinstance(e, Axis):
@@ -304,6 +324,11 @@ def across_lanes(deps: Deps, names: tuple, entry_of: Callable[[str], Entry]) -> 
 
 def join(deps: Iterable[Deps]) -> Deps:
     """The dependencies of a value computed elementwise from values with `deps`."""
+    deps = [d for d in deps if d]
+    if not deps:
+        return EMPTY
+    if all(d == deps[0] for d in deps[1:]):
+        return deps[0]
     out: dict = {}
     for d in deps:
         for n, rels in d._map.items():

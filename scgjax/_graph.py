@@ -214,61 +214,83 @@ def _cumulative(x, axis: int, kind: str):
     return total if kind == "le" else total - x
 
 
-def tau(deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
+def tau(
+    deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any], cache: dict | None = None
+) -> Any:
     """For each element of a term of `shape`, the sum of the log-probabilities of the
     node elements it depends on (a node's relations are disjoint, so they add). A
     dependency through other lanes of named axes (`_deps.Lanes`) sums or gathers the
-    log-probabilities over those lanes (`lax.psum`, `lax.all_gather`)."""
-    total = None
-    for key, rel in deps.items():
-        x = log_probs[_deps.base_node(key)]
-        names = _deps.lane_names(key)
-        node_rel, lane_rel = rel[: len(rel) - len(names)], rel[len(rel) - len(names) :]
-        kept = []  # (node axis, term axis)
-        for k, entry in enumerate(node_rel):
-            if (
-                isinstance(entry, Axis)
-                and entry.axis < len(shape)
-                and np.shape(x)[k] == shape[entry.axis]
-                and entry.axis not in {a for _, a in kept}
-            ):
-                x = _cumulative(x, k, entry.kind)
-                kept.append((k, entry.axis))
-        summed = tuple(k for k in range(np.ndim(x)) if k not in {k for k, _ in kept})
-        x = jnp.sum(x, axis=summed) if summed else x
-        # Remaining node axes are in node order; put them in term-axis order.
-        order = sorted(range(len(kept)), key=lambda i: kept[i][1])
-        x = jnp.transpose(x, order) if kept else x
-        term_axes = sorted(a for _, a in kept)
-        for name, entry in zip(names, lane_rel):
-            if (
-                isinstance(entry, Axis)
-                and entry.kind == "eq"
-                and entry.axis < len(shape)
-                and entry.axis not in term_axes
-            ):
-                x = lax.all_gather(x, name, axis=0)  # lane j -> element j of the term axis
-                if np.shape(x)[0] == shape[entry.axis]:
-                    term_axes = [entry.axis] + term_axes
-                    continue
-                x = jnp.sum(x, axis=0)
-            else:
-                x = lax.psum(x, name)  # every lane (a cover for other kinds)
-        perm = sorted(range(len(term_axes)), key=lambda i: term_axes[i])
-        x = jnp.transpose(x, perm) if perm != list(range(len(perm))) else x
-        x = lax.broadcast_in_dim(x, shape, tuple(sorted(term_axes)))
-        total = x if total is None else total + x
+    log-probabilities over those lanes (`lax.psum`, `lax.all_gather`).
+
+    `cache` (shared by the terms of one surrogate) memoises each node's contribution and
+    the partial sums over the nodes in program order, so terms whose dependencies extend
+    each other's (a chain of sites: term `i` depends on sites `0..i`) add one
+    log-probability each: the emitted program grows linearly with the sites."""
+    cache = {} if cache is None else cache
+    pieces = sorted(deps.items(), key=lambda kr: (_deps.base_node(kr[0]), repr(kr)))
+    total, prefix = None, ()
+    for key, rel in pieces:
+        prefix = prefix + ((key, rel),)
+        found = cache.get((prefix, shape))
+        if found is not None:
+            total = found
+            continue
+        piece = cache.get(((key, rel), shape))
+        if piece is None:
+            piece = cache[((key, rel), shape)] = _contribution(key, rel, shape, log_probs)
+        total = piece if total is None else total + piece
+        cache[(prefix, shape)] = total
     return total
+
+
+def _contribution(key, rel, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
+    """One node's log-probabilities laid out on a term of `shape` (see `tau`)."""
+    x = log_probs[_deps.base_node(key)]
+    names = _deps.lane_names(key)
+    node_rel, lane_rel = rel[: len(rel) - len(names)], rel[len(rel) - len(names) :]
+    kept = []  # (node axis, term axis)
+    for k, entry in enumerate(node_rel):
+        if (
+            isinstance(entry, Axis)
+            and entry.axis < len(shape)
+            and np.shape(x)[k] == shape[entry.axis]
+            and entry.axis not in {a for _, a in kept}
+        ):
+            x = _cumulative(x, k, entry.kind)
+            kept.append((k, entry.axis))
+    summed = tuple(k for k in range(np.ndim(x)) if k not in {k for k, _ in kept})
+    x = jnp.sum(x, axis=summed) if summed else x
+    # Remaining node axes are in node order; put them in term-axis order.
+    order = sorted(range(len(kept)), key=lambda i: kept[i][1])
+    x = jnp.transpose(x, order) if kept else x
+    term_axes = sorted(a for _, a in kept)
+    for name, entry in zip(names, lane_rel):
+        if (
+            isinstance(entry, Axis)
+            and entry.kind == "eq"
+            and entry.axis < len(shape)
+            and entry.axis not in term_axes
+        ):
+            x = lax.all_gather(x, name, axis=0)  # lane j -> element j of the term axis
+            if np.shape(x)[0] == shape[entry.axis]:
+                term_axes = [entry.axis] + term_axes
+                continue
+            x = jnp.sum(x, axis=0)
+        else:
+            x = lax.psum(x, name)  # every lane (a cover for other kinds)
+    perm = sorted(range(len(term_axes)), key=lambda i: term_axes[i])
+    x = jnp.transpose(x, perm) if perm != list(range(len(perm))) else x
+    return lax.broadcast_in_dim(x, shape, tuple(sorted(term_axes)))
 
 
 def surrogate_sum(
     items: Iterable[tuple[Deps, Any]], log_probs: dict[NodeId, Any], boxed: bool = True
 ) -> Any:
     """Σ_terms Σ_elements ⊡(τ)·c (or τ·c with `boxed=False`, linear in the log-probs)."""
-    pieces = []
+    pieces, cache = [], {}
     for deps, term in items:
         if deps:
-            t = tau(deps, tuple(np.shape(term)), log_probs).astype(jnp.result_type(term))
+            t = tau(deps, tuple(np.shape(term)), log_probs, cache).astype(jnp.result_type(term))
             term = (magic_box(t) if boxed else t) * term
         pieces.append(jnp.sum(term))
     return sum(pieces[1:], pieces[0])

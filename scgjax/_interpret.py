@@ -1028,6 +1028,71 @@ def _exact(rule, position: int = 0):
     return checked
 
 
+# A scatter-add keeps a row axis pending while its output has at most this many elements
+# per row.
+SCATTER_PENDING_MAX = 1 << 22
+
+
+def _scatter_add(eqn, invals, out):
+    """`zeros.at[ids].add(v)`, `jax.ops.segment_sum(v, ids)` with sample-free ids: linear
+    in the updates. Each update row `j` keeps its own weight: its terms are scattered row
+    by row onto a new pending axis (like a `reduce_sum` over an aligned axis), so a cost
+    summed per segment and then over segments is weighted per row."""
+    op, idx, upd = invals
+    dn = eqn.params["dimension_numbers"]
+    upd_shape = np.shape(upd.value)
+    scatter_axes = [u for u in range(len(upd_shape)) if u not in dn.update_window_dims]
+    if (
+        op.deps
+        or idx.deps
+        or not upd.deps
+        or len(scatter_axes) != 1
+        or np.shape(idx.value)[-1:] != (1,)
+        or np.ndim(idx.value) != 2
+        or getattr(dn, "operand_batching_dims", ())
+        or not jnp.issubdtype(jnp.result_type(out), jnp.inexact)
+    ):
+        return None
+    (u0,) = scatter_axes
+    rows = upd_shape[u0]
+    maps = _deps.axis_rule(eqn, [np.shape(v.value) for v in invals], np.shape(out))
+    upd_map, n_out, n_upd = maps[2], np.ndim(out), len(upd_shape)
+    zeros = jnp.zeros_like(op.value)
+    items = [(EMPTY, op.value)]
+    for deps, t in upd.term_items():
+        n_pending = np.ndim(t) - n_upd
+        aligned = any(isinstance(e, Axis) and e.axis == u0 for _, rel in deps.items() for e in rel)
+        size = np.size(out) * rows * int(np.prod(np.shape(t)[n_upd:]))
+        if not aligned or size > SCATTER_PENDING_MAX:
+
+            def whole(x):
+                return _compat.bind_equation(eqn, [zeros, idx.value, x])[0]
+
+            for _ in range(n_pending):
+                whole = jax.vmap(whole, in_axes=-1, out_axes=-1)
+            moved_deps = deps.map_axes(lambda a: upd_map(a) if a < n_upd else n_out + a - n_upd)
+            items.append((moved_deps, whole(t)))
+            continue
+
+        def one_row(x, i):  # row j of the update (axis u0 removed) and its index row
+            return _compat.bind_equation(eqn, [zeros, i[None], jnp.expand_dims(x, u0)])[0]
+
+        fn = one_row
+        for _ in range(n_pending):
+            fn = jax.vmap(fn, in_axes=(-1, None), out_axes=-1)
+        scattered = jax.vmap(fn, in_axes=(u0, 0), out_axes=-1)(t, idx.value)
+
+        def moved(a, n_pending=n_pending):
+            if a == u0:
+                return n_out + n_pending  # the new pending axis: update row j
+            if a >= n_upd:
+                return n_out + a - n_upd  # an existing pending axis
+            return upd_map(a)
+
+        items.append((deps.map_axes(moved), scattered))
+    return items
+
+
 # Keyed by primitive name: some (e.g. `stack`) are not exported by every JAX version.
 for _name in (
     "neg",
@@ -1051,3 +1116,4 @@ term_rules["select_n"] = _joint(1)
 term_rules["mul"] = _linear_in_one(0, 1)
 term_rules["div"] = _exact(_linear_in_one(0))
 term_rules["dot_general"] = _dot_general
+term_rules["scatter-add"] = term_rules["scatter_add"] = _scatter_add

@@ -584,13 +584,18 @@ def _aligned_axes(items) -> tuple[dict, dict]:
     return out, dependent
 
 
-def _cost_producer(jaxpr) -> str:
-    """The operation that produced the returned cost, with its source line."""
-    out = jaxpr.outvars[0]
+def _cost_producer(jaxpr, position: int = 0) -> str:
+    """The operation that produced the returned cost (output `position` of `jaxpr`),
+    with its source line; looks inside calls (`jax.jit(f)`), whose terms pass through."""
+    out = jaxpr.outvars[position]
     for eqn in reversed(jaxpr.eqns):
         if out in eqn.outvars:
             if eqn.primitive.name in _interpret.term_rules:
                 return ""  # a linear operation whose terms all have the same weight
+            call = _interpret.STATIC_CALLS.get(eqn.primitive.name)
+            if call in eqn.params and eqn.primitive.name in _interpret.DATAFLOW_RULES:
+                inner, _ = _compat.open_jaxpr(eqn.params[call])
+                return _cost_producer(inner, eqn.outvars.index(out))
             src = _compat.source_info(eqn)
             return f"{eqn.primitive.name} ({src})" if src else eqn.primitive.name
     return ""

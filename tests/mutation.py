@@ -114,9 +114,11 @@ DOWNSTREAM = _ids(
 )
 
 TERM_TESTS = TRANSFORM + EXACT_TABLE + RANDOM + PLATES + CHAINS + LOOPS[:2]
-AXIS_TESTS = TRANSFORM + EXACT_TABLE + RANDOM + PLATES + CHAINS + CALLS
+ALIGNMENT = ("tests/test_alignment.py",)  # the indexing idioms (issue 7)
+AXIS_TESTS = ALIGNMENT + TRANSFORM + EXACT_TABLE + RANDOM + PLATES + CHAINS + CALLS
 CAUSAL_TESTS = (
-    TRANSFORM
+    ALIGNMENT
+    + TRANSFORM
     + EXACT_TABLE
     + _first("test_random_loop_program_is_exact")
     + LOOPS
@@ -490,6 +492,10 @@ AXIS_FAMILIES = {
     "pad": ("pad",),
     "stack": ("stack",),
     "slice": ("slice",),
+    "gather": ("gather",),
+    "scatter": ("scatter", "scatter-add"),
+    "dynamic_slice": ("dynamic_slice", "dynamic_update_slice"),
+    "conv": ("conv_general_dilated",),
     "other": (),  # the primitives without a rule of their own (rev, gather, sort, ...)
 }
 
@@ -507,8 +513,8 @@ def _wrap_axis_rule(family: str, transform) -> None:
             return name not in known
         return name in names
 
-    def axis_rule(eqn, in_shapes, out_shape):
-        maps = orig(eqn, in_shapes, out_shape)
+    def axis_rule(eqn, in_shapes, out_shape, known=None):
+        maps = orig(eqn, in_shapes, out_shape, known)
         if not selected(eqn.primitive.name):
             return maps
 
@@ -571,6 +577,43 @@ for _family in ("elementwise", "broadcast_in_dim", "transpose", "reduce", "dot_g
         f"axis:{_family}:coarsen",
         f"the {_family} axis rule makes every axis ALL (no plates through it: variance only)",
     )(lambda f=_family: _wrap_axis_rule(f, _coarsen))
+
+
+@mutant(
+    "axis:gather:any_column",
+    "an index column known while tracing counts as jnp.arange whatever its values",
+)
+def _():
+    _deps = _modules()[1]
+    rewrite(
+        _deps,
+        "_iota_along",
+        "if np.array_equal(col, np.broadcast_to(np.arange(size).reshape(shape), col.shape)):",
+        "if True:",
+    )
+
+
+@mutant(
+    "causal:loop_index:offset_ignored",
+    "xs[t + c] at a loop counter is related to step t as xs[t] is (the offset dropped)",
+)
+def _():
+    _interpret = _modules()[0]
+    rewrite(_interpret, "_shifted_kind", "if offset == 0:", "if True:")
+
+
+@mutant(
+    "causal:loop_index:any_write",
+    "buf.at[t].set(c) at a loop counter makes every step's value element t's (no offset check)",
+)
+def _():
+    _interpret = _modules()[0]
+    rewrite(
+        _interpret,
+        "_loop_index_deps",
+        "if isinstance(li, LoopIndex) and li.offset == 0 and upd[a] == 1",
+        "if isinstance(li, LoopIndex) and upd[a] == 1",
+    )
 
 
 @mutant("axis:transpose:inverse", "transpose maps axes by the permutation instead of its inverse")

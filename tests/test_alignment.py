@@ -3,8 +3,8 @@
 Each program below draws one score-function site per row (or per step) and reaches the
 cost through one idiom: gathers (`x[jnp.arange(B), k]`, `take_along_axis`, `jnp.take`,
 a `vmap`ped index, `mu[z]`, labels picked out of a `log_softmax`), `one_hot`, a
-scatter-add, `sort`/`top_k`/`cumsum` along the other axis, reshapes that merge other
-axes, a convolution, `xs[t]` and `buf.at[t].set(c)` at a loop counter, and distributions
+scatter-add, `segment_sum`, `sort`/`top_k`/`cumsum` along the other axis, reshapes that
+merge other axes, a convolution, `xs[t]` and `buf.at[t].set(c)` at a loop counter, and distributions
 with event axes (`MultivariateNormal`, `Dirichlet`, `Multinomial`, `Independent`).
 
 Two checks per program:
@@ -149,6 +149,20 @@ def scatter_add_hand(th, z):
     return cat_lp(th, z["k"]), (th[:, 0] * X[np.arange(B), z["k"]]) ** 2
 
 
+SEGMENTS = np.array([1, 0, 1], np.int32)
+
+
+def segment_sum(th, segments, key):
+    k = cat(key, th)
+    per_row = (X[jnp.arange(B), k] - th[:, 0]) ** 2
+    return jnp.sum(jax.ops.segment_sum(per_row, segments, num_segments=2) * jnp.array([1.0, 3.0]))
+
+
+def segment_sum_hand(th, z, segments):
+    weight = jnp.array([1.0, 3.0])[segments]
+    return cat_lp(th, z["k"]), weight * (X[np.arange(B), z["k"]] - th[:, 0]) ** 2
+
+
 W = jnp.array([0.7, -0.2, 1.3], np.float32)
 
 
@@ -212,6 +226,7 @@ SAME_KEY = [
     (label_nll_take_along, label_nll_hand, (LABELS,)),
     (one_hot, gather_arange_hand, ()),
     (scatter_add, scatter_add_hand, ()),
+    (segment_sum, segment_sum_hand, (SEGMENTS,)),
     (sort_rows, sort_rows_hand, ()),
     (top_k_rows, top_k_rows_hand, ()),
     (cumsum_rows, cumsum_rows_hand, ()),
@@ -295,6 +310,32 @@ LOOPS = [
 ]
 
 
+def scan_reads_next(th, key):
+    """Step t reads draw t + 1: weighted by the draws after t (a cover), not by draw t."""
+    a = bern(key, th[:, 0])
+
+    def body(s, t):
+        return s, (a[t + 1] - R[t]) ** 2 * th[t, 1]
+
+    _, costs = lax.scan(body, 0.0, jnp.arange(T - 1))
+    return jnp.sum(costs)
+
+
+def fori_writes_next(th, key):
+    """Step t writes element t + 1 (the last write is dropped): not element t's."""
+    keys = jax.random.split(key, T)
+
+    def body(t, buf):
+        a = bern(keys[t], th[t, 0])
+        return buf.at[t + 1].set((a - R[t]) ** 2 * th[t, 1])
+
+    return jnp.sum(lax.fori_loop(0, T, body, jnp.full(T, 0.5)))
+
+
+# Offsets from the loop counter: only checked to be unbiased.
+OFFSETS = [(scan_reads_next, None, ()), (fori_writes_next, None, ())]
+
+
 # -- Distributions with event axes ----------------------------------------------------------
 
 M = jnp.array([[1.0, -0.5], [0.2, 0.8], [-1.1, 0.3]], np.float32)  # (K, D) means
@@ -374,10 +415,11 @@ def test_same_key_as_the_per_row_estimator(f, hand, extra):
         tau, c = hand(th, z, *extra)
         return jnp.sum(box(tau) * c)
 
-    def whole(th):
-        tau, c = hand(th, z, *extra)
-        total = tau[-1] if f in [g for g, _, _ in LOOPS[:3]] else jnp.sum(tau)
-        return box(total) * jnp.sum(c)
+    def whole(th):  # every cost element weighted by every draw
+        _, c = hand(th, z, *extra)
+        score = {n: v for n, v in z.items() if sites[n].estimator == "score"}
+        log_p = scg.trace(f, draws=score)(th, *extra, key).score_log_joint
+        return box(log_p) * jnp.sum(c)
 
     want = jax.grad(per_row)(theta)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
@@ -388,9 +430,10 @@ def test_same_key_as_the_per_row_estimator(f, hand, extra):
 
 @pytest.mark.parametrize(
     "f, extra",
-    [(f, extra) for f, _, extra in SAME_KEY] + [(f, extra) for f, _, extra in LOOPS],
-    ids=_ids(SAME_KEY + LOOPS),
+    [(f, extra) for f, _, extra in SAME_KEY + LOOPS + OFFSETS],
+    ids=_ids(SAME_KEY + LOOPS + OFFSETS),
 )
 def test_exact(f, extra):
-    discrete = f in [g for g, _, _ in LOOPS] or f in (label_nll, label_nll_take_along)
+    binary = [g for g, _, _ in LOOPS + OFFSETS] + [label_nll, label_nll_take_along]
+    discrete = f in binary
     assert_exact(f, THETA, extra_args=extra, supports=None if discrete else CAT, hessian=False)
