@@ -221,8 +221,14 @@ def _counters(jaxpr, num_consts, init, xs, level, length, reverse) -> dict:
             continue
         a, b = eqn.invars
         one = b if a is c_in else a if b is c_in else None
-        if isinstance(one, _compat.Literal) and np.ndim(one.val) == 0 and one.val == 1:
-            out[j] = _interpret.LoopIndex(level, c0, length)
+        li = _interpret.LoopIndex(level, c0, length)
+        if (
+            isinstance(one, _compat.Literal)
+            and np.ndim(one.val) == 0
+            and one.val == 1
+            and _interpret._holds(c_in.aval.dtype, li)  # an int8 counter would wrap
+        ):
+            out[j] = li
     for i, v in enumerate(xs):
         k = v.known
         if isinstance(k, np.ndarray) and not np.ma.isMaskedArray(k) and k.shape == (length,):

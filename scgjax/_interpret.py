@@ -211,8 +211,27 @@ def _loop_index_outputs(eqn, invals: list[Val]) -> list | None:
     if len(idx) != 1 or not _small_integral(eqn.outvars[0]):
         return None
     (li,) = idx
+    out = _loop_index_of(eqn, ks, li)
+    if isinstance(out, LoopIndex) and not _holds(eqn.outvars[0].aval.dtype, out):
+        return None  # `t.astype(bool)`, or a type too narrow for every step's value
+    return None if out is None else [out]
+
+
+def _holds(dtype, li: LoopIndex) -> bool:
+    """Whether the integer `dtype` holds every value `li` takes (bool does not)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu":
+        return False
+    info = np.iinfo(dtype)
+    return info.min <= li.offset and li.offset + max(li.length - 1, 0) <= info.max
+
+
+def _loop_index_of(eqn, ks: list, li: LoopIndex):
+    """The known output of `eqn` on inputs `ks`, one of which is `li` (see
+    `_loop_index_outputs`): a `LoopIndex`, a known array, or None."""
+    name = eqn.primitive.name
     if name in _INDEX_PRESERVING:
-        return [li]
+        return li
     first = isinstance(ks[0], LoopIndex)
     if len(ks) != 2 or (not first and name != "add"):
         return None
@@ -220,15 +239,15 @@ def _loop_index_outputs(eqn, invals: list[Val]) -> list | None:
     if c is None:
         return None
     if name == "add":
-        return [dataclasses.replace(li, offset=li.offset + c)]
+        return dataclasses.replace(li, offset=li.offset + c)
     if name == "sub":
-        return [dataclasses.replace(li, offset=li.offset - c)]
+        return dataclasses.replace(li, offset=li.offset - c)
     if name == "lt":
         shape = _aval_shape(eqn.outvars[0])
         if li.offset >= c:  # t + offset < c never holds
-            return [np.zeros(shape, bool)]
+            return np.zeros(shape, bool)
         if li.offset + li.length <= c:  # always holds
-            return [np.ones(shape, bool)]
+            return np.ones(shape, bool)
     return None
 
 

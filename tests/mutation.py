@@ -567,7 +567,8 @@ for _family in AXIS_FAMILIES:
         f"axis:{_family}:keep",
         f"the {_family} axis rule keeps an axis that should be ALL",
         equivalent=SIZE_GUARD
-        if _family in ("slice", "concatenate", "broadcast_in_dim", "stack", "squeeze")
+        if _family
+        in ("slice", "concatenate", "broadcast_in_dim", "stack", "squeeze", "dynamic_slice")
         else ELEMENTWISE_SAME_SHAPES
         if _family == "elementwise"
         else None,
@@ -596,6 +597,11 @@ def _():
 @mutant(
     "causal:loop_index:offset_ignored",
     "xs[t + c] at a loop counter is related to step t as xs[t] is (the offset dropped)",
+    equivalent=(
+        "equivalent: a read at t + c with c != 0 stays in bounds only when the array "
+        "is longer than the loop, and `_graph.tau` pairs the loop's stacked axis with a "
+        "node axis only when their lengths are equal, so the relation is never used"
+    ),
 )
 def _():
     _interpret = _modules()[0]

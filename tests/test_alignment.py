@@ -134,6 +134,16 @@ def label_nll_hand(th, z, labels):
     return bern_lp(th[:, 0], z["k"]), nll
 
 
+PERMUTATION = jnp.array([2, 0, 1])
+
+
+def gather_constant_permutation(th, key):
+    """An index known while tracing that is not `arange`: row b reads draw perm[b]."""
+    k = cat(key, th)
+    c = (X[jnp.arange(B), k] - th[:, 0]) ** 2
+    return jnp.sum(c[PERMUTATION] * jnp.array([1.0, 2.0, 3.0]))
+
+
 def one_hot(th, key):
     k = cat(key, th)
     return jnp.sum((jnp.sum(X * jax.nn.one_hot(k, K), -1) - th[:, 0]) ** 2)
@@ -147,6 +157,22 @@ def scatter_add(th, key):
 
 def scatter_add_hand(th, z):
     return cat_lp(th, z["k"]), (th[:, 0] * X[np.arange(B), z["k"]]) ** 2
+
+
+def dynamic_slice_columns(th, start, key):
+    """Columns from a start that is data: the rows (taken whole) stay aligned."""
+    v = rows_of(cat(key, th), th)
+    return jnp.sum(jnp.sum(lax.dynamic_slice(v, (start * 0, start), (B, 2)), -1) ** 2)
+
+
+def dynamic_slice_columns_hand(th, z, start):
+    return cat_lp(th, z["k"]), jnp.sum(rows_of(z["k"], th)[:, start : start + 2], -1) ** 2
+
+
+def vmap_scatter_add(th, key):
+    k = cat(key, th)
+    m = jax.vmap(lambda ki, v: jnp.zeros(K).at[ki].add(v))(k, th[:, 0])  # batching dims
+    return jnp.sum(jnp.sum(m * X, -1) ** 2)
 
 
 SEGMENTS = np.array([1, 0, 1], np.int32)
@@ -226,6 +252,8 @@ SAME_KEY = [
     (label_nll_take_along, label_nll_hand, (LABELS,)),
     (one_hot, gather_arange_hand, ()),
     (scatter_add, scatter_add_hand, ()),
+    (vmap_scatter_add, scatter_add_hand, ()),
+    (dynamic_slice_columns, dynamic_slice_columns_hand, (np.int32(1),)),
     (segment_sum, segment_sum_hand, (SEGMENTS,)),
     (sort_rows, sort_rows_hand, ()),
     (top_k_rows, top_k_rows_hand, ()),
@@ -310,6 +338,29 @@ LOOPS = [
 ]
 
 
+def scatter_by_data_permutation(th, perm, key):
+    """Rows scattered to positions that are data, then squared: not aligned."""
+    k = cat(key, th)
+    c = X[jnp.arange(B), k] - th[:, 0]
+    return jnp.sum(jnp.zeros(B).at[perm].add(c) ** 2 * jnp.array([1.0, 2.0, 3.0]))
+
+
+def conv_same_padding(th, key):
+    """A convolution mixes neighbouring positions: the width axis is not aligned."""
+    z = bern(key, th[0])  # (K,) draws along the width
+    out = lax.conv_general_dilated(z[None, None, :], KERNEL.astype(z.dtype), (1,), "SAME")
+    return jnp.sum(out[0, 0] ** 2 * jnp.array([1.0, 2.0, 3.0]))
+
+
+def reshape_regroups(th, key):
+    """(2, 3, 5) -> (5, 3, 2) is one group: its middle axes have equal sizes, but
+    element (i, j, k) of the output is not element (., j, .) of the input."""
+    z = bern(key, th[1])  # (3,)
+    v = jnp.broadcast_to(z[None, :, None], (2, 3, 5)) * jnp.arange(30.0).reshape(2, 3, 5)
+    w = jnp.sin(jnp.arange(30.0)).reshape(5, 3, 2)
+    return jnp.sum(w * v.reshape(5, 3, 2) ** 2) / 30.0
+
+
 def scan_reads_next(th, key):
     """Step t reads draw t + 1: weighted by the draws after t (a cover), not by draw t."""
     a = bern(key, th[:, 0])
@@ -332,8 +383,39 @@ def fori_writes_next(th, key):
     return jnp.sum(lax.fori_loop(0, T, body, jnp.full(T, 0.5)))
 
 
-# Offsets from the loop counter: only checked to be unbiased.
-OFFSETS = [(scan_reads_next, None, ()), (fori_writes_next, None, ())]
+def counter_cast_to_bool(th, key):
+    """`t.astype(bool)` is `t != 0`: step 2 reads draw 1 (found in review)."""
+    a = bern(key, th[:, 0])
+
+    def body(t, buf):
+        i = t.astype(bool).astype(jnp.int32)
+        return buf.at[t].set((a[i] - R[t]) ** 2 * th[t, 1])
+
+    return jnp.sum(lax.fori_loop(0, T, body, jnp.zeros(T)))
+
+
+def counter_wraps_in_uint8(th, key):
+    """`(t - 1)` in uint8 wraps at t = 0: step 0 reads the last draw (found in review)."""
+    a = bern(key, th[:, 0])
+
+    def body(t, buf):
+        i = (t - 1).astype(jnp.uint8).astype(jnp.int32) + 1
+        return buf.at[t].set((a[i] - R[t]) ** 2 * th[t, 1])
+
+    return jnp.sum(lax.fori_loop(0, T, body, jnp.zeros(T)))
+
+
+# Offsets and casts of the loop counter: only checked to be unbiased.
+OFFSETS = [
+    (gather_constant_permutation, None, ()),
+    (scatter_by_data_permutation, None, (np.array([2, 0, 1], np.int32),)),
+    (conv_same_padding, None, ()),
+    (reshape_regroups, None, ()),
+    (scan_reads_next, None, ()),
+    (fori_writes_next, None, ()),
+    (counter_cast_to_bool, None, ()),
+    (counter_wraps_in_uint8, None, ()),
+]
 
 
 # -- Distributions with event axes ----------------------------------------------------------
@@ -434,6 +516,6 @@ def test_same_key_as_the_per_row_estimator(f, hand, extra):
     ids=_ids(SAME_KEY + LOOPS + OFFSETS),
 )
 def test_exact(f, extra):
-    binary = [g for g, _, _ in LOOPS + OFFSETS] + [label_nll, label_nll_take_along]
+    binary = [g for g, _, _ in LOOPS + OFFSETS[2:]] + [label_nll, label_nll_take_along]
     discrete = f in binary
     assert_exact(f, THETA, extra_args=extra, supports=None if discrete else CAT, hessian=False)
