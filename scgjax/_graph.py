@@ -227,20 +227,30 @@ def tau(
     each other's (a chain of sites: term `i` depends on sites `0..i`) add one
     log-probability each: the emitted program grows linearly with the sites."""
     cache = {} if cache is None else cache
-    pieces = sorted(deps.items(), key=lambda kr: (_deps.base_node(kr[0]), repr(kr)))
-    total, prefix = None, ()
-    for key, rel in pieces:
-        prefix = prefix + ((key, rel),)
-        found = cache.get((prefix, shape))
+    total, prefix = None, ("prefix", shape)  # a partial sum is known by its id
+    for key, rel in _in_program_order(deps.items()):
+        step = (prefix, key, rel)
+        found = cache.get(step)
         if found is not None:
-            total = found
+            prefix, total = found
             continue
-        piece = cache.get(((key, rel), shape))
+        piece = cache.get((key, rel, shape))
         if piece is None:
-            piece = cache[((key, rel), shape)] = _contribution(key, rel, shape, log_probs)
+            piece = cache[(key, rel, shape)] = _contribution(key, rel, shape, log_probs)
         total = piece if total is None else total + piece
-        cache[(prefix, shape)] = total
+        prefix = ("prefix", len(cache))
+        cache[step] = (prefix, total)
     return total
+
+
+def _in_program_order(items: list) -> list:
+    """Dependency items sorted by node id (program order); the few that share a node
+    (several relations, lanes) by their text, so that every term sees the same order."""
+    items = sorted(items, key=lambda kr: _deps.base_node(kr[0]))
+    nodes = [_deps.base_node(k) for k, _ in items]
+    if len(set(nodes)) == len(nodes):
+        return items
+    return sorted(items, key=lambda kr: (_deps.base_node(kr[0]), repr(kr)))
 
 
 def _contribution(key, rel, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
