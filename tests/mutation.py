@@ -893,8 +893,8 @@ def _():
     rewrite(
         _graph,
         "_contribution",
-        "            isinstance(entry, Axis)\n            and entry.axis < len(shape)\n            and np.shape(x)[k]",
-        "            False\n            and entry.axis < len(shape)\n            and np.shape(x)[k]",
+        "            isinstance(entry, Axis)\n            and entry.axis < len(shape)\n",
+        "            False\n            and entry.axis < len(shape)\n",
     )
 
 
