@@ -361,6 +361,17 @@ def reshape_regroups(th, key):
     return jnp.sum(w * v.reshape(5, 3, 2) ** 2) / 30.0
 
 
+SYMMETRIC = jnp.array([[1.0, 0.3, -0.2], [0.3, 2.0, 0.5], [-0.2, 0.5, 3.5]])
+
+
+def eigh_mixes_rows(th, key):
+    """A multi-output primitive (eigh: eigenvalues and vectors) mixes every element."""
+    z = bern(key, th[0])
+    m = SYMMETRIC + jnp.diag(z * jnp.array([0.7, -0.4, 0.9]))
+    w, _ = jnp.linalg.eigh(m, symmetrize_input=False)
+    return jnp.sum(w**2 * jnp.array([1.0, 2.0, 3.0]))
+
+
 def scan_reads_next(th, key):
     """Step t reads draw t + 1: weighted by the draws after t (a cover), not by draw t."""
     a = bern(key, th[:, 0])
@@ -411,6 +422,7 @@ OFFSETS = [
     (scatter_by_data_permutation, None, (np.array([2, 0, 1], np.int32),)),
     (conv_same_padding, None, ()),
     (reshape_regroups, None, ()),
+    (eigh_mixes_rows, None, ()),
     (scan_reads_next, None, ()),
     (fori_writes_next, None, ()),
     (counter_cast_to_bool, None, ()),
