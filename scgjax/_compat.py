@@ -23,6 +23,10 @@ DropVar = jex.DropVar
 Primitive = jex.Primitive
 primitives = jex.primitives
 ShapedArray = jax.core.ShapedArray
+try:  # pragma: no cover - depends on the JAX version
+    from jax._src.shard_map import shard_map_p
+except ImportError:  # pragma: no cover
+    shard_map_p = None
 
 # `jax.grad` / `jax.vjp` trace through `LinearizeTracer` where JAX linearizes directly
 # (0.10 and newer); `jax.jvp` / `jax.jacfwd` trace through `JVPTracer`. Only the former
@@ -48,6 +52,89 @@ def open_jaxpr(j: Jaxpr | ClosedJaxpr) -> tuple[Jaxpr, list[Any]]:
     if isinstance(j, ClosedJaxpr):
         return j.jaxpr, list(j.consts)
     return j, []
+
+
+def shape_struct(aval: Any) -> jax.ShapeDtypeStruct:
+    """`aval` as a `ShapeDtypeStruct` that keeps its sharding (Explicit meshes) and its
+    varying manual axes (`shard_map`), so `jax.eval_shape` propagates both."""
+    sharding = getattr(aval, "sharding", None)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        try:
+            return jax.ShapeDtypeStruct(
+                aval.shape, aval.dtype, sharding=sharding, manual_axis_type=mat
+            )
+        except TypeError:  # pragma: no cover - a JAX without manual axis types
+            pass
+    try:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
+    except (TypeError, ValueError):  # pragma: no cover - a sharding it cannot take
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+
+def batch_axis_spec(x: Any, axis: int) -> Any:
+    """The mesh axes that an Explicit sharding shards `x`'s `axis` over (None when it is
+    not sharded, or not Explicit)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or axis >= len(spec):
+        return None
+    return spec[axis]
+
+
+def broadcast_leading(x: Any, size: int, spec_entry: Any) -> Any:
+    """`x` broadcast along a new leading axis of `size`, sharded like `spec_entry` (the
+    batch axis of the operands that a batching rule maps): under an Explicit mesh,
+    `vmap` needs every mapped operand's batch axis sharded the same."""
+    out = jnp.broadcast_to(x, (size, *jnp.shape(x)))
+    if spec_entry is None:
+        return out
+    return jax.sharding.reshard(out, jax.sharding.PartitionSpec(spec_entry))
+
+
+def varying_axes(x: Any) -> frozenset:
+    """The manual mesh axes along which `x`'s type says it varies (`shard_map` with
+    `check_vma=True`); empty elsewhere."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", ()) or ())
+
+
+def _find_all_gather_invariant():
+    from jax._src.lax import parallel
+
+    # 0.10 names it `all_gather_invariant`; 0.12 made it private.
+    for name in ("all_gather_invariant", "_all_gather_invariant"):
+        fn = getattr(parallel, name, None)
+        if fn is not None:
+            return fn
+    return None  # pragma: no cover
+
+
+_all_gather_invariant = _find_all_gather_invariant()
+
+
+def all_gather(x: Any, name: Any, axis: int, invariant: bool = False) -> Any:
+    """`lax.all_gather(x, name, axis=axis)`; with `invariant`, typed invariant along
+    `name` (every shard holds the same gathered array), as a value computed from a
+    `psum` is: then what is gathered combines with it under `check_vma=True`."""
+    if invariant and _all_gather_invariant is not None and name in varying_axes(x):
+        return _all_gather_invariant(x, name, axis=axis, tiled=False)
+    return jax.lax.all_gather(x, name, axis=axis)
+
+
+def aval_of(struct: Any) -> Any:
+    """The abstract value of `struct` (an `eval_shape` result), with its sharding and
+    varying manual axes, for a primitive's abstract evaluation."""
+    kwargs = {}
+    if getattr(struct, "sharding", None) is not None:
+        kwargs["sharding"] = struct.sharding
+    mat = getattr(struct, "manual_axis_type", None)
+    if mat is not None:
+        kwargs["manual_axis_type"] = mat
+    try:
+        return ShapedArray(struct.shape, struct.dtype, **kwargs)
+    except TypeError:  # pragma: no cover - an older ShapedArray signature
+        return ShapedArray(struct.shape, struct.dtype)
 
 
 def scan_layout(params: dict[str, Any]) -> tuple[int, int]:

@@ -191,7 +191,8 @@ def _magic_box_jvp(primals, tangents):
 
 
 magic_box_p.def_impl(_magic_box_value)
-magic_box_p.def_abstract_eval(lambda tau: _compat.ShapedArray(tau.shape, tau.dtype))
+# The box has τ's type: shape, dtype, sharding and varying manual axes (`shard_map`).
+magic_box_p.def_abstract_eval(lambda tau: tau.update(weak_type=False))
 batching.primitive_batchers[magic_box_p] = lambda args, dims: (magic_box_p.bind(*args), dims[0])
 ad.primitive_jvps[magic_box_p] = _magic_box_jvp
 mlir.register_lowering(magic_box_p, mlir.lower_fun(_magic_box_value, multiple_results=False))
@@ -215,28 +216,38 @@ def _cumulative(x, axis: int, kind: str):
 
 
 def tau(
-    deps: Deps, shape: tuple[int, ...], log_probs: dict[NodeId, Any], cache: dict | None = None
+    deps: Deps,
+    shape: tuple[int, ...],
+    log_probs: dict[NodeId, Any],
+    cache: dict | None = None,
+    varying: frozenset = frozenset(),
 ) -> Any:
     """For each element of a term of `shape`, the sum of the log-probabilities of the
     node elements it depends on (a node's relations are disjoint, so they add). A
     dependency through other lanes of named axes (`_deps.Lanes`) sums or gathers the
-    log-probabilities over those lanes (`lax.psum`, `lax.all_gather`).
+    log-probabilities over those lanes (`lax.psum`, `lax.all_gather`). Inside a
+    `shard_map`, `varying` is the term's varying manual axes: gathered over an axis the
+    term does not vary along, τ is typed invariant too, as the term is (the same on
+    every shard), so the surrogate keeps the cost's type and its transpose does not
+    sum the shards' copies.
 
     `cache` (shared by the terms of one surrogate) memoises each node's contribution and
     the partial sums over the nodes in program order, so terms whose dependencies extend
     each other's (a chain of sites: term `i` depends on sites `0..i`) add one
     log-probability each: the emitted program grows linearly with the sites."""
     cache = {} if cache is None else cache
-    total, prefix = None, ("prefix", shape)  # a partial sum is known by its id
+    total, prefix = None, ("prefix", shape, varying)  # a partial sum is known by its id
     for key, rel in _in_program_order(deps.items()):
         step = (prefix, key, rel)
         found = cache.get(step)
         if found is not None:
             prefix, total = found
             continue
-        piece = cache.get((key, rel, shape))
+        piece = cache.get((key, rel, shape, varying))
         if piece is None:
-            piece = cache[(key, rel, shape)] = _contribution(key, rel, shape, log_probs)
+            piece = cache[(key, rel, shape, varying)] = _contribution(
+                key, rel, shape, log_probs, varying
+            )
         total = piece if total is None else total + piece
         prefix = ("prefix", len(cache))
         cache[step] = (prefix, total)
@@ -253,7 +264,9 @@ def _in_program_order(items: list) -> list:
     return sorted(items, key=lambda kr: (_deps.base_node(kr[0]), repr(kr)))
 
 
-def _contribution(key, rel, shape: tuple[int, ...], log_probs: dict[NodeId, Any]) -> Any:
+def _contribution(
+    key, rel, shape: tuple[int, ...], log_probs: dict[NodeId, Any], varying: frozenset
+) -> Any:
     """One node's log-probabilities laid out on a term of `shape` (see `tau`)."""
     x = log_probs[_deps.base_node(key)]
     names = _deps.lane_names(key)
@@ -281,7 +294,8 @@ def _contribution(key, rel, shape: tuple[int, ...], log_probs: dict[NodeId, Any]
             and entry.axis < len(shape)
             and entry.axis not in term_axes
         ):
-            x = lax.all_gather(x, name, axis=0)  # lane j -> element j of the term axis
+            # lane j -> element j of the term axis
+            x = _compat.all_gather(x, name, 0, invariant=name not in varying)
             if np.shape(x)[0] == shape[entry.axis]:
                 term_axes = [entry.axis] + term_axes
                 continue
@@ -300,7 +314,9 @@ def surrogate_sum(
     pieces, cache = [], {}
     for deps, term in items:
         if deps:
-            t = tau(deps, tuple(np.shape(term)), log_probs, cache).astype(jnp.result_type(term))
+            varying = _compat.varying_axes(term)
+            t = tau(deps, tuple(np.shape(term)), log_probs, cache, varying)
+            t = t.astype(jnp.result_type(term))
             term = (magic_box(t) if boxed else t) * term
         pieces.append(jnp.sum(term))
     return sum(pieces[1:], pieces[0])
@@ -312,7 +328,14 @@ def dice_objective(cost: Val, graph: Graph) -> jax.Array:
     The value is exactly `cost.value` (the rounding of a re-associated sum is cancelled
     by a stop-gradient), and derivatives of every order are unbiased.
     """
-    surrogate = surrogate_sum(cost.term_items(), graph.log_probs) + graph.baseline_total()
+    baselines = graph.baseline_total()
+    # Inside a `shard_map`, a cost that is the same on every shard (after a `psum`) has
+    # terms typed the same way; the baseline terms of each shard's own nodes join them
+    # summed over the shards, so the surrogate is the global one on every shard.
+    extra = _compat.varying_axes(baselines) - _compat.varying_axes(cost.value)
+    if extra:
+        baselines = lax.psum(baselines, tuple(sorted(extra)))
+    surrogate = surrogate_sum(cost.term_items(), graph.log_probs) + baselines
     surrogate = surrogate.astype(jnp.result_type(cost.value))  # baselines are in float32
     return lax.stop_gradient(cost.value) + (surrogate - lax.stop_gradient(surrogate))
 

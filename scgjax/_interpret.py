@@ -39,7 +39,9 @@ higher_order_rules: dict[Any, Callable] = {}
 term_rules: dict[str, Callable] = {}
 # Higher-order primitives whose rule also runs without samples inside, whenever an input
 # depends on a node: it tracks dependencies per output and carries cost terms through.
-DATAFLOW_RULES = frozenset({"jit", "pjit", "closed_call", "remat2", "checkpoint", "scan", "cond"})
+DATAFLOW_RULES = frozenset(
+    {"jit", "pjit", "closed_call", "remat2", "checkpoint", "scan", "cond", "shard_map"}
+)
 # Call-like primitives without samples whose dependencies are read off their jaxpr.
 STATIC_CALLS = {
     "custom_jvp_call": "call_jaxpr",
@@ -624,7 +626,7 @@ def _lane_sum(out, v: Val, names: tuple, positional: tuple) -> Val:
             gathered.append(
                 (
                     _deps.across_lanes(d, (n,), lambda _, a=axis: Axis(a)),
-                    lax.all_gather(t, n, axis=axis),
+                    _compat.all_gather(t, n, axis, invariant=n not in _compat.varying_axes(out)),
                 )
             )
         items = gathered

@@ -223,18 +223,22 @@ def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch, has_bas
             has_baseline=has_baseline,
             name=name,
         ),
-        jax.ShapeDtypeStruct(key.shape, key.dtype),
-        *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves),
+        _compat.shape_struct(key),
+        *map(_compat.shape_struct, leaves),
     )
-    return _compat.ShapedArray(out.shape, out.dtype)
+    # The draw's sharding (Explicit meshes) and varying manual axes (`shard_map`) are
+    # what the draw itself would have.
+    return _compat.aval_of(out)
 
 
 def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
     # An operand may be a literal (a Python scalar in a jaxpr, `TypedFloat` on JAX 0.10):
     # `np.shape`, not `.shape`.
-    size = next(np.shape(x)[d] for x, d in zip(args, dims) if d is not None)
+    size, axis_spec = next(
+        (np.shape(x)[d], _compat.batch_axis_spec(x, d)) for x, d in zip(args, dims) if d is not None
+    )
     moved = [
-        jnp.broadcast_to(x, (size, *np.shape(x))) if d is None else jnp.moveaxis(x, d, 0)
+        _compat.broadcast_leading(x, size, axis_spec) if d is None else jnp.moveaxis(x, d, 0)
         for x, d in zip(args, dims)
     ]
     out = sample_p.bind(

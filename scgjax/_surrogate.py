@@ -26,6 +26,7 @@ from . import (
     _interpret,
     _keys,
     _lint,
+    _shard_map,  # noqa: F401  (registers the shard_map rule)
 )
 from ._graph import Graph, Val
 

@@ -2,13 +2,21 @@
 that covers both key flavours. (`jax_numpy_rank_promotion="raise"` is not set: numpyro's
 own samplers rely on rank promotion.)
 
+Every test process has four CPU devices (`--xla_force_host_platform_device_count=4`, set
+before JAX starts), so the sharding tests run meshes on any machine; a test that does not
+build a mesh runs on the default device as before.
+
 With `SCGJAX_MUTANT=<name>` the suite runs against a deliberately broken scgjax (one rule
 mutated, see tests/mutation.py and tests/MUTATION.md), in every xdist worker."""
 
 import os
 
-import jax
-import pytest
+_FLAG = "--xla_force_host_platform_device_count"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}=4".strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 MUTANT = os.environ.get("SCGJAX_MUTANT")
 if MUTANT:

@@ -1,0 +1,336 @@
+"""Multi-device estimation (issue 8): Explicit and Auto meshes, `shard_map`, `pmap`.
+
+The suite's processes have four CPU devices (tests/conftest.py). Three kinds of check:
+
+* **Same key, same estimator** as the hand-written DiCE surrogate under the same
+  sharding: `jit(scg_grad(f))` on sharded data and keys, and `scg_grad` *inside* a
+  `shard_map` body (the data-parallel step) with `check_vma=True`, including costs that
+  couple the shards through `pmean` and baselines.
+* **Exact** (float64, enumerating every joint draw): samples drawn *inside* a
+  `shard_map` or `pmap` body within `scg_grad`, with costs returned per shard, reduced by
+  `psum`/`pmean` or gathered; gradient and Hessian.
+* **Plates across shards**: per-row costs of rows drawn on different shards keep per-row
+  weights (same key as the hand-written per-row estimator, and far from the whole-batch
+  one), and a key that is the same on every shard is refused.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import scgjax as scg
+
+try:
+    from .exact import assert_exact
+except ImportError:  # tests/ is not a package
+    from exact import assert_exact
+
+CPUS = jax.devices("cpu")
+pytestmark = pytest.mark.skipif(len(CPUS) < 4, reason="needs 4 CPU devices (conftest.py)")
+
+
+def _mesh(shape, names, axis_type=AxisType.Auto):
+    n = int(np.prod(shape))
+    return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(shape), devices=CPUS[:n])
+
+
+def _box(t):
+    return jnp.exp(t - lax.stop_gradient(t))
+
+
+W = jnp.array([0.3, -0.2, 0.5])
+X = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
+
+
+# -- jit on Explicit and Auto meshes ---------------------------------------------------------
+
+
+def _rows(w, x, keys):
+    def row(k, xi):
+        k1, k2 = jax.random.split(k)
+        z = scg.sample(k1, dist.Bernoulli(logits=xi @ w)).astype(x.dtype)
+        n = scg.sample(k2, dist.Normal(xi @ w, 1.0))  # an unbatched scale
+        return (z - 0.3) ** 2 + n**2 * z
+
+    return jnp.mean(jax.vmap(row)(keys, x))
+
+
+def _rows_hand(w, x, keys):
+    def row(k, xi):
+        k1, k2 = jax.random.split(k)
+        logits = xi @ w
+        z = dist.Bernoulli(logits=lax.stop_gradient(logits)).sample(k1).astype(x.dtype)
+        n = dist.Normal(logits, 1.0).rsample(k2)
+        return _box(dist.Bernoulli(logits=logits).log_prob(z)) * ((z - 0.3) ** 2 + n**2 * z)
+
+    return jnp.mean(jax.vmap(row)(keys, x))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_jit_on_a_mesh_with_sharded_data_and_keys(axis_type):
+    mesh = _mesh((4,), ("d",), axis_type)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(X, NamedSharding(mesh, P("d")))
+        keys = jax.device_put(jax.random.split(jax.random.key(0), 8), NamedSharding(mesh, P("d")))
+        ours = jax.jit(scg.scg_grad(_rows))(W, x, keys)
+        hand = jax.jit(jax.grad(_rows_hand))(W, x, keys)
+        np.testing.assert_allclose(ours, hand, rtol=1e-5)
+        assert float(jnp.max(jnp.abs(hand))) > 0.1
+        np.testing.assert_allclose(jax.jit(_rows)(W, x, keys), jax.jit(_rows_hand)(W, x, keys))
+
+
+def test_a_draw_keeps_its_sharding_on_an_explicit_mesh():
+    """`sample`'s abstract evaluation gives the draw the sharding the draw itself has (it
+    used to drop it, and a vmapped draw with an unbatched operand could not be traced)."""
+    mesh = _mesh((4,), ("d",), AxisType.Explicit)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(X, NamedSharding(mesh, P("d")))
+
+        def draw(w, x, key, sample):
+            keys = jax.sharding.reshard(jax.random.split(key, 8), P("d"))
+            z = jax.vmap(lambda xi, k: sample(k, dist.Bernoulli(logits=xi @ w)))(x, keys)
+            assert jax.typeof(z).sharding.spec == P("d")
+            return z
+
+        z = jax.jit(draw, static_argnums=3)(W, x, jax.random.key(1), scg.sample)
+        plain = jax.jit(draw, static_argnums=3)(W, x, jax.random.key(1), lambda k, d: d.sample(k))
+        np.testing.assert_array_equal(z, plain)
+
+
+# -- scg_grad inside a shard_map body --------------------------------------------------------
+
+
+def _loss(kind):
+    def loss(w, x, key):
+        b = 0.2 * jnp.ones(x.shape[0]) if kind == "baseline" else None
+        z = scg.sample(key, dist.Bernoulli(logits=x @ w), baseline=b).astype(x.dtype)
+        per_shard = jnp.mean((z - 0.3) ** 2 * (x @ w))
+        if kind == "per shard":
+            return per_shard
+        return lax.pmean(per_shard, "d") ** 2 + lax.pmean(jnp.mean(z * x[:, 0]), "d")
+
+    return loss
+
+
+def _loss_hand(kind):
+    def loss(w, x, key):
+        logits = x @ w
+        z = dist.Bernoulli(logits=lax.stop_gradient(logits)).sample(key).astype(x.dtype)
+        lp = dist.Bernoulli(logits=logits).log_prob(z)
+        c = (z - 0.3) ** 2 * logits
+        if kind == "per shard":
+            return jnp.mean(_box(lp) * c)
+        # The pmean'd square depends on every shard's draws; the linear part on each
+        # row's own draw; each shard's baseline terms join the global surrogate.
+        out = _box(lax.psum(jnp.sum(lp), "d")) * lax.pmean(jnp.mean(c), "d") ** 2
+        out = out + lax.pmean(jnp.mean(_box(lp) * z * x[:, 0]), "d")
+        if kind == "baseline":
+            out = out + lax.psum(jnp.sum((1.0 - _box(lp)) * 0.2), "d")
+        return out
+
+    return loss
+
+
+@pytest.mark.parametrize("kind", ["per shard", "pmean", "baseline"])
+def test_scg_grad_inside_shard_map_is_the_hand_written_surrogate(kind):
+    mesh = _mesh((4,), ("d",))
+
+    def step(grad):
+        @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("d"), P()), out_specs=P())
+        def body(w, x, key):
+            key = jax.random.fold_in(key, lax.axis_index("d"))
+            return lax.pmean(grad(w, x, key), "d")
+
+        return jax.jit(body)
+
+    ours = step(scg.scg_grad(_loss(kind)))(W, X, jax.random.key(0))
+    hand = step(jax.grad(_loss_hand(kind)))(W, X, jax.random.key(0))
+    np.testing.assert_allclose(ours, hand, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(hand))) > 1e-2
+
+
+# -- Samples inside a shard_map or pmap body, within scg_grad: exact -------------------------
+
+XE = jnp.array([[0.5, -1.0], [1.5, 0.3], [-0.7, 0.8], [0.2, 0.4]])
+THETA = jnp.array([0.4, -0.3])
+
+
+def _rows_out(th, x, key):  # per-row costs leave the body sharded; a nonlinear total
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P("d"))
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return (z - xb[:, 0]) ** 2 * (xb @ th)
+
+    c = body(th, x, key)
+    return jnp.sum(c) + 0.1 * jnp.sum(c[:2]) * jnp.sum(c[2:])
+
+
+def _pmeaned(th, x, key):  # the cost couples the shards inside the body
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P())
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        m = lax.pmean(jnp.mean((z - 0.3) ** 2 * (xb @ th)), "d")
+        return m**2 + lax.pmean(jnp.mean(z * xb[:, 0]), "d")
+
+    return body(th, x, key)
+
+
+def _pmapped(th, x, key):  # pmap lowers to a shard_map with check_vma=False
+    def body(th, xb, k):
+        z = scg.sample(k, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return lax.psum(jnp.sum(z * xb[:, 1]), "i") * jnp.sum(z) + z
+
+    out = jax.pmap(body, axis_name="i", in_axes=(None, 0, 0), devices=CPUS[:2])(
+        th, x.reshape(2, 2, 2), jax.random.split(key, 2)
+    )
+    return jnp.sum(out**2)
+
+
+def _two_axes(th, x, key):  # a 2×2 mesh, one row per shard, reduced over both axes
+    mesh = _mesh((2, 2), ("a", "b"))
+
+    @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(("a", "b")), P()), out_specs=P("b"))
+    def body(th, xb, key):
+        i = lax.axis_index("a") * 2 + lax.axis_index("b")
+        z = scg.sample(jax.random.fold_in(key, i), dist.Bernoulli(logits=xb @ th))
+        c = (z.astype(xb.dtype) - xb[:, 0]) ** 2
+        out = lax.psum(jnp.sum(c), ("a", "b")) + lax.psum(jnp.sum(c * (xb @ th)), "a") ** 2
+        return out[None]  # one value per shard along "b"
+
+    return jnp.sum(body(th, x, key) ** 2)
+
+
+def _gathered(th, x, key):  # all_gather'd per-shard draws, a cost outside
+    @partial(
+        jax.shard_map,
+        mesh=_mesh((2,), ("d",)),
+        in_specs=(P(), P("d"), P()),
+        out_specs=P(),
+        check_vma=False,  # all_gather's result is typed varying
+    )
+    def body(th, xb, key):
+        z = scg.sample(jax.random.fold_in(key, lax.axis_index("d")), dist.Bernoulli(logits=xb @ th))
+        return lax.all_gather(z.astype(xb.dtype) * (xb @ th), "d")
+
+    g = body(th, x, key)
+    return jnp.sum(g[0] ** 2) + jnp.sum(g[1]) * g[0, 1]
+
+
+def _drawn_outside(th, x, key):  # no sample inside: the cost's terms pass through
+    z = scg.sample(key, dist.Bernoulli(logits=x @ th)).astype(x.dtype)
+
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=(P("d"), P("d")), out_specs=P("d"))
+    def body(z, x):
+        return (z - x[:, 0]) ** 2 + z * x[:, 1]
+
+    return jnp.sum(body(z, x) ** 2)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [_rows_out, _pmeaned, _pmapped, _two_axes, _gathered, _drawn_outside],
+    ids=lambda f: f.__name__,
+)
+def test_samples_inside_shard_map_exact(f):
+    assert_exact(f, THETA, extra_args=(XE,))
+
+
+# -- Plates across shards ----------------------------------------------------------------------
+
+XA = jax.random.normal(jax.random.key(3), (16, 3))
+THA = jnp.array([0.4, -0.3, 0.2])
+
+
+def _per_row_cost(z, x, th):
+    return (z - x[:, 0]) ** 2 * (x @ th)
+
+
+def _rows_sharded(th, x, key):
+    @partial(jax.shard_map, mesh=_mesh((4,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P("d"))
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return _per_row_cost(z, xb, th)
+
+    return jnp.sum(body(th, x, key))
+
+
+def _rows_psummed(th, x, key):
+    @partial(jax.shard_map, mesh=_mesh((4,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P())
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return lax.psum(jnp.sum(_per_row_cost(z, xb, th)), "d")
+
+    return body(th, x, key)
+
+
+def _rows_pmapped(th, x, key):
+    def body(th, xb, k):
+        z = scg.sample(k, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return _per_row_cost(z, xb, th)
+
+    out = jax.pmap(body, in_axes=(None, 0, 0), devices=CPUS[:4])(
+        th, x.reshape(4, 4, 3), jax.random.split(key, 4)
+    )
+    return jnp.sum(out)
+
+
+@pytest.mark.parametrize(
+    "f", [_rows_sharded, _rows_psummed, _rows_pmapped], ids=lambda f: f.__name__
+)
+def test_rows_drawn_on_different_shards_keep_per_row_weights(f):
+    key = jax.random.key(0)
+    (site,) = jax.jit(scg.trace(f))(THA, XA, key).sites.values()
+    z = jnp.asarray(site.value, XA.dtype).reshape(-1)
+
+    def hand(th, per_row):
+        lp = dist.Bernoulli(logits=XA @ th).log_prob(z)
+        c = _per_row_cost(z, XA, th)
+        if per_row:
+            return jnp.sum(_box(lp) * c)
+        return _box(jnp.sum(lp)) * jnp.sum(c)
+
+    ours = jax.jit(scg.scg_grad(f))(THA, XA, key)
+    np.testing.assert_allclose(ours, jax.grad(hand)(THA, True), rtol=1e-4, atol=1e-5)
+    assert float(jnp.max(jnp.abs(ours - jax.grad(hand)(THA, False)))) > 1e-1
+
+
+# -- Keys ---------------------------------------------------------------------------------------
+
+
+def test_a_key_that_is_the_same_on_every_shard_is_refused():
+    @partial(jax.shard_map, mesh=_mesh((4,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P())
+    def body(th, xb, key):  # every shard draws from `key` itself
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return lax.psum(jnp.sum(z), "d")
+
+    with pytest.raises(ValueError, match=r"same on every shard along mesh axis 'd'.*fold_in"):
+        scg.scg_grad(body)(THA, XA, jax.random.key(0))
+
+
+def test_a_key_folded_with_one_mesh_axis_of_two_is_refused():
+    @partial(
+        jax.shard_map,
+        mesh=_mesh((2, 2), ("a", "b")),
+        in_specs=(P(), P(("a", "b")), P()),
+        out_specs=P(),
+    )
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("a"))  # the same along "b"
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return lax.psum(jnp.sum(z), ("a", "b"))
+
+    with pytest.raises(ValueError, match=r"mesh axis 'b'"):
+        scg.scg_grad(body)(THA, XA, jax.random.key(0))
