@@ -75,7 +75,9 @@ Limits (what the pass assumes instead of proving)
   that equals one made outside (`fold_in(key, 3)` outside, `fold_in(key, i)` inside) is
   not caught.
 * Keys that flow through ops the pass does not model (arithmetic on key data, scatters,
-  sorts, callbacks, `shard_map`) become new keys, distinct from all others. Constants of
+  sorts, callbacks, the outputs of a `shard_map`) become new keys, distinct from all
+  others; a `shard_map` body is read as one shard, its sharded key operands as blocks of
+  new keys (the operands themselves count as consumed by the `shard_map`). Constants of
   the top-level jaxpr are unknown unless it is passed closed.
 * A key consumed twice by plain `jax.random` calls is accepted even when what they make
   feeds a score-function draw (`normal(key)` and `split(key)` with a child sampled).
@@ -917,6 +919,29 @@ class _Pass:
         ]
         return final + ys
 
+    def _shard_map(self, eqn, ins, ctx) -> list:
+        """The body is read once, as one shard: an operand that `in_specs` shards is a
+        block of new keys (each shard's own); a replicated one is the same key in the
+        body. (That a draw's key must also differ *between* shards is checked by the
+        shard_map rule, `_shard_map._check_keys_vary`.) Outputs are new values."""
+        jaxpr, consts = _compat.open_jaxpr(eqn.params["jaxpr"])
+        args, sharded = [], []
+        for i, (a, spec) in enumerate(zip(ins, eqn.params["in_specs"])):
+            if any(e is not None for e in tuple(spec)):
+                args.append(AV(vn=_h("shard_map block", id(eqn), i)))
+                sharded.append(i)
+            else:
+                args.append(a)
+        if _key_relevant(jaxpr):
+            inner = [self.from_const(c, v) for c, v in zip(consts, jaxpr.constvars)]
+            self.run(jaxpr, inner, args, ctx.child(stack=ctx.stack + (eqn,)))
+        # The sharded key operands are consumed here, by their blocks.
+        for i in sharded:
+            v = eqn.invars[i]
+            if _kind(getattr(v, "aval", None)) == "key":
+                self.consume(ctx, self.key_ids(ins[i], v.aval), eqn)
+        return self.default(eqn, ins, ctx, consume=False)
+
     def _while(self, eqn, ins, ctx) -> list:
         params = eqn.params
         cn, bn = params["cond_nconsts"], params["body_nconsts"]
@@ -1449,6 +1474,7 @@ _RULES = {
     "cond": _Pass._cond,
     "scan": _Pass._scan,
     "while": _Pass._while,
+    "shard_map": _Pass._shard_map,
 }
 
 

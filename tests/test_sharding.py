@@ -334,3 +334,33 @@ def test_a_key_folded_with_one_mesh_axis_of_two_is_refused():
 
     with pytest.raises(ValueError, match=r"mesh axis 'b'"):
         scg.scg_grad(body)(THA, XA, jax.random.key(0))
+
+
+def test_a_key_consumed_twice_inside_a_shard_map_body_is_refused():
+    @partial(jax.shard_map, mesh=_mesh((4,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P())
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+        z1 = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        z2 = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        return lax.psum(jnp.sum(z1 * z2), "d")
+
+    with pytest.raises(ValueError, match="PRNG key reuse"):
+        scg.scg_grad(body)(THA, XA, jax.random.key(0))
+
+
+def test_per_shard_keys_consumed_outside_the_shard_map_too_are_refused():
+    def f(th, x, key):
+        keys = jax.random.split(key, 4)
+
+        @partial(
+            jax.shard_map, mesh=_mesh((4,), ("d",)), in_specs=(P(), P("d"), P("d")), out_specs=P()
+        )
+        def body(th, xb, k):
+            z = scg.sample(k[0], dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+            return lax.psum(jnp.sum(z), "d")
+
+        again = scg.sample(keys[0], dist.Bernoulli(logits=th[0])).astype(x.dtype)
+        return body(th, x, keys) * again
+
+    with pytest.raises(ValueError, match="PRNG key reuse"):
+        scg.scg_grad(f)(THA, XA, jax.random.key(0))
