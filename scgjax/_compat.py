@@ -122,6 +122,24 @@ def all_gather(x: Any, name: Any, axis: int, invariant: bool = False) -> Any:
     return jax.lax.all_gather(x, name, axis=axis)
 
 
+def shard_leading(x: Any, axes: Any) -> Any:
+    """`x` with its leading axis sharded over the mesh axes `axes` of the current mesh
+    (`jax.set_mesh`): resharded on Explicit axes, constrained on Auto ones."""
+    mesh = jax.sharding.get_abstract_mesh()
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    missing = [a for a in names if a not in getattr(mesh, "axis_names", ())]
+    if missing:
+        raise ValueError(
+            f"scgjax: particle_axes={axes!r} names mesh axes {missing} that the current mesh "
+            f"({mesh}) does not have; run under `jax.set_mesh(mesh)`."
+        )
+    spec = jax.sharding.PartitionSpec(names if len(names) > 1 else names[0])
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if all(types[a] == jax.sharding.AxisType.Explicit for a in names):
+        return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def aval_of(struct: Any) -> Any:
     """The abstract value of `struct` (an `eval_shape` result), with its sharding and
     varying manual axes, for a primitive's abstract evaluation."""

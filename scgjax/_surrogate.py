@@ -253,6 +253,7 @@ def surrogate(
     key_argnum: int = -1,
     downstream: bool = False,
     draws: dict | None = None,
+    particle_axes: str | tuple[str, ...] | None = None,
 ) -> Callable:
     """The DiCE surrogate objective of a stochastic program.
 
@@ -276,6 +277,10 @@ def surrogate(
         the batch axes of a site under `vmap`; with `num_samples=K`, one more leading
         axis of K). The other sites draw from the key as usual. Pathwise sites cannot be
         replayed (their gradient flows through the value).
+      particle_axes: with `num_samples=K`, the mesh axis (or axes) of the current mesh
+        (`jax.set_mesh`) to shard the K samples over, so that each device runs K/n of
+        them; the estimate, leave-one-out baselines included, is the same as on one
+        device (the samples' keys are split before they are sharded).
 
     Returns:
       A function with `f`'s signature whose value equals `f`'s cost for the same
@@ -289,6 +294,11 @@ def surrogate(
       >>> H = jax.hessian(scg.surrogate(f))(theta, key)
     """
     num_samples = _check_options(num_samples, baseline, key_argnum)
+    if particle_axes is not None and num_samples == 1:
+        raise ValueError(
+            "scgjax: particle_axes shards the num_samples samples over mesh axes; it needs "
+            "num_samples > 1."
+        )
     loo = baseline == "leave_one_out"
     run = _one_sample(f, has_aux, downstream or loo)
 
@@ -298,6 +308,8 @@ def surrogate(
             value, aux, q, _ = run(args, kwargs, draws)
         else:
             keys = jax.random.split(_key_at(args, key_argnum), num_samples)
+            if particle_axes is not None:
+                keys = _compat.shard_leading(keys, particle_axes)
             values, aux, q, log_probs = jax.vmap(
                 lambda k, d: run(_with_key(args, key_argnum, k), kwargs, d)
             )(keys, draws)
@@ -331,7 +343,8 @@ def scg_value_and_grad(
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`.
       holomorphic, allow_int: as in `jax.value_and_grad`.
-      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`, as in
+      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`,
+        `particle_axes`, as in
         `surrogate`.
 
     Returns:
@@ -367,7 +380,8 @@ def scg_grad(
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`; then this returns `(grad, aux)`.
       holomorphic, allow_int: as in `jax.grad`.
-      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`, as
+      **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`,
+        `particle_axes`, as
         in `surrogate`. With `downstream=True` this returns `(grad, downstream)` (or
         `(grad, (aux, downstream))`).
 
@@ -546,7 +560,8 @@ def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
         out = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         if notes:
             out += ["", "alignment fell back to every element:"] + notes
-        if n_terms == 1 and items[0][0]:
+        # One term of the cost's own shape (no pending axes that keep elements apart).
+        if n_terms == 1 and items[0][0] and np.shape(items[0][1]) == np.shape(cost.value):
             stop = _cost_producer(box["closed"].jaxpr)
             if stop:
                 out += ["", f"the cost is one term: it is not split at {stop}"]

@@ -364,3 +364,27 @@ def test_per_shard_keys_consumed_outside_the_shard_map_too_are_refused():
 
     with pytest.raises(ValueError, match="PRNG key reuse"):
         scg.scg_grad(f)(THA, XA, jax.random.key(0))
+
+
+# -- Particles sharded across devices ----------------------------------------------------------
+
+
+def _particle_loss(w, x, key):
+    z = scg.sample(key, dist.Bernoulli(logits=x @ w)).astype(x.dtype)
+    return jnp.mean((z - 0.3) ** 2 * (x @ w)) ** 2
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_leave_one_out_over_particles_sharded_across_devices_is_the_one_device_estimator(
+    axis_type,
+):
+    options = dict(num_samples=8, baseline="leave_one_out")
+    key = jax.random.key(0)
+    one = jax.jit(scg.scg_grad(_particle_loss, **options))(W, X, key)
+    with jax.set_mesh(_mesh((4,), ("p",), axis_type)):
+        g = jax.jit(scg.scg_grad(_particle_loss, particle_axes="p", **options))
+        np.testing.assert_allclose(g(W, X, key), one, rtol=1e-5)
+        assert "sharding" in g.lower(W, X, key).as_text()
+        with pytest.raises(ValueError, match="mesh axes \\['q'\\]"):
+            scg.scg_grad(_particle_loss, particle_axes="q", **options)(W, X, key)
+    assert float(jnp.max(jnp.abs(one))) > 1e-4
