@@ -126,14 +126,14 @@ def shard_leading(x: Any, axes: Any) -> Any:
     """`x` with its leading axis sharded over the mesh axes `axes` of the current mesh
     (`jax.set_mesh`): resharded on Explicit axes, constrained on Auto ones."""
     mesh = jax.sharding.get_abstract_mesh()
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    names: tuple[str, ...] = (axes,) if isinstance(axes, str) else tuple(axes)
     missing = [a for a in names if a not in getattr(mesh, "axis_names", ())]
     if missing:
         raise ValueError(
             f"scgjax: particle_axes={axes!r} names mesh axes {missing} that the current mesh "
             f"({mesh}) does not have; run under `jax.set_mesh(mesh)`."
         )
-    spec = jax.sharding.PartitionSpec(names if len(names) > 1 else names[0])
+    spec = jax.sharding.PartitionSpec(names if len(names) != 1 else names[0])
     types = dict(zip(mesh.axis_names, mesh.axis_types))
     if all(types[a] == jax.sharding.AxisType.Explicit for a in names):
         return jax.sharding.reshard(x, spec)
