@@ -1183,6 +1183,103 @@ def _():
     )
 
 
+# -- Sharding: the shard_map rule, varying types ------------------------------------------
+
+SHARDING_TESTS = ("tests/test_sharding.py",)
+
+
+def _shard_map_module():
+    from scgjax import _shard_map
+
+    return _shard_map
+
+
+@mutant(
+    "shard:lift:sharded_axis_kept",
+    "lifted out of a shard_map, an entry on an axis that out_specs shards stays aligned",
+    tests=SHARDING_TESTS,
+)
+def _():
+    rewrite(
+        _shard_map_module()._Lift,
+        "deps",
+        "return e if e.axis < len(dim_axes) and not dim_axes[e.axis] else ALL",
+        "return e if e.axis < len(dim_axes) else ALL",
+    )
+
+
+@mutant(
+    "shard:lift:concat_any_axes",
+    "a concatenated node lines up with a value axis sharded over any mesh axes",
+    tests=SHARDING_TESTS,
+)
+def _():
+    rewrite(
+        _shard_map_module()._Lift,
+        "deps",
+        "and dim_axes[first.axis] == self.manual",
+        "and bool(dim_axes[first.axis])",
+    )
+
+
+@mutant(
+    "shard:lift:own_lane_any_block",
+    "a stacked node's shard axis lines up with a sharded value axis of any block size",
+    tests=SHARDING_TESTS,
+)
+def _():
+    rewrite(
+        _shard_map_module()._Lift,
+        "_lane_entry",
+        "if axes == (m,) and shape[k] == 1:",
+        "if axes == (m,):",
+    )
+
+
+@mutant(
+    "shard:entry:sharded_axis_kept",
+    "a dependency entering a shard_map keeps its entries on axes that in_specs shards",
+    tests=SHARDING_TESTS,
+)
+def _():
+    rewrite(
+        _shard_map_module(),
+        "_shard_map_rule",
+        "None if a >= len(ax) or ax[a] else a",
+        "None if a >= len(ax) else a",
+    )
+
+
+@mutant(
+    "shard:keys:unchecked",
+    "a draw whose key is the same on every shard is not refused",
+    tests=SHARDING_TESTS,
+)
+def _():
+    module = _shard_map_module()
+    module._check_keys_vary = counted(lambda eqn, jaxpr, manual: None)
+
+
+@mutant(
+    "shard:vma:varying_gather",
+    "the gathered terms (and τ) of a psum'd cost stay typed varying",
+    tests=SHARDING_TESTS,
+)
+def _():
+    compat = _modules()[4]
+    rewrite(compat, "all_gather", "if invariant and", "if False and")
+
+
+@mutant(
+    "shard:vma:baseline_not_summed",
+    "each shard's baseline terms join a psum'd cost unsummed",
+    tests=SHARDING_TESTS,
+)
+def _():
+    _graph = _modules()[2]
+    rewrite(_graph, "dice_objective", "    if extra:", "    if False:")
+
+
 # -- Running -------------------------------------------------------------------------------
 
 

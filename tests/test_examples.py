@@ -1,7 +1,13 @@
 """The examples run and say what they claim (short runs)."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -24,3 +30,30 @@ def test_baselines_example_reduces_variance():
     variance = _load("baselines").main(steps=60)
     assert variance["moving average"] < variance["no baseline"]
     assert variance["learned (Optax)"] < variance["no baseline"]
+
+
+@pytest.mark.slow
+def test_distributed_vae_two_processes_give_the_one_process_gradient(tmp_path):
+    """Two processes (`jax.distributed`, a local coordinator, four CPU devices each, the
+    batch sharded over all eight) compute the gradient one process with one device
+    computes for the same key."""
+    script = str(EXAMPLES / "distributed_vae.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    runs = {
+        "two": ["--spawn", "2", "--local-devices", "4"],
+        "one": [],
+    }
+    for name, extra in runs.items():
+        subprocess.run(
+            [sys.executable, script, "--steps", "2", "--out", str(tmp_path / name), *extra],
+            check=True,
+            env=env,
+            timeout=600,
+            capture_output=True,
+        )
+    two, one = (np.load(tmp_path / f"{n}.npz") for n in ("two", "one"))
+    assert sorted(two) == sorted(one) == ["dec_b", "dec_w", "enc_b", "enc_w"]
+    for k in one:
+        scale = np.max(np.abs(one[k]))
+        assert scale > 1e-2
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-5 * scale)

@@ -242,9 +242,42 @@ def _drawn_outside(th, x, key):  # no sample inside: the cost's terms pass throu
     return jnp.sum(body(z, x) ** 2)
 
 
+def _reordered(th, x, key):  # rows drawn in ("a", "b") order, returned in ("b", "a") order
+    mesh = _mesh((2, 2), ("a", "b"))
+
+    @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(("a", "b")), P()), out_specs=P(("b", "a")))
+    def body(th, xb, key):
+        i = lax.axis_index("a") * 2 + lax.axis_index("b")
+        z = scg.sample(jax.random.fold_in(key, i), dist.Bernoulli(logits=xb @ th))
+        return (z.astype(xb.dtype) - 0.3) ** 2 * (xb @ th) ** 2
+
+    c = body(th, x, key)  # element g is not row g's
+    return jnp.sum(c * jnp.arange(1.0, 1.0 + c.shape[0]))
+
+
+def _blocks_outside(th, x, key):  # drawn outside; each shard's block becomes a row
+    z = scg.sample(key, dist.Bernoulli(logits=x @ th)).astype(x.dtype)
+
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=P("d"), out_specs=P("d"))
+    def body(zb):
+        return zb[None, :]  # (1, 2) per shard: row s is shard s's block
+
+    rows = body(z)  # rows[s, r] is z[2 s + r], not z[r]
+    return jnp.sum((rows - 0.3) ** 2 * x[:, 0].reshape(2, 2)) + jnp.sum(rows * th[0])
+
+
 @pytest.mark.parametrize(
     "f",
-    [_rows_out, _pmeaned, _pmapped, _two_axes, _gathered, _drawn_outside],
+    [
+        _rows_out,
+        _pmeaned,
+        _pmapped,
+        _two_axes,
+        _reordered,
+        _gathered,
+        _drawn_outside,
+        _blocks_outside,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_samples_inside_shard_map_exact(f):
