@@ -54,22 +54,29 @@ def open_jaxpr(j: Jaxpr | ClosedJaxpr) -> tuple[Jaxpr, list[Any]]:
     return j, []
 
 
-def shape_struct(aval: Any) -> jax.ShapeDtypeStruct:
+def shape_struct(aval: Any, drop_leading: bool = False) -> jax.ShapeDtypeStruct:
     """`aval` as a `ShapeDtypeStruct` that keeps its sharding (Explicit meshes) and its
-    varying manual axes (`shard_map`), so `jax.eval_shape` propagates both."""
+    varying manual axes (`shard_map`), so `jax.eval_shape` propagates both. With
+    `drop_leading`, the struct of one slice along the leading axis (varying axes kept,
+    the sharding left to JAX)."""
+    shape = tuple(aval.shape)[1:] if drop_leading else tuple(aval.shape)
     sharding = getattr(aval, "sharding", None)
+    if drop_leading and sharding is not None:
+        try:
+            spec = tuple(sharding.spec)[1:]
+            sharding = sharding.update(spec=jax.sharding.PartitionSpec(*spec))
+        except Exception:  # pragma: no cover - a sharding without a spec
+            sharding = None
     mat = getattr(aval, "manual_axis_type", None)
     if mat is not None:
         try:
-            return jax.ShapeDtypeStruct(
-                aval.shape, aval.dtype, sharding=sharding, manual_axis_type=mat
-            )
+            return jax.ShapeDtypeStruct(shape, aval.dtype, sharding=sharding, manual_axis_type=mat)
         except TypeError:  # pragma: no cover - a JAX without manual axis types
             pass
     try:
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(shape, aval.dtype, sharding=sharding)
     except (TypeError, ValueError):  # pragma: no cover - a sharding it cannot take
-        return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+        return jax.ShapeDtypeStruct(shape, aval.dtype)
 
 
 def batch_axis_spec(x: Any, axis: int) -> Any:
@@ -138,6 +145,14 @@ def shard_leading(x: Any, axes: Any) -> Any:
     if all(types[a] == jax.sharding.AxisType.Explicit for a in names):
         return jax.sharding.reshard(x, spec)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def vary_like(x: Any, like: Any) -> Any:
+    """`x`, cast to vary along the manual axes `like` varies along and `x` does not."""
+    missing = varying_axes(like) - varying_axes(x)
+    if not missing:
+        return x
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
 
 
 def aval_of(struct: Any) -> Any:

@@ -109,11 +109,12 @@ def _adopt(ctx: Context, meta: dict, node_arrays, baseline_total, nodes=None) ->
 
 
 def _shape_struct(x) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    # With its varying manual axes: a carry inside a `shard_map` body keeps its type.
+    return _compat.shape_struct(jax.typeof(x))
 
 
 def _slice_struct(x) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x))
+    return _compat.shape_struct(jax.typeof(x), drop_leading=True)
 
 
 # -- jit and other calls -----------------------------------------------------------------

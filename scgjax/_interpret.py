@@ -589,8 +589,12 @@ def collective_rule(eqn, invals: list[Val]) -> list[Val]:
     outs = _compat.bind_equation(eqn, [v.value for v in invals])
     name, params = eqn.primitive.name, eqn.params
     if name in _LANE_CASTS:
+        # The terms take the value's new type (varying along the cast's axes, under
+        # `check_vma=True`), so they combine with what the value combines with.
         return [
-            _graph.make_val(o, v.deps, v.term_items()) if v.has_terms else Val(o, v.deps)
+            _graph.make_val(o, v.deps, [(d, _compat.vary_like(t, o)) for d, t in v.term_items()])
+            if v.has_terms
+            else Val(o, v.deps)
             for o, v in zip(outs, invals)
         ]
     if params.get("axis_index_groups") is not None:

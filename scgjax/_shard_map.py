@@ -30,6 +30,7 @@ refused at trace time (`_check_keys_vary`).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -108,18 +109,65 @@ def _varying(jaxpr, in_sets: list[set], on_sample) -> list[set]:
             outs = [union - _names_of(eqn.params)] * len(eqn.outvars)
         elif name in _VARYING_OUT:
             outs = [union | _names_of(eqn.params)] * len(eqn.outvars)
-        elif name in ("jit", "pjit", "closed_call", "remat2", "checkpoint"):
-            key = "jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"
-            sub, _ = _compat.open_jaxpr(eqn.params[key])
-            outs = _varying(sub, ins, on_sample)
+        elif name == "scan":
+            outs = _varying_scan(eqn, ins, on_sample)
+        elif name == "cond":
+            # Each branch on the operands; which branch ran varies as the predicate.
+            outs = [set(ins[0]) for _ in eqn.outvars]
+            for branch in eqn.params["branches"]:
+                sub, _ = _compat.open_jaxpr(branch)
+                for o, b in zip(outs, _varying(sub, ins[1:], on_sample)):
+                    o |= b
+        elif name == "while":
+            outs = _varying_while(eqn, ins, on_sample)
         else:
-            for sub, _ in _compat.iter_subjaxprs_with_consts(eqn.params):
-                # Loops, branches: every input may reach every output (a cover).
-                _varying(sub, [union] * len(sub.invars), on_sample)
-            outs = [union] * len(eqn.outvars)
+            subs = [j for j, _ in _compat.iter_subjaxprs_with_consts(eqn.params)]
+            if len(subs) == 1 and len(subs[0].invars) == len(ins):
+                # A call on its operands (jit, checkpoint, custom_jvp/vjp): position by
+                # position, so an unsharded key stays unsharded inside.
+                outs = _varying(subs[0], ins, on_sample)
+                outs = outs if len(outs) == len(eqn.outvars) else [union] * len(eqn.outvars)
+            else:
+                for sub in subs:  # a cover: every input may reach every output
+                    _varying(sub, [union] * len(sub.invars), on_sample)
+                outs = [union] * len(eqn.outvars)
         for v, s in zip(eqn.outvars, outs):
             env[v] = s
     return [read(v) for v in jaxpr.outvars]
+
+
+def _fixpoint(body, consts: list[set], carry: list[set], rest: list[set], on_sample):
+    """The carries' varying axes at a loop's fixpoint (they only grow), and the body's
+    outputs for them; `on_sample` runs once, on the fixpoint."""
+    quiet = lambda eqn, key_set: None  # noqa: E731
+    while True:
+        outs = _varying(body, consts + carry + rest, quiet)
+        grown = [c | o for c, o in zip(carry, outs)]
+        if grown == carry:
+            break
+        carry = grown
+    return carry, _varying(body, consts + carry + rest, on_sample)
+
+
+def _varying_scan(eqn, ins, on_sample) -> list[set]:
+    num_consts, num_carry = _compat.scan_layout(eqn.params)
+    body, _ = _compat.open_jaxpr(eqn.params["jaxpr"])
+    consts = [set(s) for s in ins[:num_consts]]
+    carry = [set(s) for s in ins[num_consts : num_consts + num_carry]]
+    xs = [set(s) for s in ins[num_consts + num_carry :]]
+    carry, outs = _fixpoint(body, consts, carry, xs, on_sample)
+    return carry + outs[num_carry:]
+
+
+def _varying_while(eqn, ins, on_sample) -> list[set]:
+    cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    body, _ = _compat.open_jaxpr(eqn.params["body_jaxpr"])
+    cond, _ = _compat.open_jaxpr(eqn.params["cond_jaxpr"])
+    carry = [set(s) for s in ins[cn + bn :]]
+    carry, _ = _fixpoint(body, [set(s) for s in ins[cn : cn + bn]], carry, [], on_sample)
+    # How many iterations run varies as the condition does.
+    (pred,) = _varying(cond, [set(s) for s in ins[:cn]] + carry, on_sample)
+    return [c | pred for c in carry]
 
 
 def _check_keys_vary(eqn, jaxpr, manual: tuple) -> None:
@@ -130,8 +178,8 @@ def _check_keys_vary(eqn, jaxpr, manual: tuple) -> None:
 
     def on_sample(sample_eqn, key_set):
         same = [a for a in manual if a not in key_set]
-        if not same:
-            return
+        if not same or sample_eqn.params.get("estimator") != "score":
+            return  # (a pathwise draw's gradient is right whatever shares its noise)
         name = sample_eqn.params["spec"].name
         axis = same[0]
         raise ValueError(
@@ -229,6 +277,32 @@ class _Lift:
         )
 
 
+def _own_nodes_entering(deps: Deps, path: tuple, n_loops: int, manual: tuple) -> Deps:
+    """Dependencies entering the body on its own nodes (drawn in earlier iterations of an
+    enclosing loop, back through its carry): their relations are in the nodes' global
+    (stacked) layout, so inside they become a dependency on every shard's elements
+    (`Lanes` over the manual axes, `ALL`), keeping only their loop entries."""
+    if not any(_deps.base_node(k)[: len(path)] == path for k in deps):
+        return deps
+    out: dict = {}
+    for key, rel in deps.items():
+        node, names = _deps.base_node(key), _deps.lane_names(key)
+        if node[: len(path)] != path:
+            out.setdefault(key, []).append(rel)
+            continue
+        n_node = len(rel) - len(names)
+        lanes = dict(zip(names, rel[n_node:]))
+        n_local = n_node - n_loops - len(manual)  # stacked: one axis per manual axis
+        new_names = tuple(sorted(set(names) | set(manual)))
+        new = (
+            tuple(rel[:n_loops])
+            + (ALL,) * n_local
+            + tuple(lanes.get(n, ALL) if n not in manual else ALL for n in new_names)
+        )
+        out.setdefault(Lanes(node, new_names), []).append(new)
+    return Deps._of(out)
+
+
 def _assemble(x, manual: tuple, sizes: dict, dim_axes: list[tuple]):
     """The global array of a stacked output `x` (`(n_a, n_b, ..., *local)`): the inverse
     of what `out_specs` with `dim_axes` does; shards along a mesh axis that no axis uses
@@ -262,7 +336,24 @@ def _stacked(x, n_lanes: int):
 # -- The rule --------------------------------------------------------------------------------
 
 
+_INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("scg_inside_shard_map", default=False)
+
+
 def _shard_map_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
+    if _INSIDE.get():
+        raise NotImplementedError(
+            f"scgjax: a shard_map inside another shard_map's body{_interpret._at(eqn)}, with "
+            "draws or their dependencies crossing it, is not supported. Map over every "
+            "mesh axis in one shard_map, or draw the samples outside the inner one."
+        )
+    token = _INSIDE.set(True)
+    try:
+        return _shard_map_rule_body(ctx, index, eqn, invals)
+    finally:
+        _INSIDE.reset(token)
+
+
+def _shard_map_rule_body(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     params = eqn.params
     mesh, in_specs, out_specs = params["mesh"], params["in_specs"], params["out_specs"]
     manual = _manual_axes(params)
@@ -275,11 +366,19 @@ def _shard_map_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Va
     in_axes = [_dim_axes(s, np.ndim(v.value)) for s, v in zip(in_specs, invals)]
     # Inside the body, an axis that in_specs shards holds one block: a relation to it
     # is no longer elementwise.
+    sub = ctx.child(index)
     args = [
-        Val(None, v.deps.map_axes(lambda a, ax=ax: None if a >= len(ax) or ax[a] else a))
+        Val(
+            None,
+            _own_nodes_entering(
+                v.deps.map_axes(lambda a, ax=ax: None if a >= len(ax) or ax[a] else a),
+                sub.path,
+                len(ctx.loop_levels),
+                manual,
+            ),
+        )
         for v, ax in zip(invals, in_axes)
     ]
-    sub = ctx.child(index)
     n_out = len(eqn.outvars)
     lanes_spec = PartitionSpec(*manual)
 
@@ -328,7 +427,13 @@ def _shard_map_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Va
         out_values, rest = shard_mapped(meta, [], None, [])(*in_values)
     nodes = meta["nodes"]
     lift = _Lift(manual, sizes, len(ctx.loop_levels), {})
-    layouts = _choose_layouts(lift, meta, nodes, out_specs)
+    # In a loop the body runs once per pass of the loop's fixpoint, and its nodes' earlier
+    # draws come back in through the carry laid out as before: stacked, always.
+    layouts = (
+        {n.id: _Layout(False, 0) for n in nodes}
+        if ctx.loop_levels
+        else _choose_layouts(lift, meta, nodes, out_specs)
+    )
     lift.layouts = layouts
     if draws:
         draw_ids = sorted(draws)

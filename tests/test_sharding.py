@@ -266,9 +266,59 @@ def _blocks_outside(th, x, key):  # drawn outside; each shard's block becomes a 
     return jnp.sum((rows - 0.3) ** 2 * x[:, 0].reshape(2, 2)) + jnp.sum(rows * th[0])
 
 
+def _in_a_scan(th, x, key):  # the carry (every shard's cost) feeds the next step's logits
+    @partial(
+        jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=(P(), P("d"), P(), P()), out_specs=P("d")
+    )
+    def body(th, xb, key, c):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th + 2.0 * c)).astype(xb.dtype)
+        return jnp.sum((z - xb[:, 0]) ** 2 * (xb @ th))[None]  # one cost per shard
+
+    def step(c, t):
+        out = body(th, x, jax.random.fold_in(key, t), c)
+        return c + jnp.sum(out), out
+
+    _, ys = lax.scan(step, 0.0, jnp.arange(2))
+    return jnp.sum(ys)
+
+
+def _scan_in_body(th, x, key):  # check_vma=True, a varying carry
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P("d"))
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+
+        def step(c, t):
+            k = jax.random.fold_in(key, t)
+            z = scg.sample(k, dist.Bernoulli(logits=xb @ th + c)).astype(xb.dtype)
+            return c + z, (z - xb[:, 0]) ** 2
+
+        c, ys = lax.scan(
+            step, lax.pcast(jnp.zeros(xb.shape[0]), ("d",), to="varying"), jnp.arange(2)
+        )
+        return ys.sum(0) * c
+
+    c = body(th, x, key)
+    return jnp.sum(c) + 0.2 * c[0] * c[3]
+
+
+def _psum_added_back(th, x, key):  # JAX casts the psum back to varying (pvary)
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P("d"))
+    def body(th, xb, key):
+        key = jax.random.fold_in(key, lax.axis_index("d"))
+        z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+        c = (z - xb[:, 0]) ** 2 * (xb @ th)
+        return c + 0.3 * lax.psum(jnp.sum(c), "d")
+
+    return jnp.sum(body(th, x, key))
+
+
 @pytest.mark.parametrize(
     "f",
     [
+        _in_a_scan,
+        _scan_in_body,
+        _psum_added_back,
         _rows_out,
         _pmeaned,
         _pmapped,
@@ -426,3 +476,54 @@ def test_leave_one_out_over_particles_sharded_across_devices_is_the_one_device_e
         with pytest.raises(ValueError, match="mesh axes \\['q'\\]"):
             scg.scg_grad(_particle_loss, particle_axes="q", **options)(W, X, key)
     assert float(jnp.max(jnp.abs(one))) > 1e-4
+
+
+def test_a_shared_key_in_a_scan_or_cond_in_the_body_is_refused():
+    def body(th, xb, key):
+        def step(c, xr):  # `key` is a scan constant: the same on every shard
+            z = scg.sample(key, dist.Bernoulli(logits=th[0])).astype(xb.dtype)
+            return c + z * xr[0], None
+
+        c, _ = lax.scan(step, 0.0, xb[:1])
+        return lax.psum(c, "d") ** 2
+
+    f = jax.shard_map(
+        body, mesh=_mesh((2,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P(), check_vma=False
+    )
+    with pytest.raises(ValueError, match="same on every shard"):
+        scg.scg_grad(f)(THETA, XE, jax.random.key(0))
+
+
+def test_a_shared_key_for_a_pathwise_draw_is_accepted():
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=(P(), P("d"), P()), out_specs=P())
+    def f(th, xb, key):  # common noise on every shard: the pathwise gradient is right
+        n = scg.sample(key, dist.Normal(th[0], 1.0))
+        return lax.psum(jnp.sum(n * xb[:, 0]), "d")
+
+    g = jax.jit(scg.scg_grad(f))(THETA, XE, jax.random.key(0))
+    np.testing.assert_allclose(g, [float(jnp.sum(XE[:, 0])), 0.0], rtol=1e-6)
+
+
+def test_a_shard_map_inside_a_shard_map_with_draws_is_refused():
+    mesh = _mesh((2, 2), ("a", "b"))
+
+    def f(th, x, key):
+        @partial(
+            jax.shard_map, mesh=mesh, in_specs=(P(), P("a"), P()), out_specs=P(), axis_names={"a"}
+        )
+        def outer(th, xa, key):
+            key = jax.random.fold_in(key, lax.axis_index("a"))
+
+            @partial(jax.shard_map, in_specs=(P(), P("b"), P()), out_specs=P(), axis_names={"b"})
+            def inner(th, xb, key):
+                key = jax.random.fold_in(key, lax.axis_index("b"))
+                z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+                return lax.psum(jnp.sum(z), "b")
+
+            return lax.psum(inner(th, xa, key), "a")
+
+        return jnp.square(outer(th, x, key))
+
+    assert jax.jit(f)(THETA, XE, jax.random.key(0)).shape == ()  # JAX runs it
+    with pytest.raises(NotImplementedError, match="shard_map inside another shard_map"):
+        scg.scg_grad(f)(THETA, XE, jax.random.key(0))
