@@ -37,7 +37,7 @@ PIXELS, LATENTS, BATCH = 64, 32, 64
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description="Data-parallel discrete VAE over processes.")
     p.add_argument("--spawn", type=int, default=0, help="start this many local processes")
     p.add_argument("--coordinator", default=None, help="host:port of process 0, or 'auto'")
     p.add_argument("--num-processes", type=int, default=1)
@@ -137,17 +137,18 @@ def main(argv=None):
             f"batch {BATCH} sharded {BATCH // len(devices)} rows per device"
         )
     key = jax.random.key(1)
-    first, losses = None, []
+    first: dict[str, np.ndarray] = {}
+    losses = []
     for _ in range(args.steps):
         key, sub = jax.random.split(key)
         params, grads, loss = step(params, x, sub)
-        if first is None:
-            first = jax.tree.map(lambda g: np.asarray(g.addressable_data(0)), grads)
+        if not first:
+            first = {k: np.asarray(g.addressable_data(0)) for k, g in grads.items()}
         losses.append(float(loss.addressable_data(0)))
     if pid == 0:
         print(f"loss: first {losses[0]:.3f}, last {losses[-1]:.3f} after {args.steps} steps")
         if args.out:
-            np.savez(args.out, **first)
+            np.savez(args.out, **first)  # pyright: ignore[reportArgumentType]
     return 0
 
 

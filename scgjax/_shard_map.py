@@ -336,7 +336,7 @@ def _stacked(x, n_lanes: int):
 # -- The rule --------------------------------------------------------------------------------
 
 
-_INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("scg_inside_shard_map", default=False)
+_INSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("scg_in_shard_map", default=False)
 
 
 def _shard_map_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
