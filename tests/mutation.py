@@ -1244,7 +1244,7 @@ def _():
 def _():
     rewrite(
         _shard_map_module(),
-        "_shard_map_rule",
+        "_shard_map_rule_body",
         "None if a >= len(ax) or ax[a] else a",
         "None if a >= len(ax) else a",
     )
