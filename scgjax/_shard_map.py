@@ -208,8 +208,11 @@ class _Layout:
 class _Lift:
     """Maps dependencies inside the body to dependencies of the global outputs."""
 
-    def __init__(self, manual: tuple, sizes: dict, n_loops: int, layouts: dict):
+    def __init__(
+        self, manual: tuple, sizes: dict, n_loops: int, layouts: dict, views: dict | None = None
+    ):
         self.manual, self.sizes, self.n_loops, self.layouts = manual, sizes, n_loops, layouts
+        self.views = {} if views is None else views  # see `_Views`
 
     def deps(self, deps: Deps, dim_axes: list[tuple], shape: tuple, layouts=None) -> Deps:
         """`deps` of a per-shard array of `shape` whose axes `out_specs` shards over
@@ -229,7 +232,24 @@ class _Lift:
                 return e
 
             layout = layouts.get(node)
-            if layout is None:  # a node drawn outside: the same node on every shard
+            view = self.views.get(node)
+            if view is not None:  # a block of a node drawn outside (`_Views`)
+                node, j, axes, block = view
+                new = tuple(
+                    (
+                        e
+                        if isinstance(e, Axis)
+                        and e.axis < len(dim_axes)
+                        and dim_axes[e.axis] == axes
+                        and shape[e.axis] == block
+                        and not set(inner_names) & set(axes)
+                        else ALL
+                    )
+                    if i == j
+                    else local(e)
+                    for i, e in enumerate(head)
+                )
+            elif layout is None:  # a node drawn outside: the same node on every shard
                 new = tuple(local(e) for e in head)
             elif layout.concat:
                 loops, own = head[: self.n_loops], head[self.n_loops :]
@@ -275,6 +295,51 @@ class _Lift:
         return sum(
             e is not ALL for key, rel in lifted.items() if _deps.base_node(key) == node for e in rel
         )
+
+
+class _Views:
+    """Blocks of nodes drawn outside the `shard_map`.
+
+    An operand whose axis `k` `in_specs` shards over mesh axes `A` holds, on each shard,
+    one block of `b` elements; a dependency on node axis `j` aligned with that axis
+    (`Axis(k)`, elementwise) is, inside the body, a dependency on the shard's own block.
+    It is keyed by a *view* id (the node id, then `-1, j, i`), whose relation keeps
+    `Axis(k)` as a dependency on a node drawn in the body does, so plates survive the
+    body; lifted out (`_Lift.deps`), the view maps back to the node, aligned where an
+    output axis is sharded over the same `A` with the same block size, every element
+    elsewhere. Other entries on sharded axes (and cumulative kinds there, whose blocks
+    would miss the earlier shards) become ALL on the way in."""
+
+    def __init__(self, path: tuple, sizes: dict):
+        self.path, self.sizes = path, sizes
+        self.ids: dict = {}  # (node, j, axes, block) -> view id
+        self.table: dict = {}  # view id -> (node, j, axes, block)
+
+    def entering(self, deps: Deps, dim_axes: list[tuple], shape: tuple) -> Deps:
+        out: dict = {}
+        for key, rel in deps.items():
+            node, names = _deps.base_node(key), _deps.lane_names(key)
+            n_node = len(rel) - len(names)
+            head, tail = list(rel[:n_node]), tuple(rel[n_node:])
+            view = None
+            for i, e in enumerate(head):
+                if not (isinstance(e, Axis) and e.axis < len(dim_axes) and dim_axes[e.axis]):
+                    continue  # unsharded: the same index inside
+                own = node[: len(self.path)] == self.path  # see `_own_nodes_entering`
+                if view is None and e.kind == "eq" and not own:
+                    axes = dim_axes[e.axis]
+                    view = (node, i, axes, shape[e.axis] // math.prod(self.sizes[a] for a in axes))
+                else:
+                    head[i] = ALL
+            if view is not None:
+                vid = self.ids.get(view)
+                if vid is None:
+                    vid = self.ids[view] = node + (-1, view[1], len(self.ids))
+                    self.table[vid] = view
+                node = vid
+            new_key = Lanes(node, names) if names else node
+            out.setdefault(new_key, []).append(tuple(head) + tail)
+        return Deps._of(out)
 
 
 def _own_nodes_entering(deps: Deps, path: tuple, n_loops: int, manual: tuple) -> Deps:
@@ -364,14 +429,15 @@ def _shard_map_rule_body(ctx: Context, index: int, eqn, invals: list[Val]) -> li
         _check_keys_vary(eqn, jaxpr, manual)
     invals = [v.collapsed() for v in invals]
     in_axes = [_dim_axes(s, np.ndim(v.value)) for s, v in zip(in_specs, invals)]
-    # Inside the body, an axis that in_specs shards holds one block: a relation to it
-    # is no longer elementwise.
     sub = ctx.child(index)
+    # Inside the body, an axis that in_specs shards holds one block of the nodes drawn
+    # outside (a view of the node, `_Views`).
+    views = _Views(sub.path, sizes)
     args = [
         Val(
             None,
             _own_nodes_entering(
-                v.deps.map_axes(lambda a, ax=ax: None if a >= len(ax) or ax[a] else a),
+                views.entering(v.deps, ax, np.shape(v.value)),
                 sub.path,
                 len(ctx.loop_levels),
                 manual,
@@ -426,7 +492,7 @@ def _shard_map_rule_body(ctx: Context, index: int, eqn, invals: list[Val]) -> li
     else:
         out_values, rest = shard_mapped(meta, [], None, [])(*in_values)
     nodes = meta["nodes"]
-    lift = _Lift(manual, sizes, len(ctx.loop_levels), {})
+    lift = _Lift(manual, sizes, len(ctx.loop_levels), {}, views.table)
     # In a loop the body runs once per pass of the loop's fixpoint, and its nodes' earlier
     # draws come back in through the carry laid out as before: stacked, always.
     layouts = (

@@ -1237,17 +1237,26 @@ def _():
 
 
 @mutant(
-    "shard:entry:sharded_axis_kept",
-    "a dependency entering a shard_map keeps its entries on axes that in_specs shards",
+    "shard:entry:cumulative_view",
+    "a cumulative relation on a sharded axis enters the body as a view of the shard's block",
     tests=SHARDING_TESTS,
 )
 def _():
     rewrite(
-        _shard_map_module(),
-        "_shard_map_rule_body",
-        "None if a >= len(ax) or ax[a] else a",
-        "None if a >= len(ax) else a",
+        _shard_map_module()._Views,
+        "entering",
+        'if view is None and e.kind == "eq" and not own:',
+        "if view is None and not own:",
     )
+
+
+@mutant(
+    "shard:lift:view_any_block",
+    "a view of a node drawn outside lines up with a sharded output axis of any block size",
+    tests=SHARDING_TESTS,
+)
+def _():
+    rewrite(_shard_map_module()._Lift, "deps", "and shape[e.axis] == block", "")
 
 
 @mutant(

@@ -313,9 +313,21 @@ def _psum_added_back(th, x, key):  # JAX casts the psum back to varying (pvary)
     return jnp.sum(body(th, x, key))
 
 
+def _reversed_blocks_outside(th, x, key):  # a running sum made outside, each block reversed
+    z = scg.sample(key, dist.Bernoulli(logits=x @ th)).astype(x.dtype)
+    running = jnp.cumsum(z * x[:, 1])  # element i depends on draws <= i
+
+    @partial(jax.shard_map, mesh=_mesh((2,), ("d",)), in_specs=P("d"), out_specs=P("d"))
+    def body(rb):
+        return rb[::-1]  # within a block only: not a reversal of the whole axis
+
+    return jnp.sum(jnp.sin(body(running)) * x[:, 0]) + jnp.sum(z * th[0])
+
+
 @pytest.mark.parametrize(
     "f",
     [
+        _reversed_blocks_outside,
         _in_a_scan,
         _scan_in_body,
         _psum_added_back,
@@ -375,8 +387,22 @@ def _rows_pmapped(th, x, key):
     return jnp.sum(out)
 
 
+def _rows_drawn_outside(th, x, key):  # drawn outside, each row's cost inside
+    z = scg.sample(key, dist.Bernoulli(logits=x @ th)).astype(x.dtype)
+
+    @partial(
+        jax.shard_map, mesh=_mesh((4,), ("d",)), in_specs=(P("d"), P("d"), P()), out_specs=P("d")
+    )
+    def body(zb, xb, th):
+        return _per_row_cost(zb, xb, th)
+
+    return jnp.sum(body(z, x, th))
+
+
 @pytest.mark.parametrize(
-    "f", [_rows_sharded, _rows_psummed, _rows_pmapped], ids=lambda f: f.__name__
+    "f",
+    [_rows_sharded, _rows_psummed, _rows_pmapped, _rows_drawn_outside],
+    ids=lambda f: f.__name__,
 )
 def test_rows_drawn_on_different_shards_keep_per_row_weights(f):
     key = jax.random.key(0)
