@@ -155,6 +155,18 @@ def vary_like(x: Any, like: Any) -> Any:
     return jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
 
 
+def is_sharding(s: Any) -> bool:
+    """Whether `s` is a sharding (not `jit`'s "unspecified" marker or None)."""
+    return isinstance(s, jax.sharding.Sharding)
+
+
+def constrain(x: Any, sharding: Any) -> Any:
+    """`x` constrained to `sharding` when it is one (a `jit` param may be unspecified)."""
+    if not is_sharding(sharding) or not hasattr(x, "shape"):
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def aval_of(struct: Any) -> Any:
     """The abstract value of `struct` (an `eval_shape` result), with its sharding and
     varying manual axes, for a primitive's abstract evaluation."""

@@ -130,10 +130,28 @@ def _call_rule(wrap):
         meta: dict = {}
         sub = ctx.child(index)
 
+        in_shardings = eqn.params.get("in_shardings") or ()
+        out_shardings = eqn.params.get("out_shardings") or ()
+
         def inner(*arrays):
             args = _with_known(unpack(list(arrays), in_struct), [v.known for v in invals])
+            # The user's `jax.jit(..., in_shardings=, out_shardings=)` keep their effect
+            # on the values (as constraints: the call's operands are now the values and
+            # their terms). Donation is moot inside the enclosing program.
+            args = [
+                dataclasses.replace(v, value=_compat.constrain(v.value, sh))
+                for v, sh in zip(args, _padded(in_shardings, len(args)))
+            ]
             with inside_call(eqn):
-                return _run(sub, jaxpr, consts, args, meta)
+                out_arrays, node_arrays, baseline_total = _run(sub, jaxpr, consts, args, meta)
+            if any(_compat.is_sharding(sh) for sh in out_shardings):
+                i = 0
+                for (_, keys), sh in zip(
+                    meta["struct"], _padded(out_shardings, len(meta["struct"]))
+                ):
+                    out_arrays[i] = _compat.constrain(out_arrays[i], sh)
+                    i += 1 + (0 if keys is None else len(keys))
+            return out_arrays, node_arrays, baseline_total
 
         inner.__name__ = str(eqn.params.get("name", eqn.primitive.name))
         out_arrays, log_probs, baseline_total = wrap(inner, eqn.params)(*in_arrays)
@@ -141,6 +159,11 @@ def _call_rule(wrap):
         return _with_known(unpack(list(out_arrays), meta["struct"]), meta["known"])
 
     return rule
+
+
+def _padded(shardings, n: int) -> list:
+    shardings = list(shardings)
+    return shardings + [None] * (n - len(shardings))
 
 
 higher_order_rules[P.jit_p] = _call_rule(lambda fn, params: jax.jit(fn))

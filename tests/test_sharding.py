@@ -553,3 +553,26 @@ def test_a_shard_map_inside_a_shard_map_with_draws_is_refused():
     assert jax.jit(f)(THETA, XE, jax.random.key(0)).shape == ()  # JAX runs it
     with pytest.raises(NotImplementedError, match="shard_map inside another shard_map"):
         scg.scg_grad(f)(THETA, XE, jax.random.key(0))
+
+
+def test_the_shardings_of_an_inner_jit_stay_in_the_emitted_program():
+    mesh = _mesh((4,), ("d",))
+    rows = NamedSharding(mesh, P("d"))
+    # A call on the cost's path (its operand depends on the draw): the rule re-enters it.
+    per_row = jax.jit(lambda z, l: (z - 0.3) ** 2 * l, in_shardings=rows, out_shardings=rows)
+
+    def f(w, x, key):
+        logits = x @ w
+        z = scg.sample(key, dist.Bernoulli(logits=logits)).astype(x.dtype)
+        return jnp.mean(per_row(z, logits))
+
+    def constraints(fn):
+        text = jax.jit(fn).lower(W, X, jax.random.key(0)).as_text()
+        return [
+            line for line in text.splitlines() if "sharding_constraint" in line and '"d"' in line
+        ]
+
+    n = len(constraints(f))  # the operands and the output of the call
+    assert n >= 1
+    assert len(constraints(scg.scg_grad(f))) >= n
+    assert len(constraints(scg.surrogate(f))) >= n
