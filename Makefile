@@ -7,7 +7,7 @@ VENV := .venv
 VENV_NEWEST := .venv-newest
 PY := $(VENV)/bin/python
 PY_NEWEST := $(VENV_NEWEST)/bin/python
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 .PHONY: demo test test-newest lint bench mutation clean
 

@@ -8,10 +8,6 @@ transform gave.
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +15,8 @@ import numpy as np
 import numpyro.distributions as dist
 import pytest
 from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import scgjax as scg
 
@@ -154,39 +152,27 @@ def test_pmean_under_vmap_axis_name_is_exact():
 
 
 def test_pmap_and_shard_map_give_the_same_estimates_as_vmap():
-    # pmap and shard_map need several devices, which must be set before JAX starts.
-    code = textwrap.dedent("""
-        import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
-        import jax, jax.numpy as jnp, numpy as np
-        from jax import lax
-        from jax.sharding import Mesh, PartitionSpec as P
-        import numpyro.distributions as dist
-        import scgjax as scg
-        from test_trust import _lane_cost, XS
-        t = jnp.float32(0.3)
-        keys = jax.random.split(jax.random.key(0), 3)
-        data = jax.random.key_data(keys)
-        v = jax.vmap(lambda x, k: scg.scg_grad(_lane_cost)(t, x, k), axis_name="b")(XS, keys)
-        p = jax.pmap(lambda x, k: scg.scg_grad(_lane_cost)(t, x, jax.random.wrap_key_data(k)),
-                     axis_name="b")(XS, data)
-        mesh = Mesh(np.array(jax.devices()), ("b",))
-        s = jax.shard_map(
-            lambda x, k: scg.scg_grad(_lane_cost)(t, x[0], jax.random.wrap_key_data(k[0]))[None],
-            mesh=mesh, in_specs=(P("b"), P("b")), out_specs=P("b"), check_vma=False)(
-                jnp.asarray(XS, jnp.float32), data)
-        np.testing.assert_allclose(p, v, rtol=1e-6)
-        np.testing.assert_allclose(s, v, rtol=1e-6)
-        print("OK", v)
-    """)
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    # Three of the four CPU devices every test process has (tests/conftest.py).
+    devices = jax.devices("cpu")[:3]
+    t = jnp.float32(0.3)
+    keys = jax.random.split(jax.random.key(0), 3)
+    data = jax.random.key_data(keys)
+    v = jax.vmap(lambda x, k: scg.scg_grad(_lane_cost)(t, x, k), axis_name="b")(XS, keys)
+    p = jax.pmap(
+        lambda x, k: scg.scg_grad(_lane_cost)(t, x, jax.random.wrap_key_data(k)),
+        axis_name="b",
+        devices=devices,
+    )(XS, data)
+    mesh = Mesh(np.array(devices), ("b",))
+    s = jax.shard_map(
+        lambda x, k: scg.scg_grad(_lane_cost)(t, x[0], jax.random.wrap_key_data(k[0]))[None],
+        mesh=mesh,
+        in_specs=(P("b"), P("b")),
+        out_specs=P("b"),
+        check_vma=False,
+    )(jnp.asarray(XS, jnp.float32), data)
+    np.testing.assert_allclose(p, v, rtol=1e-6)
+    np.testing.assert_allclose(s, v, rtol=1e-6)
 
 
 # -- 3. nested transforms ---------------------------------------------------------------
