@@ -140,11 +140,23 @@ def shard_leading(x: Any, axes: Any) -> Any:
             f"scgjax: particle_axes={axes!r} names mesh axes {missing} that the current mesh "
             f"({mesh}) does not have; run under `jax.set_mesh(mesh)`."
         )
-    spec = jax.sharding.PartitionSpec(names if len(names) != 1 else names[0])
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    if all(types[a] == jax.sharding.AxisType.Explicit for a in names):
-        return jax.sharding.reshard(x, spec)
-    return jax.lax.with_sharding_constraint(x, spec)
+    return place(x, jax.sharding.PartitionSpec(names if len(names) != 1 else names[0]))
+
+
+def place(x: Any, sharding: Any) -> Any:
+    """`x` placed as `sharding` says (a `Sharding`, or a `PartitionSpec` of the current
+    mesh): resharded where the mesh axes it names are Explicit, constrained where they
+    are Auto (the values are the same either way)."""
+    if isinstance(sharding, jax.sharding.PartitionSpec):
+        mesh = jax.sharding.get_abstract_mesh()
+    else:
+        mesh = getattr(sharding, "mesh", None)
+    spec = sharding if isinstance(sharding, jax.sharding.PartitionSpec) else sharding.spec
+    names = [a for e in spec if e is not None for a in (e if isinstance(e, tuple) else (e,))]
+    types = dict(zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ())))
+    if names and all(types.get(a) == jax.sharding.AxisType.Explicit for a in names):
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
 
 
 def vary_like(x: Any, like: Any) -> Any:

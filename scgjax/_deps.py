@@ -358,6 +358,7 @@ ELEMENTWISE = frozenset(
     imag real conj population_count shift_left shift_right_logical shift_right_arithmetic
     copy copy_p reduce_precision igamma igammac random_gamma_grad bessel_i0e bessel_i1e
     polygamma zeta regularized_incomplete_beta
+    sharding_constraint reshard mesh_cast
 """.split()
 )
 

@@ -1130,6 +1130,11 @@ for _name in (
     "copy_p",
     "real",
     "cumsum",
+    # Placement only (`with_sharding_constraint`, `jax.sharding.reshard`): the values,
+    # and so the terms, are unchanged.
+    "sharding_constraint",
+    "reshard",
+    "mesh_cast",
 ):
     term_rules[_name] = _unary_linear
 term_rules["convert_element_type"] = _exact(_unary_linear)

@@ -65,6 +65,7 @@ def sample(
     estimator: str = "auto",
     baseline: jax.typing.ArrayLike | None = None,
     name: str | None = None,
+    out_sharding: jax.sharding.Sharding | jax.sharding.PartitionSpec | None = None,
 ) -> jax.Array:
     """Draws `d.sample(key, sample_shape)` as a stochastic node of the computation graph.
 
@@ -85,6 +86,10 @@ def sample(
         pathwise draw).
       name: a name for the node, used by `describe` and as the key of the downstream
         costs that `scg_grad(..., downstream=True)` returns.
+      out_sharding: where the draw lives, as for `jax.random` samplers: a `Sharding`, or a
+        `PartitionSpec` of the current mesh (`jax.set_mesh`). The draw is resharded
+        (Explicit axes) or constrained (Auto axes) to it; under the partitionable
+        threefry its values do not depend on it.
 
     Returns:
       The draw, identical to `d.sample(key, sample_shape)` for the same key, inside and
@@ -117,7 +122,7 @@ def sample(
     leaves, treedef = jax.tree_util.tree_flatten(d)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     extra = [] if baseline is None else [jnp.asarray(baseline)]
-    return sample_p.bind(
+    value = sample_p.bind(
         key,
         *leaves,
         *extra,
@@ -128,6 +133,7 @@ def sample(
         has_baseline=baseline is not None,
         name=name,
     )
+    return value if out_sharding is None else _compat.place(value, out_sharding)
 
 
 def resolve_estimator(d: dist.Distribution, estimator: str) -> str:

@@ -576,3 +576,41 @@ def test_the_shardings_of_an_inner_jit_stay_in_the_emitted_program():
     assert n >= 1
     assert len(constraints(scg.scg_grad(f))) >= n
     assert len(constraints(scg.surrogate(f))) >= n
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_placing_draws_and_costs_keeps_plates(axis_type):
+    """`with_sharding_constraint` / `jax.sharding.reshard` on a draw and on the per-row
+    costs, and `scg.sample(..., out_sharding=)`: placement only, so the per-row weights
+    stay (they fell back to the whole batch)."""
+    mesh = _mesh((4,), ("d",), axis_type)
+    rows = NamedSharding(mesh, P("d"))
+
+    def f(th, x, key):
+        k1, k2 = jax.random.split(key)
+        z = scg.sample(k1, dist.Bernoulli(logits=x @ th), out_sharding=rows).astype(x.dtype)
+        z = _compat_place(z, rows)
+        c = _compat_place(_per_row_cost(z, x, th), rows)
+        u = scg.sample(k2, dist.Bernoulli(logits=x[:, 1]), out_sharding=P("d")).astype(x.dtype)
+        return jnp.sum(c) + jnp.sum(u)
+
+    def hand(th, x, z, per_row):
+        lp = dist.Bernoulli(logits=x @ th).log_prob(z)
+        c = _per_row_cost(z, x, th)
+        return jnp.sum(_box(lp) * c) if per_row else _box(jnp.sum(lp)) * jnp.sum(c)
+
+    with jax.set_mesh(mesh):
+        x = jax.device_put(XA, rows)
+        key = jax.random.key(0)
+        z = jax.jit(scg.trace(f))(THA, x, key).sites["node0"].value.astype(XA.dtype)
+        ours = np.asarray(jax.jit(scg.scg_grad(f))(THA, x, key))
+        row = np.asarray(jax.jit(jax.grad(hand), static_argnums=3)(THA, x, z, True))
+        whole = np.asarray(jax.jit(jax.grad(hand), static_argnums=3)(THA, x, z, False))
+    np.testing.assert_allclose(ours, row, rtol=1e-4, atol=1e-5)
+    assert float(np.max(np.abs(ours - whole))) > 1e-1
+
+
+def _compat_place(x, sharding):
+    if sharding.mesh.axis_types[0] == AxisType.Explicit:
+        return jax.sharding.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
