@@ -1240,6 +1240,14 @@ def _():
     "shard:entry:cumulative_view",
     "a cumulative relation on a sharded axis enters the body as a view of the shard's block",
     tests=SHARDING_TESTS,
+    equivalent=(
+        "equivalent (the guard is a cover): inside the body a kind survives only ops that "
+        "keep the order within the block (elementwise ops, cumulative ops of a compatible "
+        "kind); reversals, permutations and shifts give ALL. Lifted out, a view lines up "
+        "only with an axis sharded over the same mesh axes in the same order, so the "
+        "blocks are in global order and a within-block `le` read globally covers every "
+        "earlier block too (`test_samples_inside_shard_map_exact[_reversed_blocks_outside]`)"
+    ),
 )
 def _():
     rewrite(
@@ -1254,6 +1262,11 @@ def _():
     "shard:lift:view_any_block",
     "a view of a node drawn outside lines up with a sharded output axis of any block size",
     tests=SHARDING_TESTS,
+    equivalent=(
+        "equivalent (the check is a cover): an axis entry survives only ops that keep the "
+        "axis's length, so the output axis a view's entry lands on has the input block's "
+        "length; the check only matters if a rule ever aligns axes of different lengths"
+    ),
 )
 def _():
     rewrite(_shard_map_module()._Lift, "deps", "and shape[e.axis] == block", "")
