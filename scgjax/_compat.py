@@ -179,6 +179,15 @@ def constrain(x: Any, sharding: Any) -> Any:
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
+def replicated(x: Any) -> Any:
+    """`x` replicated, where an Explicit mesh shards it (elsewhere unchanged)."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    entries = tuple(getattr(sharding, "spec", ()) or ())
+    if sharding is None or all(e is None for e in entries):
+        return x
+    return jax.sharding.reshard(x, sharding.update(spec=jax.sharding.PartitionSpec()))
+
+
 def aval_of(struct: Any) -> Any:
     """The abstract value of `struct` (an `eval_shape` result), with its sharding and
     varying manual axes, for a primitive's abstract evaluation."""

@@ -374,7 +374,11 @@ def _assemble(x, manual: tuple, sizes: dict, dim_axes: list[tuple]):
     hold copies, and the first one is kept."""
     m = len(manual)
     used = [a for axes in dim_axes for a in axes]
-    x = x[tuple(slice(None) if a in used else 0 for a in manual)]
+    if any(a not in used for a in manual):
+        # Copies along these axes: keep the first (on an Explicit mesh, a sharded axis
+        # cannot be indexed, so the stacked array is replicated first).
+        x = _compat.replicated(x)
+        x = x[tuple(slice(None) if a in used else 0 for a in manual)]
     lanes = [a for a in manual if a in used]
     perm, shape = [], []
     local = np.shape(x)[len(lanes) :]

@@ -150,7 +150,8 @@ def _draws_by_id(closed, dyn_leaves, draws: dict) -> dict:
 
 
 def _shape_struct(x) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    # With its sharding: on an Explicit mesh the abstract pass must see what `f` sees.
+    return _compat.shape_struct(jax.typeof(x))
 
 
 BASELINES = (None, "leave_one_out")

@@ -614,3 +614,33 @@ def _compat_place(x, sharding):
     if sharding.mesh.axis_types[0] == AxisType.Explicit:
         return jax.sharding.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def test_samples_inside_shard_map_on_an_explicit_mesh():
+    """`jax.make_mesh`'s default axes are Explicit: a psum'd cost of draws made in the
+    body (its stacked terms were indexed on a sharded axis: a crash), and replay
+    (`draws=`, whose abstract pass dropped the operands' shardings)."""
+
+    def make(axis_type):
+        mesh = _mesh((4,), ("d",), axis_type)
+
+        @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("d"), P()), out_specs=P())
+        def f(th, xb, key):
+            key = jax.random.fold_in(key, lax.axis_index("d"))
+            z = scg.sample(key, dist.Bernoulli(logits=xb @ th)).astype(xb.dtype)
+            return lax.pmean(jnp.mean(_per_row_cost(z, xb, th)), "d") ** 2
+
+        return mesh, f
+
+    key = jax.random.key(0)
+    mesh, f = make(AxisType.Auto)
+    with jax.set_mesh(mesh):
+        expected = np.asarray(jax.jit(scg.scg_grad(f))(THA, XA, key))
+    mesh, f = make(AxisType.Explicit)
+    with jax.set_mesh(mesh):
+        x = jax.device_put(XA, NamedSharding(mesh, P("d")))
+        np.testing.assert_allclose(jax.jit(scg.scg_grad(f))(THA, x, key), expected, rtol=1e-5)
+        z = jax.jit(scg.trace(f))(THA, x, key).sites["node0"].value
+        replayed = jax.jit(scg.scg_grad(f, draws={"node0": z}))(THA, x, key)
+        np.testing.assert_allclose(replayed, expected, rtol=1e-5)
+    assert float(np.max(np.abs(expected))) > 1e-2
