@@ -8,7 +8,8 @@ device), two ways of writing the data-parallel step:
 * `jit`: `jax.jit(scg.scg_grad(cost))` on a batch sharded over the mesh axis `d` (Auto
   axes, `jax.set_mesh`), parameters replicated;
 * `shard_map`: `scg.scg_grad(cost)` inside a `shard_map` body, the shard index folded
-  into the key, the gradients `pmean`'d (`check_vma=True`);
+  into the key (`check_vma=True`: the replicated parameters' gradients come out summed
+  over the shards, and are divided by their number);
 
 each against `jax.grad` of the hand-written DiCE surrogate (`overhead.make_vae_hand`,
 the estimator scgjax builds) written the same way, after checking that both give the
@@ -69,7 +70,10 @@ def _steps(mesh, style):
         @partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("d"), P()), out_specs=P())
         def step(params, x, key):
             key = jax.random.fold_in(key, lax.axis_index("d"))
-            return jax.tree.map(lambda g: lax.pmean(g, "d"), grad(params, x, key))
+            # With check_vma=True the gradient of the replicated parameters is already
+            # summed over the shards (JAX's semantics): divide for the mean.
+            n = lax.psum(1, "d")
+            return jax.tree.map(lambda g: g / n, grad(params, x, key))
 
         return jax.jit(step)
 
