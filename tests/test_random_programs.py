@@ -100,7 +100,7 @@ def check_exact(prog, hessian: bool) -> None:
         )
 
 
-@budget(8)
+@budget(6)
 @given(programs(), HESSIAN)
 def test_random_program_is_exact(prog, hessian):
     check_exact(prog, hessian)
@@ -112,7 +112,7 @@ def test_random_loop_program_is_exact(prog, hessian):
     check_exact(prog, hessian)
 
 
-@budget(4)
+@budget(3)
 @given(programs(features={"cond", "jit", "checkpoint"}), HESSIAN)
 def test_random_branching_program_is_exact(prog, hessian):
     check_exact(prog, hessian)
@@ -140,7 +140,7 @@ def test_random_program_with_collectives_is_exact(prog, hessian):
     check_exact(prog, hessian)
 
 
-@budget(16)
+@budget(12)
 @given(programs(), st.booleans())
 def test_no_score_reaching_the_cost_is_jax_grad_to_the_last_bit(prog, x64):
     """The program with every use of a score draw's value replaced by a constant: its

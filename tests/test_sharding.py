@@ -343,7 +343,10 @@ def _reversed_blocks_outside(th, x, key):  # a running sum made outside, each bl
     ids=lambda f: f.__name__,
 )
 def test_samples_inside_shard_map_exact(f):
-    assert_exact(f, THETA, extra_args=(XE,))
+    # The Hessian for the four that exercise each layout and collective; the first
+    # derivative for the rest (the suite's time budget).
+    hessian = f in (_rows_out, _pmeaned, _pmapped, _two_axes)
+    assert_exact(f, THETA, extra_args=(XE,), hessian=hessian)
 
 
 # -- Plates across shards ----------------------------------------------------------------------
@@ -488,7 +491,7 @@ def _particle_loss(w, x, key):
     return jnp.mean((z - 0.3) ** 2 * (x @ w)) ** 2
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit], ids=["explicit"])
 def test_leave_one_out_over_particles_sharded_across_devices_is_the_one_device_estimator(
     axis_type,
 ):
