@@ -372,7 +372,6 @@ def _assemble(x, manual: tuple, sizes: dict, dim_axes: list[tuple]):
     """The global array of a stacked output `x` (`(n_a, n_b, ..., *local)`): the inverse
     of what `out_specs` with `dim_axes` does; shards along a mesh axis that no axis uses
     hold copies, and the first one is kept."""
-    m = len(manual)
     used = [a for axes in dim_axes for a in axes]
     if any(a not in used for a in manual):
         # Copies along these axes: keep the first (on an Explicit mesh, a sharded axis
@@ -385,7 +384,6 @@ def _assemble(x, manual: tuple, sizes: dict, dim_axes: list[tuple]):
     for k, axes in enumerate(dim_axes):
         perm += [lanes.index(a) for a in axes] + [len(lanes) + k]
         shape.append(math.prod(sizes[a] for a in axes) * local[k])
-    del m
     return jnp.transpose(x, perm).reshape(shape)
 
 
@@ -579,16 +577,9 @@ def _choose_layouts(lift: _Lift, meta: dict, nodes, out_specs) -> dict:
         layout = stacked[node.id]
         if node.estimator == "score" and len(node.shape) >= 1:
             concat = _Layout(True, node.shape[0])
-            s_stack = sum(
-                lift.score(d, a, s, node.id, layout)
-                for d, a, s in items
-                if node.id in {_deps.base_node(k) for k in d}
-            )
-            s_concat = sum(
-                lift.score(d, a, s, node.id, concat)
-                for d, a, s in items
-                if node.id in {_deps.base_node(k) for k in d}
-            )
+            mine = [it for it in items if node.id in {_deps.base_node(k) for k in it[0]}]
+            s_stack = sum(lift.score(d, a, s, node.id, layout) for d, a, s in mine)
+            s_concat = sum(lift.score(d, a, s, node.id, concat) for d, a, s in mine)
             if s_concat > s_stack:
                 layout = concat
         layouts[node.id] = layout
