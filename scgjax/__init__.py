@@ -11,6 +11,7 @@ from . import _compat
 
 _compat.hide_frames_of(_os.path.dirname(__file__))
 
+from . import estimators as estimators
 from ._lint import LostGradientWarning as LostGradientWarning
 from ._sample import sample as sample
 from ._surrogate import Site as Site
@@ -29,6 +30,7 @@ __all__ = [
     "Site",
     "Trace",
     "describe",
+    "estimators",
     "gradient_variance",
     "sample",
     "scg_grad",

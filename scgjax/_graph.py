@@ -45,12 +45,16 @@ class StochasticNode:
     Attributes:
       id: where its `sample` equation sits.
       distribution: the distribution's class name.
-      estimator: `"score"` or `"pathwise"`.
+      estimator: `"score"` or `"pathwise"`: how the interpreter treats it (an
+        enumerated site is a score node whose log-probability weights instead of
+        joining τ; a relaxed one is pathwise).
       shape: for a score node the shape of its log-probability, for a pathwise node the
         shape of its value, as seen at the top level (draws inside a `scan` are stacked
         along a leading axis per loop).
       source: file and line of the `scg.sample` call, where JAX records it.
       name: the `name=` given to `scg.sample`, if any.
+      method: the estimator object (`scgjax.estimators`) the site was drawn with.
+      support: for an enumerated site, the values each element takes.
     """
 
     id: NodeId
@@ -59,6 +63,12 @@ class StochasticNode:
     shape: tuple[int, ...]
     source: str = ""
     name: str | None = None
+    method: Any = None
+    support: tuple = ()
+
+    @property
+    def enumerated(self) -> bool:
+        return bool(getattr(self.method, "enumerates", False))
 
 
 TermKey = tuple  # (Deps, shape)
@@ -313,13 +323,19 @@ def surrogate_sum(
     """Σ_terms Σ_elements ⊡(τ)·c (or τ·c with `boxed=False`, linear in the log-probs)."""
     pieces, cache = [], {}
     for deps, term in items:
-        if deps:
-            varying = _compat.varying_axes(term)
-            t = tau(deps, tuple(np.shape(term)), log_probs, cache, varying)
-            t = t.astype(jnp.result_type(term))
-            term = (magic_box(t) if boxed else t) * term
-        pieces.append(jnp.sum(term))
+        pieces.append(jnp.sum(weighted_term(deps, term, log_probs, cache, boxed)))
     return sum(pieces[1:], pieces[0])
+
+
+def weighted_term(deps: Deps, term: Any, log_probs: dict[NodeId, Any], cache: dict, boxed=True):
+    """`⊡(τ)·c` elementwise for one cost term (`τ·c` with `boxed=False`); `c` itself when
+    it depends on no score node."""
+    if not deps:
+        return term
+    varying = _compat.varying_axes(term)
+    t = tau(deps, tuple(np.shape(term)), log_probs, cache, varying)
+    t = t.astype(jnp.result_type(term))
+    return (magic_box(t) if boxed else t) * term
 
 
 def dice_objective(cost: Val, graph: Graph) -> jax.Array:

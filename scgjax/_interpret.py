@@ -62,20 +62,25 @@ class Context:
     `draws` holds values to use instead of drawing (`scgjax.trace(f, draws=...)`,
     `surrogate(f, draws=...)`), keyed by node id, for the nodes under this context (a
     `scan` rule hands its body the current iteration's slice); `graph.record` says
-    whether nodes' values and log-probabilities are recorded too.
+    whether nodes' values and log-probabilities are recorded too. `enumerated` holds
+    the ids of the sites being summed out (`estimator="enum"`), whose replayed values
+    are their alternatives.
     """
 
     path: NodeId
     graph: Graph
     loop_levels: tuple[int, ...] = ()
     draws: dict | None = None
+    enumerated: frozenset = frozenset()
 
     def child(self, *indices: int, new_loop: bool = False) -> Context:
         """A context for a sub-jaxpr of the equation at `indices`, with a graph of its own
         (and one more loop level when the sub-jaxpr is a `scan` body)."""
         levels = self.loop_levels + ((len(self.loop_levels),) if new_loop else ())
         path = self.path + indices
-        return Context(path, Graph(self.graph.record), levels, self.draws_under(path))
+        return Context(
+            path, Graph(self.graph.record), levels, self.draws_under(path), self.enumerated
+        )
 
     def draws_under(self, path: NodeId) -> dict | None:
         """The replayed values of the nodes whose ids start with `path`."""
@@ -673,6 +678,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     leaves = [v.value for v in invals[1 : 1 + n_leaves]]
     baseline = invals[1 + n_leaves] if params.get("has_baseline") else None
     spec, n_batch = params["spec"], params["n_batch"]
+    method = params["method"]
     pathwise = params["estimator"] == "pathwise"
     node_id, source = ctx.path + (index,), _compat.source_info(eqn)
     name = params.get("name")
@@ -691,17 +697,20 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
             spec=spec,
             sample_shape=params["sample_shape"],
             n_batch=n_batch,
+            method=method,
             reparameterized=True,
         )
         deps = _parent_deps(eqn, invals[: 1 + n_leaves], value)
         note_fallbacks(
             eqn, [v.deps for v in invals[: 1 + n_leaves]], [deps], f"the parameters of {spec.name}"
         )
-        node = StochasticNode(node_id, spec.name, "pathwise", jnp.shape(value), source, name)
+        node = StochasticNode(
+            node_id, spec.name, "pathwise", jnp.shape(value), source, name, method
+        )
         record = None
         if ctx.graph.record:
             lp = _sample.log_prob(
-                value, leaves, spec=spec, n_batch=n_batch, score_log_prob=lambda d, v: d.log_prob(v)
+                value, leaves, spec=spec, n_batch=n_batch, score_log_prob=method.record_log_prob
             )
             record = (value, lp, jnp.ones(jnp.shape(lp), bool))
         ctx.graph.add(node, record=record)
@@ -730,6 +739,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 spec=spec,
                 sample_shape=params["sample_shape"],
                 estimator="score",
+                method=method,
                 n_batch=n_batch,
                 has_baseline=baseline is not None,
                 name=name,
@@ -739,10 +749,29 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     note_fallbacks(
         eqn, [v.deps for v in invals[: 1 + n_leaves]], [deps], f"the parameters of {spec.name}"
     )
+    if replayed is not None and ctx.enumerated and not method.enumerates:
+        upstream = {_deps.base_node(k) for k in deps} & ctx.enumerated
+        if upstream:
+            raise ValueError(
+                f"scgjax: draws= replays the {spec.name} draw{f' {name!r}' if name else ''}"
+                f"{_at(eqn)}, whose distribution depends on an enumerated site "
+                "(estimator='enum'): one replayed value cannot follow the enumerated "
+                "site's alternatives. Replay only sites upstream of (or independent of) "
+                "the enumerated ones."
+            )
+    support = ()
+    if method.enumerates:
+        # Per element (a `to_event` does not sum): the weights of the alternatives.
+        score_log_prob = method.element_log_prob
+        support = method.support(spec.unflatten(leaves))
+    else:
+        score_log_prob = _logprob.score_log_prob
     log_prob = _sample.log_prob(
-        value, leaves, spec=spec, n_batch=n_batch, score_log_prob=_logprob.score_log_prob
+        value, leaves, spec=spec, n_batch=n_batch, score_log_prob=score_log_prob
     )
-    node = StochasticNode(node_id, spec.name, "score", jnp.shape(log_prob), source, name)
+    node = StochasticNode(
+        node_id, spec.name, "score", jnp.shape(log_prob), source, name, method, support
+    )
     record = (value, log_prob, jnp.ones(jnp.shape(log_prob), bool)) if ctx.graph.record else None
     ctx.graph.add(node, log_prob, record)
     if baseline is not None:

@@ -21,9 +21,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.interpreters import ad, batching, mlir
 
-from . import _compat
-
-ESTIMATORS = ("auto", "score", "pathwise")
+from . import _compat, _estimators
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,7 +60,7 @@ def sample(
     d: dist.Distribution,
     sample_shape: Sequence[int] = (),
     *,
-    estimator: str = "auto",
+    estimator: str | _estimators.Estimator = "auto",
     baseline: jax.typing.ArrayLike | None = None,
     name: str | None = None,
     out_sharding: jax.sharding.Sharding | jax.sharding.PartitionSpec | None = None,
@@ -74,10 +72,16 @@ def sample(
         (`jax.random.PRNGKey`).
       d: any `numpyro.distributions.Distribution`.
       sample_shape: leading shape of i.i.d. draws, as in `Distribution.sample`.
-      estimator: how `scg_grad` differentiates through this draw. `"pathwise"`
-        differentiates the reparameterized draw (needs `d.has_rsample`); `"score"` adds a
-        score-function (REINFORCE) term `log p(w) · downstream cost`; `"auto"` (default)
-        is `"pathwise"` when `d.has_rsample` and `"score"` otherwise.
+      estimator: how `scg_grad` differentiates through this draw: a name, or an
+        estimator object from `scgjax.estimators` for options with values.
+        `"pathwise"` differentiates the reparameterized draw (needs `d.has_rsample`);
+        `"score"` adds a score-function (REINFORCE) term `log p(w) · downstream cost`;
+        `"auto"` (default) is `"pathwise"` when `d.has_rsample` and `"score"` otherwise.
+        `"enum"` sums a finite support out exactly (`estimators.Enum`);
+        `"gumbel_softmax"` and `"straight_through"` relax a Bernoulli or Categorical
+        (biased by design; `estimators.GumbelSoftmax(temperature=...)`), and change
+        what the program sees: the relaxed draw, or, for a Categorical, a one-hot
+        vector.
       baseline: for a score node, a value broadcastable to `d.log_prob(value)`'s shape
         that is subtracted from the node's downstream cost. It is computed before the
         draw, so it cannot depend on it and the estimator stays unbiased; the surrogate
@@ -105,18 +109,20 @@ def sample(
             f"argument, got {type(d).__name__}: {d!r}. Wrap the parameters in a "
             "distribution, e.g. scg.sample(key, numpyro.distributions.Normal(loc, scale))."
         )
-    estimator = resolve_estimator(d, estimator)
+    method = _estimators.resolve(d, estimator)
+    estimator = method.kind
     try:
         sample_shape = tuple(int(s) for s in sample_shape)
     except TypeError:
         raise TypeError(
             f"scgjax.sample: sample_shape must be a tuple of ints, got {sample_shape!r}."
         ) from None
-    if baseline is not None and estimator == "pathwise":
+    if baseline is not None and (estimator == "pathwise" or method.enumerates):
         raise ValueError(
             f"scgjax.sample: a baseline only applies to score-function nodes, but this "
-            f"{type(d).__name__} draw is pathwise. Drop baseline=, or pass "
-            "estimator='score'."
+            f"{type(d).__name__} draw is {method}"
+            f"{'' if method.name == 'pathwise' else ' (no score term)'}. Drop baseline=, "
+            "or pass estimator='score'."
         )
     key = _check_key(key)
     leaves, treedef = jax.tree_util.tree_flatten(d)
@@ -129,30 +135,12 @@ def sample(
         spec=DistributionSpec(treedef, type(d).__name__),
         sample_shape=sample_shape,
         estimator=estimator,
+        method=method,
         n_batch=0,
         has_baseline=baseline is not None,
         name=name,
     )
     return value if out_sharding is None else _compat.place(value, out_sharding)
-
-
-def resolve_estimator(d: dist.Distribution, estimator: str) -> str:
-    """`"score"` or `"pathwise"` for `d`; a clear error for an impossible choice."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"scgjax.sample: unknown estimator {estimator!r}; choose one of "
-            f"{', '.join(map(repr, ESTIMATORS))}."
-        )
-    if estimator == "auto":
-        return "pathwise" if d.has_rsample else "score"
-    if estimator == "pathwise" and not d.has_rsample:
-        raise ValueError(
-            f"scgjax.sample: estimator='pathwise' needs a reparameterizable distribution, "
-            f"but {type(d).__name__} has no rsample (has_rsample=False). Use "
-            "estimator='score' (or 'auto'), or a reparameterizable relaxation such as "
-            "numpyro.distributions.RelaxedBernoulliLogits."
-        )
-    return estimator
 
 
 def _check_key(key: Any) -> jax.Array:
@@ -178,14 +166,15 @@ def _check_key(key: Any) -> jax.Array:
     return key
 
 
-def draw(key, leaves, *, spec, sample_shape, n_batch, reparameterized):
-    """The draw itself, vmapped over `n_batch` leading axes of every operand."""
+def draw(key, leaves, *, spec, sample_shape, n_batch, method, reparameterized):
+    """The draw itself, vmapped over `n_batch` leading axes of every operand: what the
+    program sees (`method.sample`), or its differentiable form (`method.rsample`)."""
 
     def one(key, *leaves):
         d = spec.unflatten(leaves)
         if reparameterized:
-            return d.rsample(key, sample_shape)
-        return d.sample(key, sample_shape)
+            return method.rsample(d, key, sample_shape)
+        return method.sample(d, key, sample_shape)
 
     fn = one
     for _ in range(n_batch):
@@ -205,7 +194,7 @@ def log_prob(value, leaves, *, spec, n_batch, score_log_prob):
     return fn(value, *leaves)
 
 
-def _impl(key, *operands, spec, sample_shape, estimator, n_batch, has_baseline, name):
+def _impl(key, *operands, spec, sample_shape, estimator, method, n_batch, has_baseline, name):
     del estimator, name
     leaves = operands[: len(operands) - has_baseline]
     return draw(
@@ -214,17 +203,21 @@ def _impl(key, *operands, spec, sample_shape, estimator, n_batch, has_baseline, 
         spec=spec,
         sample_shape=sample_shape,
         n_batch=n_batch,
+        method=method,
         reparameterized=False,
     )
 
 
-def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch, has_baseline, name):
+def _abstract_eval(
+    key, *leaves, spec, sample_shape, estimator, method, n_batch, has_baseline, name
+):
     out = jax.eval_shape(
         partial(
             _impl,
             spec=spec,
             sample_shape=sample_shape,
             estimator=estimator,
+            method=method,
             n_batch=n_batch,
             has_baseline=has_baseline,
             name=name,
@@ -237,7 +230,7 @@ def _abstract_eval(key, *leaves, spec, sample_shape, estimator, n_batch, has_bas
     return _compat.aval_of(out)
 
 
-def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
+def _batch(args, dims, *, spec, sample_shape, estimator, method, n_batch, has_baseline, name):
     # An operand may be a literal (a Python scalar in a jaxpr, `TypedFloat` on JAX 0.10):
     # `np.shape`, not `.shape`.
     size, axis_spec = next(
@@ -252,6 +245,7 @@ def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, 
         spec=spec,
         sample_shape=sample_shape,
         estimator=estimator,
+        method=method,
         n_batch=n_batch + 1,
         has_baseline=has_baseline,
         name=name,
@@ -259,7 +253,7 @@ def _batch(args, dims, *, spec, sample_shape, estimator, n_batch, has_baseline, 
     return out, 0
 
 
-def _jvp(primals, tangents, *, spec, sample_shape, estimator, n_batch, has_baseline, name):
+def _jvp(primals, tangents, *, spec, sample_shape, estimator, method, n_batch, has_baseline, name):
     if estimator != "pathwise":
         # The value does not move with the parameters. The primal stays a `sample_p`
         # equation, so a transform that traces this derivative (an scgjax transform
@@ -269,6 +263,7 @@ def _jvp(primals, tangents, *, spec, sample_shape, estimator, n_batch, has_basel
             spec=spec,
             sample_shape=sample_shape,
             estimator=estimator,
+            method=method,
             n_batch=n_batch,
             has_baseline=has_baseline,
             name=name,
@@ -280,7 +275,13 @@ def _jvp(primals, tangents, *, spec, sample_shape, estimator, n_batch, has_basel
 
     def fn(*leaves):
         return draw(
-            key, leaves, spec=spec, sample_shape=sample_shape, n_batch=n_batch, reparameterized=True
+            key,
+            leaves,
+            spec=spec,
+            sample_shape=sample_shape,
+            n_batch=n_batch,
+            method=method,
+            reparameterized=True,
         )
 
     return jax.jvp(fn, leaves, leaf_tangents)

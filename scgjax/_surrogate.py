@@ -22,6 +22,7 @@ from . import (
     _compat,
     _control_flow,  # noqa: F401  (registers the higher-order rules)
     _deps,
+    _enumerate,
     _graph,
     _interpret,
     _keys,
@@ -99,16 +100,22 @@ def _check_cost(cost_shape: Any) -> None:
         )
 
 
-def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
-    """Runs the SCG interpreter on `f`: (cost `Val`, aux values, graph). `draws` maps
-    site names to values used instead of drawing; `record` keeps every node's value and
-    log-probability in the graph."""
+def _prepare(f, args, kwargs, has_aux):
+    """Traces `f` and runs the trace-time checks (key reuse, lost gradients)."""
     closed, dyn_leaves, rebuild_aux = _trace(f, args, kwargs, has_aux)
     _keys.check_key_reuse(closed)
     _lint.check_program(closed, _lint.differentiated_inputs(dyn_leaves))
-    ids = _draws_by_id(closed, dyn_leaves, draws) if draws else None
+    return closed, dyn_leaves, rebuild_aux
+
+
+def _interpret_program(
+    closed, dyn_leaves, rebuild_aux, ids=None, record=False, enumerated=frozenset()
+):
+    """The SCG interpreter on a traced program: (cost `Val`, aux values, graph). `ids`
+    maps node ids to values used instead of drawing; `enumerated` names the ids among
+    them that are enumerated sites' alternatives."""
     graph = Graph(record)
-    ctx = _interpret.Context((), graph, draws=ids)
+    ctx = _interpret.Context((), graph, draws=ids or None, enumerated=enumerated)
     outs = _interpret.eval_jaxpr(
         ctx,
         closed.jaxpr,
@@ -119,34 +126,55 @@ def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
     return outs[0], aux, graph
 
 
-def _draws_by_id(closed, dyn_leaves, draws: dict) -> dict:
+def _evaluate(f, args, kwargs, has_aux, draws=None, record=False):
+    """Runs the SCG interpreter on `f`: (cost `Val`, aux values, graph). `draws` maps
+    site names to values used instead of drawing; `record` keeps every node's value and
+    log-probability in the graph."""
+    closed, dyn_leaves, rebuild_aux = _prepare(f, args, kwargs, has_aux)
+    ids = _draws_by_id(_abstract_pass(closed, dyn_leaves), draws) if draws else None
+    return _interpret_program(closed, dyn_leaves, rebuild_aux, ids, record)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Abstract:
+    """What one abstract pass of the interpreter sees: the nodes, their names, and each
+    cost term's dependencies and shape."""
+
+    nodes: dict
+    names: dict  # node id -> name
+    terms: list
+
+
+def _abstract_pass(closed, dyn_leaves) -> _Abstract:
+    box: dict = {}
+
+    def nodes(*leaves):
+        cost, _, graph = _interpret_program(closed, leaves, None)
+        box["out"] = _Abstract(
+            graph.nodes,
+            _node_names(graph),
+            [(d, tuple(np.shape(t))) for d, t in cost.term_items()],
+        )
+
+    jax.eval_shape(nodes, *[_shape_struct(x) for x in dyn_leaves])
+    return box["out"]
+
+
+def _draws_by_id(info: _Abstract, draws: dict) -> dict:
     """`draws` (site name → value) keyed by node id, the names being those of
-    `describe` (`name=`, else `node<i>`); found by one abstract pass."""
+    `describe` (`name=`, else `node<i>`)."""
     if not isinstance(draws, dict):
         raise TypeError(
             f"scgjax: draws must be a dict of site name -> value, got {type(draws).__name__}."
         )
-    box: dict = {}
-
-    def nodes(*leaves):
-        graph = Graph()
-        _interpret.eval_jaxpr(
-            _interpret.Context((), graph),
-            closed.jaxpr,
-            [_interpret.const_val(c) for c in closed.consts],
-            [Val(x) for x in leaves],
-        )
-        box["names"] = {name: n for n, name in _node_names(graph).items()}
-        box["nodes"] = graph.nodes
-
-    jax.eval_shape(nodes, *[_shape_struct(x) for x in dyn_leaves])
-    unknown = [k for k in draws if k not in box["names"]]
+    by_name = {name: n for n, name in info.names.items()}
+    unknown = [k for k in draws if k not in by_name]
     if unknown:
         raise ValueError(
             f"scgjax: draws names {unknown}, which are not sample sites of f; "
-            f"its sites are {sorted(box['names'])} (see scg.describe)."
+            f"its sites are {sorted(by_name)} (see scg.describe)."
         )
-    return {box["names"][k]: v for k, v in draws.items()}
+    return {by_name[k]: v for k, v in draws.items()}
 
 
 def _shape_struct(x) -> jax.ShapeDtypeStruct:
@@ -174,7 +202,24 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
     the last two keyed by node name."""
 
     def run(args, kwargs, draws=draws):
-        cost, aux, graph = _evaluate(f, args, kwargs, has_aux, draws)
+        closed, dyn_leaves, rebuild_aux = _prepare(f, args, kwargs, has_aux)
+        if _enumerate.has_enumerated_sites(closed):
+            info = _abstract_pass(closed, dyn_leaves)
+            ids = _draws_by_id(info, draws) if draws else None
+            plan = _enumerate.plan(info.nodes, info.terms, ids, info.names)
+            if plan.sites:
+                if need_downstream:
+                    raise ValueError(
+                        "scgjax: downstream=True and baseline='leave_one_out' are not "
+                        "supported yet with enumerated sites (estimator='enum'): "
+                        f"{[info.names[n.id] for n in plan.sites]}. Give the other score "
+                        "sites a baseline= of their own, or use estimator='score'."
+                    )
+                value, aux = _enumerated(closed, dyn_leaves, rebuild_aux, ids, plan)
+                return value, aux, {}, {}
+        else:
+            ids = _draws_by_id(_abstract_pass(closed, dyn_leaves), draws) if draws else None
+        cost, aux, graph = _interpret_program(closed, dyn_leaves, rebuild_aux, ids)
         value = _graph.dice_objective(cost, graph)
         if not need_downstream:
             return value, aux, {}, {}
@@ -188,6 +233,32 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
         )
 
     return run
+
+
+def _enumerated(closed, dyn_leaves, rebuild_aux, ids, plan):
+    """The surrogate with `plan`'s sites summed out (`_enumerate`); aux values get a
+    leading axis of the alternatives."""
+    enumerated = [n.id for n in plan.sites]
+
+    def one(alternative):
+        cost, aux, graph = _interpret_program(
+            closed,
+            dyn_leaves,
+            rebuild_aux,
+            {**(ids or {}), **alternative},
+            enumerated=frozenset(enumerated),
+        )
+        lps = {n: lp for n, lp in graph.log_probs.items() if n not in enumerated}
+        cache: dict = {}
+        terms, meta = [], []
+        for deps, t in cost.term_items():
+            rest = _enumerate.without(deps, enumerated)
+            terms.append(_graph.weighted_term(rest, t, lps, cache))
+            meta.append((deps, tuple(np.shape(t))))
+        site_lps = [graph.log_probs[n] for n in enumerated]
+        return terms, meta, site_lps, jnp.asarray(graph.baseline_total()), aux
+
+    return _enumerate.objective(one, plan, closed.out_avals[0].dtype)
 
 
 def _check_options(num_samples, baseline, key_argnum) -> int:
@@ -538,7 +609,7 @@ def describe(f: Callable, *, has_aux: bool = False) -> Callable[..., str]:
                 (
                     names[node.id],
                     node.distribution,
-                    node.estimator,
+                    str(node.method),
                     str(node.shape),
                     weighted,
                     cells if score else "-",
@@ -621,7 +692,7 @@ def _cost_producer(jaxpr, position: int = 0) -> str:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["value", "log_prob", "drawn"],
-    meta_fields=["name", "distribution", "estimator", "source"],
+    meta_fields=["name", "distribution", "estimator", "source", "method"],
 )
 @dataclasses.dataclass(frozen=True)
 class Site:
@@ -630,7 +701,8 @@ class Site:
     Attributes:
       name: `name=` given to `scg.sample`, else `node<i>` (as in `describe`).
       distribution: the distribution's class name.
-      estimator: `"score"` or `"pathwise"`.
+      estimator: `"score"` or `"pathwise"` (an enumerated site is `"score"`, a relaxed
+        one `"pathwise"`).
       source: file and line of the `scg.sample` call.
       value: the draw (stacked along a leading axis per enclosing `scan`).
       log_prob: its log-density under the distribution it was drawn from, shaped like
@@ -639,6 +711,10 @@ class Site:
         (numpyro's masked `log_prob` is 0 there): the value was drawn from the base.
       drawn: a boolean array like `log_prob`: False where the site sits in a `cond`
         branch that was not taken (then `value` and `log_prob` are 0 there).
+      method: the estimator as `scg.sample` was given it (`"score"`, `"enum"`,
+        `"gumbel_softmax"`, ...; with its options when they are not the defaults). For
+        `"enum"`, `log_prob` is per element (a `to_event` does not sum); for a
+        relaxation, it is the log-density of the hard draw the value rounds to.
     """
 
     name: str
@@ -648,6 +724,7 @@ class Site:
     value: Any
     log_prob: Any
     drawn: Any
+    method: str = ""
 
 
 @functools.partial(
@@ -723,6 +800,7 @@ def trace(f: Callable, *, has_aux: bool = False, draws: dict | None = None) -> C
                 value,
                 log_prob,
                 drawn,
+                str(node.method),
             )
         return Trace(cost.value, aux, sites)
 

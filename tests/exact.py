@@ -39,6 +39,7 @@ SUPPORTS = {
     "BernoulliLogits": (0, 1),
     "BernoulliProbs": (0, 1),
     "MaskedDistribution": (0, 1),  # of a Bernoulli in these tests
+    "CategoricalLogits": (0, 1, 2),  # three categories in these tests
 }
 
 
@@ -105,6 +106,7 @@ def exact_moments(
     supports: dict | None = None,
     hessian: bool = True,
     extra_args: tuple = (),
+    estimate: Callable | None = None,
     **options,
 ):
     """A dict of exact quantities in float64, by enumeration (one compiled program):
@@ -114,9 +116,27 @@ def exact_moments(
     `options` go to `scg_grad` / `surrogate` (e.g. `baseline=`, `num_samples=`); with
     `num_samples=K` every site is enumerated in K independent copies. `extra_args` come
     after θ and before the key.
+
+    `estimate`: the program whose estimator is measured, when it is not `f`: the same
+    sites (by name), some of them summed out by their estimator (`estimator="enum"`).
+    `f` draws every site with the score function and gives the reference; the estimate's
+    expectation is taken over `f`'s draws, replaying in `estimate` only the sites it
+    draws with the score function.
     """
     copies = int(options.get("num_samples", 1))
     names, draws, ks = enumerate_draws(f, (theta, *extra_args, key), supports, copies=copies)
+    g = f if estimate is None else estimate
+    if estimate is None:
+        replayed = names
+    else:
+        traced = jax.eval_shape(scg.trace(estimate), theta, *extra_args, key)
+        replayed = [
+            n for n, s in traced.sites.items() if s.estimator == "score" and s.method != "enum"
+        ]
+        assert set(replayed) <= set(names), (replayed, names)
+
+    def sub(z):
+        return {n: z[n] for n in replayed}
 
     def log_weight(th, z):
         a = (th, *extra_args, key)
@@ -149,14 +169,16 @@ def exact_moments(
             "value": expected_cost(th),
             "grad": jax.grad(expected_cost)(th),
             "est": expectation_of(
-                lambda z: scg.scg_grad(f, argnums=argnums, draws=z, **options)(th, *extra_args, key)
+                lambda z: scg.scg_grad(g, argnums=argnums, draws=sub(z), **options)(
+                    th, *extra_args, key
+                )
             ),
         }
         if hessian:
             out["mass_hess"] = jax.hessian(mass)(th)
             out["hess"] = jax.hessian(expected_cost)(th)
             out["est_hess"] = expectation_of(
-                lambda z: jax.hessian(scg.surrogate(f, draws=z, **options), argnums=argnums)(
+                lambda z: jax.hessian(scg.surrogate(g, draws=sub(z), **options), argnums=argnums)(
                     th, *extra_args, key
                 )
             )
@@ -173,6 +195,7 @@ def assert_exact(
     hessian: bool = True,
     supports: dict | None = None,
     extra_args: tuple = (),
+    estimate: Callable | None = None,
     **options,
 ) -> None:
     """The estimator's exact expectation equals the exact gradient (and, with `hessian`,
@@ -197,7 +220,14 @@ def assert_exact(
             extra_args,
         )
         m = exact_moments(
-            f, theta, key, supports=supports, hessian=hessian, extra_args=extra_args, **options
+            f,
+            theta,
+            key,
+            supports=supports,
+            hessian=hessian,
+            extra_args=extra_args,
+            estimate=estimate,
+            **options,
         )
         np.testing.assert_allclose(
             float(m["mass"]), 1.0, rtol=1e-12, err_msg="total probability of the enumerated draws"

@@ -75,13 +75,15 @@ def test_eager_jit_and_vmap_agree(f):
 
 @pytest.mark.parametrize("f", PROGRAMS, ids=lambda f: f.__name__)
 def test_every_way_of_taking_second_derivatives_agrees(f):
-    h = jax.hessian(scg.surrogate(f))(THETA, KEY)
-    close(jax.jacfwd(scg.scg_grad(f))(THETA, KEY), h)
-    close(jax.jacrev(scg.scg_grad(f))(THETA, KEY), h)
+    # Compiled (eager and jit agree: test_eager_jit_and_vmap_agree): one XLA program
+    # each, where op-by-op dispatch compiles every primitive of the Hessian on its own.
+    h = jax.jit(jax.hessian(scg.surrogate(f)))(THETA, KEY)
+    close(jax.jit(jax.jacfwd(scg.scg_grad(f)))(THETA, KEY), h)
+    close(jax.jit(jax.jacrev(scg.scg_grad(f)))(THETA, KEY), h)
     close(jax.jit(jax.jacfwd(jax.jacrev(scg.surrogate(f))))(THETA, KEY), h)
     close(
-        jax.vmap(jax.hessian(scg.surrogate(f)), (None, 0))(THETA, KEYS)[0],
-        jax.hessian(scg.surrogate(f))(THETA, KEYS[0]),
+        jax.jit(jax.vmap(jax.hessian(scg.surrogate(f)), (None, 0)))(THETA, KEYS)[0],
+        jax.jit(jax.hessian(scg.surrogate(f)))(THETA, KEYS[0]),
     )
 
 
@@ -89,11 +91,12 @@ def test_every_way_of_taking_second_derivatives_agrees(f):
 def test_an_scgjax_transform_around_another_gives_the_same_estimate(f):
     # The outer transform freezes the inner magic boxes and takes the inner draws as its
     # own nodes, so estimating the inner surrogate's expectation is estimating f's.
-    g = scg.scg_grad(f)(THETA, KEY)
-    close(scg.scg_grad(scg.surrogate(f))(THETA, KEY), g)
-    close(scg.scg_grad(lambda t, k: scg.scg_value_and_grad(f)(t, k)[0])(THETA, KEY), g)
-    close(scg.scg_grad(jax.jit(scg.surrogate(f)))(THETA, KEY), g)
-    v, g2 = scg.scg_value_and_grad(scg.surrogate(f))(THETA, KEY)
+    # compiled, one XLA program each (eager and jit agree: test_eager_jit_and_vmap_agree)
+    g = jax.jit(scg.scg_grad(f))(THETA, KEY)
+    close(jax.jit(scg.scg_grad(scg.surrogate(f)))(THETA, KEY), g)
+    close(jax.jit(scg.scg_grad(lambda t, k: scg.scg_value_and_grad(f)(t, k)[0]))(THETA, KEY), g)
+    close(jax.jit(scg.scg_grad(jax.jit(scg.surrogate(f))))(THETA, KEY), g)
+    v, g2 = jax.jit(scg.scg_value_and_grad(scg.surrogate(f)))(THETA, KEY)
     close(g2, g)
     np.testing.assert_allclose(v, f(THETA, KEY), rtol=1e-6)
 

@@ -1,0 +1,235 @@
+"""Enumerated sites (`estimator="enum"`): the downstream computation at every value.
+
+A site drawn with `Enum` is summed out of the surrogate exactly. The program is evaluated
+under `jax.vmap` over *alternatives*: each enumerated site is replayed at one of its
+values per alternative, so only what depends on the sites carries the new axis (the rest
+of the program is evaluated once, as `vmap` leaves unbatched values alone). Each cost
+term `c` is then contracted with the sites' probabilities over the alternatives,
+
+    Σ_r  Π_s w_s(r, c) · ⊡(τ_c(r)) · c(r),
+
+where τ holds the other score nodes (as usual) and `w_s` is site `s`'s probability at
+alternative `r`, normalised over `s`'s own alternatives (the other sites held):
+
+* *per element*: when every cost term depends on the site only through automatic
+  plates (element `i` of the term on element `i` of the site), alternative `k` puts
+  value `k` at every element of the site and the term's element `i` is weighted by
+  `p_i(k)`: K alternatives for any number of elements;
+* *jointly*: otherwise, the site's elements take every joint configuration (K^N
+  alternatives, refused beyond `Enum.max_joint`), each weighted by its joint
+  probability.
+
+A term that does not depend on a site takes `1/R_s` for each of its `R_s` alternatives
+(its value is the same in all of them). The normalisation is exact (the probabilities of
+a full support sum to 1 at every parameter, so every derivative of the sum is 0), and it
+makes a site in a `cond` branch not taken (log-probability 0 for every value) weigh
+`1/K` per value. Derivatives of every order are exact in the enumerated sites; the other
+score nodes' terms are DiCE's, per alternative.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _compat, _deps
+from ._deps import Axis, Deps
+from ._graph import StochasticNode
+
+
+@functools.lru_cache(maxsize=4096)
+def _jaxpr_enumerates(jaxpr: _compat.Jaxpr) -> bool:
+    from ._sample import sample_p
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p:
+            if getattr(eqn.params.get("method"), "enumerates", False):
+                return True
+        elif any(_jaxpr_enumerates(j) for j in _compat.iter_subjaxprs(eqn.params)):
+            return True
+    return False
+
+
+def has_enumerated_sites(closed) -> bool:
+    """Whether a closed jaxpr draws a site with an enumerating estimator."""
+    return _jaxpr_enumerates(_compat.open_jaxpr(closed)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The enumerated sites and their alternatives.
+
+    Attributes:
+      sites: the enumerated nodes that some cost term depends on, in program order.
+      joint: per site, whether its elements are enumerated jointly.
+      sizes: per site, its number of alternatives `R_s`.
+      draws: node id → values, shape `(R, *site shape)`, `R = Π R_s` (a product grid).
+    """
+
+    sites: tuple[StochasticNode, ...]
+    joint: tuple[bool, ...]
+    sizes: tuple[int, ...]
+    draws: dict
+
+
+def _items_of(deps: Deps, node_id) -> list:
+    return [(k, rel) for k, rel in deps.items() if _deps.base_node(k) == node_id]
+
+
+def _aligned(node: StochasticNode, items: list, shape: tuple) -> bool:
+    """Whether a term of `shape` depends on `node` (whose dependency items are `items`)
+    element by element: each of its non-trivial axes along a term axis of its size."""
+    if not items:
+        return True
+    if len(items) != 1 or items[0][0] != node.id:
+        return False
+    used = set()
+    for k, entry in enumerate(items[0][1]):
+        if node.shape[k] == 1:
+            continue
+        if not (
+            isinstance(entry, Axis)
+            and entry.kind == "eq"
+            and entry.axis < len(shape)
+            and shape[entry.axis] == node.shape[k]
+            and entry.axis not in used
+        ):
+            return False
+        used.add(entry.axis)
+    return True
+
+
+def plan(
+    nodes: dict, terms: list[tuple[Deps, tuple]], user_draws: dict | None, names: dict
+) -> Plan:
+    """The alternatives for the enumerated nodes among `nodes` that the cost terms
+    (`(deps, shape)` each) depend on; a clear error where there would be too many."""
+    enumerated = [n for n in nodes.values() if n.enumerated]
+    replayed = [names[n.id] for n in enumerated if user_draws and n.id in user_draws]
+    if replayed:
+        raise ValueError(
+            f"scgjax: draws= replays {replayed}, which are enumerated (estimator='enum'): "
+            "they are summed over their support, not drawn. Drop them from draws=."
+        )
+    sites, joint, sizes, values = [], [], [], []
+    for node in enumerated:
+        dependent = [(d, s) for d, s in terms if _items_of(d, node.id)]
+        if not dependent:
+            continue  # it reaches no cost: nothing to sum
+        together = not all(_aligned(node, _items_of(d, node.id), s) for d, s in dependent)
+        support = np.asarray(node.support)
+        n = int(np.prod(node.shape, dtype=int))
+        if together:
+            size = len(support) ** n
+            limit = node.method.max_joint
+            if size > limit:
+                raise ValueError(
+                    f"scgjax: the enumerated site {names[node.id]!r} ({node.distribution}, "
+                    f"shape {node.shape}{f', at {node.source}' if node.source else ''}) has "
+                    f"cost elements that depend on several of its {n} elements (or on "
+                    "elements of other loop iterations), so they are enumerated jointly: "
+                    f"{len(support)}^{n} alternatives, more than max_joint={limit}. Make "
+                    "each cost element depend on one element of the site (per-element costs, "
+                    "summed: automatic plates), use estimator='score' for it, or raise the "
+                    "limit with estimator=scg.estimators.Enum(max_joint=...)."
+                )
+            configs = np.array(list(itertools.product(support, repeat=n)), support.dtype)
+            vals = configs.reshape((size, *node.shape))
+        else:
+            size = len(support)
+            vals = np.broadcast_to(
+                support.reshape((size,) + (1,) * len(node.shape)), (size, *node.shape)
+            )
+        sites.append(node)
+        joint.append(together)
+        sizes.append(size)
+        values.append(vals)
+    total = int(np.prod(sizes, dtype=np.int64)) if sizes else 1
+    limit = max((n.method.max_joint for n in sites), default=1)
+    if total > limit:
+        raise ValueError(
+            f"scgjax: the enumerated sites {[names[n.id] for n in sites]} together take "
+            f"{' x '.join(map(str, sizes))} = {total} alternatives, more than "
+            f"max_joint={limit}. Use estimator='score' for some of them, or raise the limit "
+            "with estimator=scg.estimators.Enum(max_joint=...)."
+        )
+    grids = np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij") if sizes else []
+    draws = {n.id: v[g.ravel()] for n, v, g in zip(sites, values, grids)}
+    return Plan(tuple(sites), tuple(joint), tuple(sizes), draws)
+
+
+def site_weights(plan: Plan, log_probs: list) -> list:
+    """Per site, its normalised probability at each alternative: `(R, *site shape)` per
+    element, or `(R,)` for a site enumerated jointly. `log_probs[s]` is site `s`'s
+    per-element log-probability at each alternative, `(R, *site shape)`."""
+    grid = plan.sizes
+    out = []
+    for s, (node, together, lp) in enumerate(zip(plan.sites, plan.joint, log_probs)):
+        lp = jnp.reshape(lp, grid + tuple(node.shape))
+        if together:
+            lp = jnp.sum(lp, axis=tuple(range(len(grid), lp.ndim)))
+        w = jax.nn.softmax(lp, axis=s)
+        out.append(jnp.reshape(w, (-1,) + tuple(w.shape[len(grid) :])))
+    return out
+
+
+def _laid_out(w, node: StochasticNode, rel, shape: tuple):
+    """`w` (`(R, *site shape)`) on a term of `shape` that depends on the site element by
+    element through `rel`: `(R, *shape)`-broadcastable."""
+    keep = [(k, e.axis) for k, e in enumerate(rel) if node.shape[k] != 1]
+    w = jnp.reshape(w, (w.shape[0],) + tuple(node.shape[k] for k, _ in keep))
+    order = sorted(range(len(keep)), key=lambda i: keep[i][1])
+    w = jnp.transpose(w, (0, *[i + 1 for i in order]))
+    dims = (0, *[keep[i][1] + 1 for i in order])
+    return lax.broadcast_in_dim(w, (w.shape[0], *shape), dims)
+
+
+def term_weight(plan: Plan, weights: list, deps: Deps, shape: tuple):
+    """Π_s w_s for one cost term: `(R, *shape)`-broadcastable."""
+    total = None
+    for node, together, size, w in zip(plan.sites, plan.joint, plan.sizes, weights):
+        items = _items_of(deps, node.id)
+        if not items:
+            piece = jnp.full((1,) * (1 + len(shape)), 1.0 / size, w.dtype)
+        elif together:
+            piece = jnp.reshape(w, (-1,) + (1,) * len(shape))
+        else:
+            piece = _laid_out(w, node, items[0][1], shape)
+        total = piece if total is None else total * piece
+    return total
+
+
+def without(deps: Deps, ids) -> Deps:
+    """`deps` without the nodes `ids` (the enumerated sites: they weigh, not score)."""
+    ids = set(ids)
+    kept = {k: rels for k, rels in deps._map.items() if _deps.base_node(k) not in ids}
+    if len(kept) == len(deps._map):
+        return deps
+    return Deps._of({k: list(rels) for k, rels in kept.items()})
+
+
+def objective(run, plan: Plan, cost_dtype):
+    """The enumerated surrogate. `run(draws)` evaluates the program with the sites
+    replayed at `draws` and returns `(terms, deps_and_shapes, site log-probs,
+    baseline total, aux)`, `terms` each `⊡(τ)·c` over the other score nodes."""
+    box: dict = {}
+
+    def one(draws):
+        terms, meta, lps, baselines, aux = run(draws)
+        box["meta"] = meta
+        return terms, lps, baselines, aux
+
+    terms, lps, baselines, aux = jax.vmap(one)(plan.draws)
+    weights = site_weights(plan, lps)
+    pieces = []
+    for t, (deps, shape) in zip(terms, box["meta"]):
+        w = term_weight(plan, weights, deps, shape).astype(jnp.result_type(t))
+        pieces.append(jnp.sum(w * t))
+    total = sum(pieces[1:], pieces[0]) + jnp.mean(baselines)
+    return total.astype(cost_dtype), aux

@@ -1,0 +1,354 @@
+"""Estimators per site: one small object each, registered by name.
+
+An estimator says what the program sees at a `scg.sample` site and what the site adds to
+the surrogate. Every estimator has a `kind`, which is all the interpreter needs:
+
+* `"score"`: the value under stop-gradient; the site's log-probability joins τ of the
+  costs downstream of it (`Score`), or, for an enumerating estimator, the costs that
+  depend on it are summed over the site's support with its probabilities as weights
+  (`Enum`, assembled by `_enumerate.py`);
+* `"pathwise"`: a value differentiated through; nothing else joins the surrogate. The
+  value is the reparameterized draw (`Pathwise`) or a relaxation of a discrete one
+  (`GumbelSoftmax`, `StraightThrough`: biased by design).
+
+`sample(key, d, estimator=...)` takes a registered name (the estimator with its default
+options) or an estimator object (options with values): `estimator="gumbel_softmax"` or
+`estimator=scg.estimators.GumbelSoftmax(temperature=0.3)`. Objects are frozen dataclasses,
+so they are hashable and travel in the `sample` primitive's static params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax import lax
+
+from . import _logprob
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Registers an estimator class under its `name` (so `estimator=cls.name` builds
+    `cls()`, its defaults)."""
+    if not cls.name:
+        raise ValueError(f"estimator class {cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def names() -> tuple[str, ...]:
+    """The registered estimator names, and `"auto"`."""
+    return ("auto", *_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """The base of every estimator. Subclasses set `name` and `kind` and may override
+    `check`, `sample` and `rsample`."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "score"  # "score" | "pathwise"
+    enumerates: ClassVar[bool] = False  # sums the site out (`Enum`)
+    biased: ClassVar[bool] = False
+
+    def check(self, d: dist.Distribution) -> None:
+        """Raises a `ValueError` naming the problem when `d` cannot use this estimator."""
+
+    def sample(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple) -> jax.Array:
+        """The value the program sees (outside the transforms too)."""
+        return d.sample(key, sample_shape)
+
+    def rsample(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple) -> jax.Array:
+        """For `kind == "pathwise"`: the same value, differentiable in `d`'s parameters."""
+        return d.rsample(key, sample_shape)
+
+    def record_log_prob(self, d: dist.Distribution, value: jax.Array) -> jax.Array:
+        """The log-density `scgjax.trace` reports for a draw of this estimator."""
+        return d.log_prob(value)
+
+    def __str__(self) -> str:
+        fields = dataclasses.fields(self)
+        if not fields:
+            return self.name
+        defaults = type(self)()
+        changed = [f for f in fields if getattr(self, f.name) != getattr(defaults, f.name)]
+        if not changed:
+            return self.name
+        return f"{self.name}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in changed)})"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Score(Estimator):
+    """The score-function (REINFORCE, likelihood-ratio) estimator: `log p(w)` weights the
+    costs downstream of the draw. Unbiased for any distribution whose support does not
+    depend on the differentiated parameters."""
+
+    name: ClassVar[str] = "score"
+    kind: ClassVar[str] = "score"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Pathwise(Estimator):
+    """The reparameterization (pathwise) estimator: differentiates the draw itself."""
+
+    name: ClassVar[str] = "pathwise"
+    kind: ClassVar[str] = "pathwise"
+
+    def check(self, d):
+        if not d.has_rsample:
+            raise ValueError(
+                f"scgjax.sample: estimator='pathwise' needs a reparameterizable distribution, "
+                f"but {type(d).__name__} has no rsample (has_rsample=False). Use "
+                "estimator='score' (or 'auto'), 'enum' for a finite support, or a relaxation "
+                "('gumbel_softmax', 'straight_through') for a Bernoulli or Categorical."
+            )
+
+    def sample(self, d, key, sample_shape):
+        return d.sample(key, sample_shape)
+
+
+# -- Enumeration -------------------------------------------------------------------------
+
+_ENUMERABLE = (
+    dist.BernoulliLogits,
+    dist.BernoulliProbs,
+    dist.CategoricalLogits,
+    dist.CategoricalProbs,
+    dist.BinomialLogits,
+    dist.BinomialProbs,
+)
+_WRAPPERS = (dist.Independent, dist.ExpandedDistribution)
+
+
+def base_of(d: dist.Distribution) -> dist.Distribution:
+    """`d` without its `to_event` / `expand` wrappers."""
+    while isinstance(d, _WRAPPERS):
+        d = d.base_dist
+    return d
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Enum(Estimator):
+    """Sums the site out exactly over its finite support: each cost term that depends on
+    the site is evaluated at every value and weighted by its probability (no variance
+    from this site; derivatives of every order exact). With automatic plates, cost
+    elements that depend on one element of the site each are enumerated per element (K
+    evaluations of what depends on the site, not K^N); a cost element that depends on
+    several elements makes them enumerated jointly, K^N alternatives, refused beyond
+    `max_joint` (which also bounds the product over several enumerated sites).
+
+    For Bernoulli, Categorical and Binomial (a `total_count` known while tracing), and
+    their `to_event` / `expand` forms. The surrogate's value is the cost's expectation
+    over the enumerated sites, not the cost at one draw."""
+
+    name: ClassVar[str] = "enum"
+    kind: ClassVar[str] = "score"
+    enumerates: ClassVar[bool] = True
+    max_joint: int = 4096
+
+    def check(self, d):
+        base = base_of(d)
+        if not isinstance(base, _ENUMERABLE):
+            raise ValueError(
+                f"scgjax.sample: estimator='enum' sums a finite support out; it supports "
+                f"Bernoulli, Categorical and Binomial (and their to_event / expand forms), "
+                f"not {type(base).__name__}"
+                f"{'' if base is d else f' inside {type(d).__name__}'}. Use 'score' "
+                "(or 'auto') for this site."
+            )
+        if not (isinstance(self.max_joint, int) and self.max_joint >= 1):
+            raise ValueError(
+                f"scgjax: Enum(max_joint=...) must be a positive int, got {self.max_joint!r}."
+            )
+
+    def support(self, d: dist.Distribution) -> tuple:
+        """The values every element of the site can take (a superset for a Binomial with
+        several total counts; the extra values get probability 0)."""
+        base = base_of(d)
+        if isinstance(base, (dist.BernoulliLogits, dist.BernoulliProbs)):
+            return (0, 1)
+        if isinstance(base, (dist.CategoricalLogits, dist.CategoricalProbs)):
+            return tuple(
+                range(
+                    jnp.shape(
+                        base.logits if isinstance(base, dist.CategoricalLogits) else base.probs
+                    )[-1]
+                )
+            )
+        n = base.total_count
+        if isinstance(n, jax.core.Tracer):
+            raise ValueError(
+                "scgjax.sample: estimator='enum' on a Binomial needs its total_count known "
+                "while tracing (a Python int or a constant array), to know the support; it "
+                "is a traced value here. Pass it as a constant, or use 'score'."
+            )
+        return tuple(range(int(np.max(np.asarray(n))) + 1))
+
+    def element_log_prob(self, d: dist.Distribution, value: jax.Array) -> jax.Array:
+        """log p of each element of `value` (its full shape: `to_event` does not sum),
+        with derivatives right at every order (`_logprob.score_log_prob`)."""
+        base = base_of(d)
+        if isinstance(base, (dist.BinomialLogits, dist.BinomialProbs)):
+            valid = value <= base.total_count
+            safe = jnp.where(valid, value, jnp.zeros_like(value))
+            lp = _logprob.score_log_prob(base, safe)
+            lp = jnp.where(valid, lp, -jnp.inf)
+        else:
+            lp = _logprob.score_log_prob(base, value)
+        return jnp.broadcast_to(lp, jnp.shape(value))
+
+
+# -- Relaxations -------------------------------------------------------------------------
+
+_BERNOULLI = (dist.BernoulliLogits, dist.BernoulliProbs)
+_CATEGORICAL = (dist.CategoricalLogits, dist.CategoricalProbs)
+
+
+def _check_relaxable(name: str, d: dist.Distribution, temperature: Any) -> None:
+    base = base_of(d)
+    if not isinstance(base, _BERNOULLI + _CATEGORICAL):
+        raise ValueError(
+            f"scgjax.sample: estimator={name!r} relaxes a Bernoulli or a Categorical "
+            f"(and their to_event / expand forms), not "
+            f"{type(base).__name__}. Use 'score' or 'enum' for this site, or 'pathwise' for "
+            "a reparameterizable distribution."
+        )
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(
+            f"scgjax: the temperature of {name!r} must be a positive Python float, got "
+            f"{temperature!r}."
+        )
+
+
+def _hard_log_prob(d: dist.Distribution, value: jax.Array) -> jax.Array:
+    """The log-density of the hard draw a relaxed (or straight-through) value rounds to."""
+    base = base_of(d)
+    if isinstance(base, _BERNOULLI):
+        return d.log_prob((value > 0.5).astype(value.dtype))
+    return d.log_prob(jnp.argmax(value, axis=-1))
+
+
+def _noise_key(key: jax.Array) -> jax.Array:
+    return jax.random.fold_in(key, 0x5CA1AB1E)
+
+
+def _relaxed(d: dist.Distribution, key, sample_shape, temperature):
+    """(hard draw, relaxed draw): the hard draw is `d.sample(key, sample_shape)` (as a
+    one-hot vector for a Categorical), the relaxed one `σ((l + G)/τ)` / `softmax((l +
+    G)/τ)` with logistic / Gumbel noise `G` drawn conditionally on the hard draw (Tucker
+    et al. 2017), so that together they are distributed as the Gumbel-max pair and the
+    relaxed draw rounds to the hard one. `G` is held fixed: the relaxed draw is
+    differentiable in the logits."""
+    base = base_of(d)
+    hard = d.sample(key, sample_shape)
+    if isinstance(base, _BERNOULLI):
+        logits = jnp.broadcast_to(base.logits, jnp.shape(hard))
+        p = lax.stop_gradient(jax.nn.sigmoid(logits))
+        v = jax.random.uniform(_noise_key(key), jnp.shape(hard), p.dtype)
+        # u ~ U(0, 1) conditioned on (u < p) == hard
+        u = jnp.where(hard > 0, v * p, p + v * (1 - p))
+        noise = lax.stop_gradient(jnp.log1p(-u) - jnp.log(u))  # −logit(u): logistic
+        relaxed = jax.nn.sigmoid((logits + noise) / temperature)
+        return hard.astype(relaxed.dtype), relaxed
+    logits = base.logits
+    index = hard
+    onehot = jax.nn.one_hot(hard, jnp.shape(logits)[-1], dtype=logits.dtype)
+    logits = jnp.broadcast_to(logits, jnp.shape(onehot))
+    log_theta = lax.stop_gradient(jax.nn.log_softmax(logits, axis=-1))
+    tiny = jnp.finfo(logits.dtype).tiny
+    v = jax.random.uniform(_noise_key(key), jnp.shape(onehot), logits.dtype, minval=tiny)
+    e = -jnp.log(v)  # Exp(1) variates
+    e_top = jnp.take_along_axis(e, index[..., None], axis=-1)
+    # The top perturbed logit z_b = −log E_b; the others are Gumbels truncated below it.
+    z = jnp.where(onehot > 0, -jnp.log(e), -jnp.log(e / jnp.exp(log_theta) + e_top))
+    noise = lax.stop_gradient(z - log_theta)
+    relaxed = jax.nn.softmax((logits + noise) / temperature, axis=-1)
+    return onehot, relaxed
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class GumbelSoftmax(Estimator):
+    """The Gumbel-softmax / concrete relaxation (Jang et al. 2017; Maddison et al. 2017):
+    the program sees the relaxed draw, `σ((l + G)/τ)` for a Bernoulli, `softmax((l +
+    G)/τ)` over the last axis for a Categorical (whose value becomes a point of the
+    simplex, shape `(..., K)`), and it is differentiated through. Biased: it estimates
+    the gradient of the relaxed program's expectation, not of the discrete one's.
+    The relaxed draw rounds (argmax) to `d.sample(key)`."""
+
+    name: ClassVar[str] = "gumbel_softmax"
+    kind: ClassVar[str] = "pathwise"
+    biased: ClassVar[bool] = True
+    temperature: float = 0.5
+
+    def check(self, d):
+        _check_relaxable(self.name, d, self.temperature)
+
+    def record_log_prob(self, d, value):
+        return _hard_log_prob(d, lax.stop_gradient(value))
+
+    def sample(self, d, key, sample_shape):
+        return self.rsample(d, key, sample_shape)
+
+    def rsample(self, d, key, sample_shape):
+        return _relaxed(d, key, sample_shape, self.temperature)[1]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class StraightThrough(Estimator):
+    """Straight-through Gumbel-softmax (Bengio et al. 2013; Jang et al. 2017): the program
+    sees the hard draw, `d.sample(key)` (one-hot, shape `(..., K)`, for a Categorical),
+    and its derivative is the relaxed draw's. Biased by design."""
+
+    name: ClassVar[str] = "straight_through"
+    kind: ClassVar[str] = "pathwise"
+    biased: ClassVar[bool] = True
+    temperature: float = 1.0
+
+    def check(self, d):
+        _check_relaxable(self.name, d, self.temperature)
+
+    def record_log_prob(self, d, value):
+        return _hard_log_prob(d, lax.stop_gradient(value))
+
+    def sample(self, d, key, sample_shape):
+        return _relaxed(d, key, sample_shape, self.temperature)[0]
+
+    def rsample(self, d, key, sample_shape):
+        hard, relaxed = _relaxed(d, key, sample_shape, self.temperature)
+        return hard + (relaxed - lax.stop_gradient(relaxed))
+
+
+def resolve(d: dist.Distribution, estimator: str | Estimator) -> Estimator:
+    """The estimator object for `estimator` (a name or an object) at a draw from `d`;
+    a clear error for an unknown name or an impossible choice."""
+    if isinstance(estimator, Estimator):
+        out = estimator
+    elif isinstance(estimator, str):
+        if estimator == "auto":
+            return Pathwise() if d.has_rsample else Score()
+        cls = _REGISTRY.get(estimator)
+        if cls is None:
+            raise ValueError(
+                f"scgjax.sample: unknown estimator {estimator!r}; choose one of "
+                f"{', '.join(map(repr, names()))}, or pass an estimator object "
+                "(e.g. scg.estimators.GumbelSoftmax(temperature=0.3))."
+            )
+        out = cls()
+    else:
+        raise TypeError(
+            f"scgjax.sample: estimator must be a name ({', '.join(map(repr, names()))}) or "
+            f"an scgjax.estimators object, got {type(estimator).__name__}: {estimator!r}."
+        )
+    out.check(d)
+    return out

@@ -1,0 +1,33 @@
+"""Estimators per site, for `scg.sample(key, d, estimator=...)`.
+
+A name picks an estimator with its default options (`estimator="gumbel_softmax"`); an
+object sets them (`estimator=scg.estimators.GumbelSoftmax(temperature=0.3)`).
+
+* `Score` (`"score"`): score function (REINFORCE), with automatic plates and causality.
+* `Pathwise` (`"pathwise"`): reparameterization.
+* `Enum` (`"enum"`): the site summed out exactly over its finite support.
+* `GumbelSoftmax` (`"gumbel_softmax"`), `StraightThrough` (`"straight_through"`):
+  relaxations of Bernoulli and Categorical draws, biased by design.
+
+`register` adds an estimator class under its `name`; `names()` lists them.
+"""
+
+from ._estimators import Enum as Enum
+from ._estimators import Estimator as Estimator
+from ._estimators import GumbelSoftmax as GumbelSoftmax
+from ._estimators import Pathwise as Pathwise
+from ._estimators import Score as Score
+from ._estimators import StraightThrough as StraightThrough
+from ._estimators import names as names
+from ._estimators import register as register
+
+__all__ = [
+    "Enum",
+    "Estimator",
+    "GumbelSoftmax",
+    "Pathwise",
+    "Score",
+    "StraightThrough",
+    "names",
+    "register",
+]
