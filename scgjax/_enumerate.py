@@ -202,6 +202,7 @@ def term_weight(plan: Plan, weights: list, deps: Deps, shape: tuple):
         else:
             piece = _laid_out(w, node, items[0][1], shape)
         total = piece if total is None else total * piece
+    assert total is not None  # only terms that depend on some site are weighted
     return total
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax import lax
 
-from . import _logprob
+from . import _compat, _logprob
 
 _REGISTRY: dict[str, type[Estimator]] = {}
 
@@ -60,15 +60,15 @@ class Estimator:
     def check(self, d: dist.Distribution) -> None:
         """Raises a `ValueError` naming the problem when `d` cannot use this estimator."""
 
-    def sample(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple) -> jax.Array:
+    def sample(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple) -> Any:
         """The value the program sees (outside the transforms too)."""
         return d.sample(key, sample_shape)
 
-    def rsample(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple) -> jax.Array:
+    def rsample(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple) -> Any:
         """For `kind == "pathwise"`: the same value, differentiable in `d`'s parameters."""
         return d.rsample(key, sample_shape)
 
-    def record_log_prob(self, d: dist.Distribution, value: jax.Array) -> jax.Array:
+    def record_log_prob(self, d: dist.Distribution, value: jax.Array) -> Any:
         """The log-density `scgjax.trace` reports for a draw of this estimator."""
         return d.log_prob(value)
 
@@ -128,7 +128,7 @@ _ENUMERABLE = (
 _WRAPPERS = (dist.Independent, dist.ExpandedDistribution)
 
 
-def base_of(d: dist.Distribution) -> dist.Distribution:
+def base_of(d: dist.Distribution) -> Any:
     """`d` without its `to_event` / `expand` wrappers."""
     while isinstance(d, _WRAPPERS):
         d = d.base_dist
@@ -185,7 +185,7 @@ class Enum(Estimator):
                 )
             )
         n = base.total_count
-        if isinstance(n, jax.core.Tracer):
+        if isinstance(n, _compat.Tracer):
             raise ValueError(
                 "scgjax.sample: estimator='enum' on a Binomial needs its total_count known "
                 "while tracing (a Python int or a constant array), to know the support; it "
@@ -193,12 +193,12 @@ class Enum(Estimator):
             )
         return tuple(range(int(np.max(np.asarray(n))) + 1))
 
-    def element_log_prob(self, d: dist.Distribution, value: jax.Array) -> jax.Array:
+    def element_log_prob(self, d: dist.Distribution, value: jax.Array) -> Any:
         """log p of each element of `value` (its full shape: `to_event` does not sum),
         with derivatives right at every order (`_logprob.score_log_prob`)."""
         base = base_of(d)
         if isinstance(base, (dist.BinomialLogits, dist.BinomialProbs)):
-            valid = value <= base.total_count
+            valid = value <= jnp.asarray(base.total_count)
             safe = jnp.where(valid, value, jnp.zeros_like(value))
             lp = _logprob.score_log_prob(base, safe)
             lp = jnp.where(valid, lp, -jnp.inf)
@@ -229,7 +229,7 @@ def _check_relaxable(name: str, d: dist.Distribution, temperature: Any) -> None:
         )
 
 
-def _hard_log_prob(d: dist.Distribution, value: jax.Array) -> jax.Array:
+def _hard_log_prob(d: dist.Distribution, value: jax.Array) -> Any:
     """The log-density of the hard draw a relaxed (or straight-through) value rounds to."""
     base = base_of(d)
     if isinstance(base, _BERNOULLI):
@@ -237,7 +237,7 @@ def _hard_log_prob(d: dist.Distribution, value: jax.Array) -> jax.Array:
     return d.log_prob(jnp.argmax(value, axis=-1))
 
 
-def _noise_key(key: jax.Array) -> jax.Array:
+def _noise_key(key: jax.Array) -> Any:
     return jax.random.fold_in(key, 0x5CA1AB1E)
 
 
@@ -249,9 +249,9 @@ def _relaxed(d: dist.Distribution, key, sample_shape, temperature):
     relaxed draw rounds to the hard one. `G` is held fixed: the relaxed draw is
     differentiable in the logits."""
     base = base_of(d)
-    hard = d.sample(key, sample_shape)
+    hard: Any = jnp.asarray(d.sample(key, sample_shape))
     if isinstance(base, _BERNOULLI):
-        logits = jnp.broadcast_to(base.logits, jnp.shape(hard))
+        logits = jnp.broadcast_to(jnp.asarray(base.logits), jnp.shape(hard))
         p = lax.stop_gradient(jax.nn.sigmoid(logits))
         v = jax.random.uniform(_noise_key(key), jnp.shape(hard), p.dtype)
         # u ~ U(0, 1) conditioned on (u < p) == hard

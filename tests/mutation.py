@@ -1302,6 +1302,104 @@ def _():
     rewrite(_graph, "dice_objective", "    if extra:", "    if False:")
 
 
+# -- Estimators per site (issue 9) -----------------------------------------------------------
+
+ENUM_TESTS = ("tests/test_enum.py",)
+RELAXED_TESTS = ("tests/test_relaxed.py",)
+
+
+def _estimator_modules():
+    from scgjax import _enumerate, _estimators
+
+    return _enumerate, _estimators
+
+
+@mutant(
+    "enum:weights:unnormalised",
+    "an enumerated site's weights are its probabilities, not normalised over its "
+    "alternatives (a site in a branch not taken weighs 1 per value)",
+    tests=ENUM_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[0],
+        "site_weights",
+        "w = jax.nn.softmax(lp, axis=s)",
+        "w = jnp.exp(lp)",
+    )
+
+
+@mutant(
+    "enum:plan:always_per_element",
+    "every enumerated site is enumerated per element, also where a cost element "
+    "depends on several of its elements",
+    tests=ENUM_TESTS,
+)
+def _():
+    rewrite(_estimator_modules()[0], "_aligned", "    if not items:\n", "    if True:\n")
+
+
+@mutant(
+    "enum:weight:independent_term_counted_per_alternative",
+    "a cost term that does not depend on an enumerated site is counted once per "
+    "alternative (weight 1 instead of 1/R)",
+    tests=ENUM_TESTS,
+)
+def _():
+    rewrite(_estimator_modules()[0], "term_weight", "1.0 / size", "1.0")
+
+
+@mutant(
+    "enum:layout:site_axes_in_node_order",
+    "per-element weights keep the site's axis order instead of the term's",
+    tests=ENUM_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[0],
+        "_laid_out",
+        "order = sorted(range(len(keep)), key=lambda i: keep[i][1])",
+        "order = list(range(len(keep)))",
+    )
+
+
+@mutant(
+    "relax:bernoulli:noise_not_conditioned",
+    "the relaxed Bernoulli's uniform is conditioned on the opposite of the hard draw",
+    tests=RELAXED_TESTS,
+)
+def _():
+    rewrite(_estimator_modules()[1], "_relaxed", "jnp.where(hard > 0,", "jnp.where(hard <= 0,")
+
+
+@mutant(
+    "relax:categorical:top_not_truncating",
+    "the categorical relaxation's other Gumbels are not truncated below the top one",
+    tests=RELAXED_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1],
+        "_relaxed",
+        "-jnp.log(e / jnp.exp(log_theta) + e_top)",
+        "-jnp.log(e / jnp.exp(log_theta))",
+    )
+
+
+@mutant(
+    "relax:straight_through:relaxed_forward",
+    "straight-through's forward value is the relaxed draw",
+    tests=RELAXED_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].StraightThrough,
+        "sample",
+        "_relaxed(d, key, sample_shape, self.temperature)[0]",
+        "_relaxed(d, key, sample_shape, self.temperature)[1]",
+    )
+
+
 # -- Running -------------------------------------------------------------------------------
 
 

@@ -152,6 +152,19 @@ def in_cond(theta, key, est):
     return jax.lax.cond(c > 0, taken, lambda _: theta[3] ** 2, None) + c * theta[2]
 
 
+def returned_from_cond(theta, key, est):
+    """An enumerated draw returned out of a branch and used after it: where the branch
+    is not taken its log-probability is 0 for every value (weights 1/2 each, not 1)."""
+    k1, k2 = jax.random.split(key)
+    c = scg.sample(k1, dist.Bernoulli(logits=theta[0]), name="c")
+    z = jax.lax.cond(
+        c > 0,
+        lambda: scg.sample(k2, dist.Bernoulli(logits=theta[1]), estimator=est, name="z") * 1.0,
+        lambda: theta[2],
+    )
+    return (z - theta[3]) ** 2
+
+
 def under_vmap(theta, key, est):
     """`jax.vmap` inside the program, per-row costs."""
     keys = jax.random.split(key, 3)
@@ -161,6 +174,14 @@ def under_vmap(theta, key, est):
 
     z = jax.vmap(row)(keys, theta[:3])
     return jnp.sum((z - theta[3]) ** 2 * jnp.exp(theta[:3] / 4))
+
+
+def transposed_plate(theta, key, est):
+    """A (2, 3) site used transposed: per-element weights laid out in the term's order."""
+    logits = jnp.outer(theta[:2], theta[2:5])
+    z = scg.sample(key, dist.Bernoulli(logits=logits), estimator=est, name="z")
+    w = jnp.arange(1.0, 7.0).reshape(3, 2)
+    return jnp.sum((z.T * w - theta[0]) ** 2)
 
 
 THETA = np.array([0.3, -0.4, 0.8, 0.6, -0.2])  # float64 inside the tests
@@ -178,9 +199,15 @@ PROGRAMS = [
     in_scan,
     in_scan_carried,
     in_cond,
+    returned_from_cond,
     under_vmap,
+    transposed_plate,
 ]
-SUPPORTS = {binomial_site: {"z": (0, 1, 2, 3)}, to_event_and_expand: {"z": (0, 1), "w": (0, 1)}}
+SUPPORTS = {
+    transposed_plate: {"z": (0, 1)},
+    binomial_site: {"z": (0, 1, 2, 3)},
+    to_event_and_expand: {"z": (0, 1), "w": (0, 1)},
+}
 
 
 @pytest.mark.parametrize("f", PROGRAMS, ids=lambda f: f.__name__)
