@@ -18,6 +18,16 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
+# The longest tests (the random-program property tests, the example scripts) first: with
+# two xdist workers, one of them starting last leaves the other core idle for minutes.
+_FIRST = ("tests/test_random_programs.py::", "tests/test_examples.py::")
+
+
+def pytest_collection_modifyitems(config, items):
+    del config
+    items.sort(key=lambda item: not item.nodeid.startswith(_FIRST))  # stable
+
+
 MUTANT = os.environ.get("SCGJAX_MUTANT")
 if MUTANT:
     import mutation
