@@ -18,8 +18,9 @@ Workloads:
 
 Rows: ``score`` (scgjax's default for discrete draws: automatic plates), ``score LOO K=4``
 (``num_samples=4, baseline="leave_one_out"``: four program evaluations per step),
-``enum``, ``gumbel_softmax`` (τ = 0.5) and ``straight_through`` (τ = 1); the relaxations
-are biased by design. The relaxed rows train the relaxed program (the Categorical's
+``enum``, ``gumbel_softmax`` (τ = 0.5) and ``straight_through`` (τ = 1), ``arm``,
+``disarm`` and ``measure_valued`` (Bernoulli only here: refused on the categorical VAE);
+the relaxations are biased by design. The relaxed rows train the relaxed program (the Categorical's
 value is then a one-hot vector or a point of the simplex; the programs below take both).
 
 Columns: ``log10 var`` -- log10 of the mean over parameters of the per-entry variance
@@ -64,6 +65,9 @@ ROWS = {
     "enum": ("enum", {}),
     "gumbel_softmax": (scg.estimators.GumbelSoftmax(temperature=0.5), {}),
     "straight_through": (scg.estimators.StraightThrough(temperature=1.0), {}),
+    "arm": ("arm", {}),
+    "disarm": ("disarm", {}),
+    "measure_valued": ("measure_valued", {}),
 }
 
 

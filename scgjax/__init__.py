@@ -13,6 +13,7 @@ _compat.hide_frames_of(_os.path.dirname(__file__))
 
 from . import estimators as estimators
 from ._lint import LostGradientWarning as LostGradientWarning
+from ._multisample import iwae as iwae
 from ._sample import sample as sample
 from ._surrogate import Site as Site
 from ._surrogate import Trace as Trace
@@ -32,6 +33,7 @@ __all__ = [
     "describe",
     "estimators",
     "gradient_variance",
+    "iwae",
     "sample",
     "scg_grad",
     "scg_value_and_grad",

@@ -40,6 +40,7 @@ from jax import lax
 
 from . import _compat, _deps
 from ._deps import Axis, Deps
+from ._estimators import Alternatives
 from ._graph import StochasticNode
 
 
@@ -69,13 +70,17 @@ class Plan:
       sites: the enumerated nodes that some cost term depends on, in program order.
       joint: per site, whether its elements are enumerated jointly.
       sizes: per site, its number of alternatives `R_s`.
-      draws: node id → values, shape `(R, *site shape)`, `R = Π R_s` (a product grid).
+      draws: node id → values, shape `(R, *site shape)`, `R = Π R_s` (a product grid);
+        for an `Alternatives` site, each element's alternative.
+      base: per site, `None` for an enumerated one, else its weights' values `v_r`
+        at each of the `R` alternatives (`estimators.Alternatives`).
     """
 
     sites: tuple[StochasticNode, ...]
     joint: tuple[bool, ...]
     sizes: tuple[int, ...]
     draws: dict
+    base: tuple = ()
 
 
 def _items_of(deps: Deps, node_id) -> list:
@@ -114,10 +119,11 @@ def plan(
     replayed = [names[n.id] for n in enumerated if user_draws and n.id in user_draws]
     if replayed:
         raise ValueError(
-            f"scgjax: draws= replays {replayed}, which are enumerated (estimator='enum'): "
-            "they are summed over their support, not drawn. Drop them from draws=."
+            f"scgjax: draws= replays {replayed}, which are evaluated at several values "
+            "(estimator='enum', 'arm', 'disarm' or 'measure_valued'), not drawn once. Drop "
+            "them from draws=."
         )
-    sites, joint, sizes, values = [], [], [], []
+    sites, joint, sizes, values, bases = [], [], [], [], []
     for node in enumerated:
         dependent = [(d, s) for d, s in terms if _items_of(d, node.id)]
         if not dependent:
@@ -125,6 +131,15 @@ def plan(
         together = not all(_aligned(node, _items_of(d, node.id), s) for d, s in dependent)
         support = np.asarray(node.support)
         n = int(np.prod(node.shape, dtype=int))
+        if isinstance(node.method, Alternatives):
+            size, vals, base = _alternatives(node, together, n, names)
+            sites.append(node)
+            joint.append(together)
+            sizes.append(size)
+            values.append(vals)
+            bases.append(base)
+            continue
+        bases.append(None)
         if together:
             size = len(support) ** n
             limit = node.method.max_joint
@@ -161,7 +176,39 @@ def plan(
         )
     grids = np.meshgrid(*[np.arange(s) for s in sizes], indexing="ij") if sizes else []
     draws = {n.id: v[g.ravel()] for n, v, g in zip(sites, values, grids)}
-    return Plan(tuple(sites), tuple(joint), tuple(sizes), draws)
+    base = tuple(None if b is None else b[g.ravel()] for b, g in zip(bases, grids))
+    return Plan(tuple(sites), tuple(joint), tuple(sizes), draws, base)
+
+
+def _alternatives(node: StochasticNode, together: bool, n: int, names: dict):
+    """(R, each element's alternative `(R, *shape)`, `v_r` `(R,)`) for a site drawn
+    with an `Alternatives` estimator: every element at alternative `r` at once (per
+    element, or coupled), or, jointly, one element at a time away from alternative 0."""
+    method = node.method
+    count = len(node.support)
+    v = np.asarray(method.base_weights(count), float)
+    if not together or method.coupled:
+        index = np.broadcast_to(
+            np.arange(count).reshape((count,) + (1,) * len(node.shape)), (count, *node.shape)
+        )
+        return count, index, v
+    size = 1 + (count - 1) * n
+    if size > method.max_joint:
+        raise ValueError(
+            f"scgjax: the site {names[node.id]!r} ({node.distribution}, estimator="
+            f"{str(method)!r}, shape {node.shape}"
+            f"{f', at {node.source}' if node.source else ''}) has cost elements that depend "
+            f"on several of its {n} elements (or on elements of other loop iterations), so "
+            f"its elements move one at a time: 1 + {count - 1}x{n} = {size} evaluations, more "
+            f"than max_joint={method.max_joint}. Make each cost element depend on one element "
+            "of the site (per-element costs, summed: automatic plates), use "
+            "estimator='score' for it, or raise the limit with "
+            f"estimator=scg.estimators.{type(method).__name__}(max_joint=...)."
+        )
+    index = np.zeros((size, n), np.int32)
+    which = np.arange(size - 1)
+    index[1 + which, which % n] = 1 + which // n
+    return size, index.reshape((size, *node.shape)), v[np.r_[0, 1 + which // n]]
 
 
 def site_weights(plan: Plan, log_probs: list) -> list:
@@ -171,6 +218,15 @@ def site_weights(plan: Plan, log_probs: list) -> list:
     grid = plan.sizes
     out = []
     for s, (node, together, lp) in enumerate(zip(plan.sites, plan.joint, log_probs)):
+        if plan.base[s] is not None:
+            # An alternatives site: `v_r + weight(θ, a_r)`, summed over the elements when
+            # a cost depends on several (`lp` holds the weight parts).
+            v = jnp.asarray(plan.base[s], lp.dtype)
+            if together:
+                out.append(v + jnp.sum(jnp.reshape(lp, (lp.shape[0], -1)), axis=1))
+            else:
+                out.append(jnp.reshape(v, (-1,) + (1,) * (lp.ndim - 1)) + lp)
+            continue
         lp = jnp.reshape(lp, grid + tuple(node.shape))
         if together:
             lp = jnp.sum(lp, axis=tuple(range(len(grid), lp.ndim)))

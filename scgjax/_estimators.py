@@ -20,6 +20,7 @@ so they are hashable and travel in the `sample` primitive's static params.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
@@ -28,7 +29,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax import lax
 
-from . import _compat, _logprob
+from . import _compat, _logprob, _weights
 
 _REGISTRY: dict[str, type[Estimator]] = {}
 
@@ -327,6 +328,220 @@ class StraightThrough(Estimator):
     def rsample(self, d, key, sample_shape):
         hard, relaxed = _relaxed(d, key, sample_shape, self.temperature)
         return hard + (relaxed - lax.stop_gradient(relaxed))
+
+
+# -- Alternatives with first-order weights: antithetic and measure-valued ---------------
+
+
+def _element_log_prob(d: dist.Distribution, value: jax.Array) -> Any:
+    """log p of each element of `value` (a `to_event` does not sum), derivative-safe."""
+    lp = _logprob.score_log_prob(base_of(d), value)
+    return jnp.broadcast_to(lp, jnp.shape(value))
+
+
+def _param(x: Any, shape: tuple) -> Any:
+    return jnp.broadcast_to(jnp.asarray(x), shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternatives(Estimator):
+    """The base of the estimators that evaluate what depends on a site at a few
+    alternative values of it (`_enumerate.py`, as for `Enum`) and weight the cost at
+    alternative `r` by `v_r + weight(θ, a_r)`: `v_r` averages the costs (the surrogate's
+    value), and `weight` (`_weights.py`) is 0 with derivative `a_r · dθ`, so that the
+    first derivative is the estimator's. **First derivatives only**: a second derivative
+    through the site's parameters raises a clear error.
+
+    Per element (cost elements aligned with one element of the site each, automatic
+    plates) every element takes alternative `r` at once. Otherwise the alternatives are
+    *coupled* (antithetic: the same few whole draws, each cost weighted by the sum over
+    the site's elements) or changed *one element at a time* (measure-valued: `1 + (R −
+    1)·N` alternatives for `N` elements, refused beyond `max_joint`).
+
+    Subclasses give `count(d)` (R), `base_weights()` (`v`, summing to 1) and
+    `alternatives(d, key, sample_shape)`: the values `(R, *shape)` and the weights'
+    derivative parts `(R, *shape)` (0 for an alternative without one)."""
+
+    kind: ClassVar[str] = "score"
+    enumerates: ClassVar[bool] = True
+    coupled: ClassVar[bool] = True
+    families: ClassVar[tuple] = ()
+    max_joint: int = 4096
+
+    def check(self, d):
+        base = base_of(d)
+        if not isinstance(base, self.families):
+            raise ValueError(
+                f"scgjax.sample: estimator={self.name!r} supports "
+                f"{', '.join(sorted({_family(c) for c in self.families}))} (and their "
+                f"to_event / expand forms), not {type(base).__name__}"
+                f"{'' if base is d else f' inside {type(d).__name__}'}. Use 'score' (or "
+                "'auto') for this site, or 'enum' for a finite support."
+            )
+        if not (isinstance(self.max_joint, int) and self.max_joint >= 1):
+            raise ValueError(
+                f"scgjax: {type(self).__name__}(max_joint=...) must be a positive int, got "
+                f"{self.max_joint!r}."
+            )
+
+    def count(self, d: dist.Distribution) -> int:
+        raise NotImplementedError
+
+    def base_weights(self, count: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def support(self, d: dist.Distribution) -> tuple:
+        """The alternatives' indices (what `_enumerate.plan` lays out)."""
+        return tuple(range(self.count(d)))
+
+    def element_log_prob(self, d: dist.Distribution, value: jax.Array) -> Any:
+        return _element_log_prob(d, value)
+
+    def noise(self, key: jax.Array, shape: tuple, dtype: Any) -> Any:
+        """The uniforms the Bernoulli alternatives are built from: `d.sample(key)` is
+        `noise < p`."""
+        return jax.random.uniform(key, shape, dtype)
+
+    def alternatives(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple):
+        raise NotImplementedError
+
+
+def _family(cls: type) -> str:
+    return cls.__name__.removesuffix("Logits").removesuffix("Probs")
+
+
+def _bernoulli(method: Alternatives, d: dist.Distribution, key, sample_shape):
+    """(p, logits, u, shape) of a Bernoulli site: the draw `d.sample(key)` is `u < p`."""
+    base = base_of(d)
+    shape = tuple(sample_shape) + tuple(d.batch_shape) + tuple(d.event_shape)
+    p = _param(base.probs, shape)
+    u = method.noise(key, shape, p.dtype)
+    return p, _param(base.logits, shape), u, shape
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ARM(Alternatives):
+    """Augment-REINFORCE-merge (Yin & Zhou 2019) for a (multivariate) Bernoulli: with
+    `u ~ U(0, 1)` per element, the costs at `b = 1[u < σ(φ)]` (the draw) and its
+    antithetic partner `b' = 1[u > σ(−φ)]` give the logits `φ` the derivative
+    `(f(b') − f(b))(u − ½)`; the value is `(f(b) + f(b'))/2`. Unbiased, first order."""
+
+    name: ClassVar[str] = "arm"
+    families: ClassVar[tuple] = _BERNOULLI
+
+    def count(self, d):
+        return 2
+
+    def base_weights(self, count):
+        return np.array([0.5, 0.5])
+
+    def alternatives(self, d, key, sample_shape):
+        p, logits, u, _ = _bernoulli(self, d, key, sample_shape)
+        a = lax.stop_gradient(u - 0.5)
+        values = jnp.stack([u < p, u > 1 - p])
+        pieces = jnp.stack(
+            [_weights.weight(logits, -a, self.name), _weights.weight(logits, a, self.name)]
+        )
+        return values, pieces
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DisARM(Alternatives):
+    """DisARM (Dong, Mnih & Tucker 2020) for a (multivariate) Bernoulli: the draw
+    `b = 1[u < σ(φ)]` and its antithetic partner `b' = 1[1 − u < σ(φ)]` give the logits
+    the derivative `½(f(b) − f(b'))·(−1)^{b'}·1[b ≠ b']·σ(|φ|)` (ARM with the uniform
+    integrated out: lower variance); the value is `(f(b) + f(b'))/2`. Unbiased, first
+    order."""
+
+    name: ClassVar[str] = "disarm"
+    families: ClassVar[tuple] = _BERNOULLI
+
+    def count(self, d):
+        return 2
+
+    def base_weights(self, count):
+        return np.array([0.5, 0.5])
+
+    def alternatives(self, d, key, sample_shape):
+        p, logits, u, _ = _bernoulli(self, d, key, sample_shape)
+        b, b2 = u < p, u > 1 - p
+        s = jnp.where(b != b2, jnp.where(b2, -1.0, 1.0), 0.0).astype(logits.dtype)
+        a = lax.stop_gradient(0.5 * s * jax.nn.sigmoid(jnp.abs(logits)))
+        values = jnp.stack([b, b2])
+        pieces = jnp.stack(
+            [_weights.weight(logits, a, self.name), _weights.weight(logits, -a, self.name)]
+        )
+        return values, pieces
+
+
+_MVD = _BERNOULLI + (dist.Normal,)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MeasureValued(Alternatives):
+    """Measure-valued (weak) derivatives (Pflug 1989; Mohamed et al. 2020). The value
+    is the cost at the draw; the derivative of each parameter is the difference of the
+    costs at the two parts of its density's derivative:
+
+    * Bernoulli (GenJAX's `flip_mvd`): `∂f/∂p = f(1) − f(0)`;
+    * Normal (optax's former `measure_valued_jacobians`, coupled): `∂/∂μ =
+      (f(μ + σW) − f(μ − σW)) / (σ√(2π))` with `W` Rayleigh, `∂/∂σ = (f(μ + σM) −
+      f(μ + σMU)) / σ` with `M` double-sided Maxwell and `U ~ U(0, 1)` (`MU` is normal).
+
+    Unbiased, first order. With automatic plates every element moves at once (3
+    evaluations for a Bernoulli, 5 for a Normal); a cost element that depends on several
+    elements makes them move one at a time (`1 + 2N` or `1 + 4N`, refused beyond
+    `max_joint`)."""
+
+    name: ClassVar[str] = "measure_valued"
+    coupled: ClassVar[bool] = False
+    families: ClassVar[tuple] = _MVD
+
+    def count(self, d):
+        return 3 if isinstance(base_of(d), _BERNOULLI) else 5
+
+    def base_weights(self, count):
+        return np.eye(count)[0]
+
+    def alternatives(self, d, key, sample_shape):
+        base = base_of(d)
+        if isinstance(base, _BERNOULLI):
+            p, _, u, _ = _bernoulli(self, d, key, sample_shape)
+            one = jnp.ones_like(p)
+            values = jnp.stack([u < p, one > 0, one < 0])
+            pieces = jnp.stack(
+                [
+                    jnp.zeros_like(p),
+                    _weights.weight(p, one, self.name),
+                    _weights.weight(p, -one, self.name),
+                ]
+            )
+            return values, pieces
+        x = jnp.asarray(d.sample(key, sample_shape))
+        shape = jnp.shape(x)
+        mu, sigma = _param(base.loc, shape), _param(base.scale, shape)
+        k1, k2, k3 = (jax.random.fold_in(key, i) for i in (0x3D0, 0x3D1, 0x3D2))
+        w = jax.random.weibull_min(k1, math.sqrt(2.0), 2.0, shape, x.dtype)  # Rayleigh
+        m = jax.random.double_sided_maxwell(k2, 0.0, 1.0, shape, x.dtype)
+        v = jax.random.uniform(k3, shape, x.dtype)
+        values = lax.stop_gradient(
+            jnp.stack([x, mu + sigma * w, mu - sigma * w, mu + sigma * m, mu + sigma * m * v])
+        )
+        c_mu = lax.stop_gradient(1.0 / (sigma * math.sqrt(2.0 * math.pi)))
+        c_sigma = lax.stop_gradient(1.0 / sigma)
+        pieces = jnp.stack(
+            [
+                jnp.zeros_like(x),
+                _weights.weight(mu, c_mu, self.name),
+                _weights.weight(mu, -c_mu, self.name),
+                _weights.weight(sigma, c_sigma, self.name),
+                _weights.weight(sigma, -c_sigma, self.name),
+            ]
+        )
+        return values, pieces
 
 
 def resolve(d: dist.Distribution, estimator: str | Estimator) -> Estimator:

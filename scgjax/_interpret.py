@@ -31,7 +31,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax import lax
 
-from . import _compat, _deps, _graph, _logprob, _sample
+from . import _compat, _deps, _estimators, _graph, _logprob, _sample
 from ._deps import ALL, EMPTY, Axis, Deps
 from ._graph import Graph, NodeId, StochasticNode, Val
 
@@ -683,6 +683,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     node_id, source = ctx.path + (index,), _compat.source_info(eqn)
     name = params.get("name")
     replayed = ctx.draws.get(node_id) if ctx.draws else None
+    piece = None
     if pathwise:
         if replayed is not None:
             raise ValueError(
@@ -724,6 +725,19 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 f"but the draw has shape {tuple(shape)}"
                 f"{' (per iteration of its loop)' if ctx.loop_levels else ''}."
             )
+        if isinstance(method, _estimators.Alternatives) and node_id in ctx.enumerated:
+            # `replayed` is each element's alternative (`_enumerate.plan`).
+            which = jnp.asarray(replayed).astype(jnp.int32)[None]
+            values, pieces = _sample.alternatives(
+                key,
+                leaves,
+                spec=spec,
+                sample_shape=params["sample_shape"],
+                n_batch=n_batch,
+                method=method,
+            )
+            replayed = jnp.take_along_axis(jnp.asarray(values), which, axis=0)[0]
+            piece = jnp.take_along_axis(jnp.asarray(pieces), which, axis=0)[0]
         value = lax.stop_gradient(jnp.asarray(replayed).astype(eqn.outvars[0].aval.dtype))
     else:
         # A score draw is bound as `sample_p` again, with its baseline: when this
@@ -754,10 +768,10 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
         if upstream:
             raise ValueError(
                 f"scgjax: draws= replays the {spec.name} draw{f' {name!r}' if name else ''}"
-                f"{_at(eqn)}, whose distribution depends on an enumerated site "
-                "(estimator='enum'): one replayed value cannot follow the enumerated "
-                "site's alternatives. Replay only sites upstream of (or independent of) "
-                "the enumerated ones."
+                f"{_at(eqn)}, whose distribution depends on a site evaluated at several "
+                "values (estimator='enum', 'arm', 'disarm' or 'measure_valued'): one "
+                "replayed value cannot follow that site's alternatives. Replay only sites "
+                "upstream of (or independent of) that one."
             )
     support = ()
     if method.enumerates:
@@ -766,9 +780,13 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
         support = method.support(spec.unflatten(leaves))
     else:
         score_log_prob = _logprob.score_log_prob
-    log_prob = _sample.log_prob(
-        value, leaves, spec=spec, n_batch=n_batch, score_log_prob=score_log_prob
-    )
+    if piece is not None:
+        # An alternatives site's weight part at this alternative (`_weights.weight`).
+        log_prob = piece
+    else:
+        log_prob = _sample.log_prob(
+            value, leaves, spec=spec, n_batch=n_batch, score_log_prob=score_log_prob
+        )
     node = StochasticNode(
         node_id, spec.name, "score", jnp.shape(log_prob), source, name, method, support
     )

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _compat, _sample
+from . import _compat, _sample, _weights
 
 
 class LostGradientWarning(UserWarning):
@@ -265,6 +265,10 @@ class _Pass:
         name = prim.name
         if prim is _sample.sample_p:
             return [self.sample(eqn, ins, _frames(eqn, frames))]
+        if prim is _weights.weight_p:
+            # An inner scgjax surrogate's site evaluated at alternatives ("arm", ...): its
+            # randomness is already accounted for by the weights.
+            self.has_sample = True
         subjaxprs = _has_subjaxprs(eqn)
         if not subjaxprs:
             if name in COMPARISONS or name == "is_finite":

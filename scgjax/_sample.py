@@ -182,6 +182,19 @@ def draw(key, leaves, *, spec, sample_shape, n_batch, method, reparameterized):
     return fn(key, *leaves)
 
 
+def alternatives(key, leaves, *, spec, sample_shape, n_batch, method):
+    """`method.alternatives(d, key, sample_shape)` (an `estimators.Alternatives`), vmapped
+    over `n_batch` leading axes: values and weight parts, `(R, *draw shape)` each."""
+
+    def one(key, *leaves):
+        return method.alternatives(spec.unflatten(leaves), key, sample_shape)
+
+    fn = one
+    for _ in range(n_batch):
+        fn = jax.vmap(fn, out_axes=1)
+    return fn(key, *leaves)
+
+
 def log_prob(value, leaves, *, spec, n_batch, score_log_prob):
     """`score_log_prob(d, value)`, vmapped over `n_batch` leading axes."""
 

@@ -211,7 +211,8 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
                 if need_downstream:
                     raise ValueError(
                         "scgjax: downstream=True and baseline='leave_one_out' are not "
-                        "supported yet with enumerated sites (estimator='enum'): "
+                        "supported yet with sites evaluated at several values (estimator='enum', "
+                        "'arm', 'disarm', 'measure_valued'): "
                         f"{[info.names[n.id] for n in plan.sites]}. Give the other score "
                         "sites a baseline= of their own, or use estimator='score'."
                     )

@@ -8,13 +8,21 @@ object sets them (`estimator=scg.estimators.GumbelSoftmax(temperature=0.3)`).
 * `Enum` (`"enum"`): the site summed out exactly over its finite support.
 * `GumbelSoftmax` (`"gumbel_softmax"`), `StraightThrough` (`"straight_through"`):
   relaxations of Bernoulli and Categorical draws, biased by design.
+* `ARM` (`"arm"`), `DisARM` (`"disarm"`): antithetic estimators for Bernoulli draws;
+  `MeasureValued` (`"measure_valued"`): weak derivatives for Bernoulli and Normal draws.
+  Unbiased, first derivatives only (a second derivative through them raises); their
+  base `Alternatives` evaluates what depends on a site at a few values of it.
 
 `register` adds an estimator class under its `name`; `names()` lists them.
 """
 
+from ._estimators import ARM as ARM
+from ._estimators import Alternatives as Alternatives
+from ._estimators import DisARM as DisARM
 from ._estimators import Enum as Enum
 from ._estimators import Estimator as Estimator
 from ._estimators import GumbelSoftmax as GumbelSoftmax
+from ._estimators import MeasureValued as MeasureValued
 from ._estimators import Pathwise as Pathwise
 from ._estimators import Score as Score
 from ._estimators import StraightThrough as StraightThrough
@@ -22,9 +30,13 @@ from ._estimators import names as names
 from ._estimators import register as register
 
 __all__ = [
+    "ARM",
+    "Alternatives",
+    "DisARM",
     "Enum",
     "Estimator",
     "GumbelSoftmax",
+    "MeasureValued",
     "Pathwise",
     "Score",
     "StraightThrough",

@@ -107,6 +107,7 @@ def exact_moments(
     hessian: bool = True,
     extra_args: tuple = (),
     estimate: Callable | None = None,
+    noise: tuple | None = None,
     **options,
 ):
     """A dict of exact quantities in float64, by enumeration (one compiled program):
@@ -122,6 +123,11 @@ def exact_moments(
     `f` draws every site with the score function and gives the reference; the estimate's
     expectation is taken over `f`'s draws, replaying in `estimate` only the sites it
     draws with the score function.
+
+    `noise`: `(keys, weights)` for an estimate whose alternatives estimators draw
+    continuous noise (`"arm"`, `"disarm"`, `"measure_valued"`): `estimate` then takes one
+    more argument after the key, and its expectation is the `weights`-weighted sum over
+    `keys` (a quadrature that is exact for it, `tests/test_alternatives.py`).
     """
     copies = int(options.get("num_samples", 1))
     names, draws, ks = enumerate_draws(f, (theta, *extra_args, key), supports, copies=copies)
@@ -129,9 +135,12 @@ def exact_moments(
     if estimate is None:
         replayed = names
     else:
-        traced = jax.eval_shape(scg.trace(estimate), theta, *extra_args, key)
+        extra = () if noise is None else (noise[0][0],)
+        traced = jax.eval_shape(scg.trace(estimate), theta, *extra_args, key, *extra)
         replayed = [
-            n for n, s in traced.sites.items() if s.estimator == "score" and s.method != "enum"
+            n
+            for n, s in traced.sites.items()
+            if s.estimator == "score" and s.method.split("(")[0] == "score"
         ]
         assert set(replayed) <= set(names), (replayed, names)
 
@@ -162,6 +171,14 @@ def exact_moments(
 
         return jax.tree.map(lambda x: jnp.sum(x, 0), jax.vmap(one)(draws))
 
+    def averaged(estimate):
+        if noise is None:
+            return estimate()
+        keys, weights = noise
+        each = jax.vmap(estimate)(keys)
+        w = jnp.asarray(weights, jnp.float64)
+        return jax.tree.map(lambda x: jnp.tensordot(w, x, axes=1), each)
+
     def everything(th):
         out = {
             "mass": mass(th),
@@ -169,8 +186,10 @@ def exact_moments(
             "value": expected_cost(th),
             "grad": jax.grad(expected_cost)(th),
             "est": expectation_of(
-                lambda z: scg.scg_grad(g, argnums=argnums, draws=sub(z), **options)(
-                    th, *extra_args, key
+                lambda z: averaged(
+                    lambda *nk: scg.scg_grad(g, argnums=argnums, draws=sub(z), **options)(
+                        th, *extra_args, key, *nk
+                    )
                 )
             ),
         }
@@ -178,8 +197,10 @@ def exact_moments(
             out["mass_hess"] = jax.hessian(mass)(th)
             out["hess"] = jax.hessian(expected_cost)(th)
             out["est_hess"] = expectation_of(
-                lambda z: jax.hessian(scg.surrogate(g, draws=sub(z), **options), argnums=argnums)(
-                    th, *extra_args, key
+                lambda z: averaged(
+                    lambda *nk: jax.hessian(
+                        scg.surrogate(g, draws=sub(z), **options), argnums=argnums
+                    )(th, *extra_args, key, *nk)
                 )
             )
         return out
@@ -196,6 +217,7 @@ def assert_exact(
     supports: dict | None = None,
     extra_args: tuple = (),
     estimate: Callable | None = None,
+    noise: tuple | None = None,
     **options,
 ) -> None:
     """The estimator's exact expectation equals the exact gradient (and, with `hessian`,
@@ -227,6 +249,7 @@ def assert_exact(
             hessian=hessian,
             extra_args=extra_args,
             estimate=estimate,
+            noise=noise,
             **options,
         )
         np.testing.assert_allclose(

@@ -1400,6 +1400,141 @@ def _():
     )
 
 
+ALT_TESTS = ("tests/test_alternatives.py",)
+
+
+def _weights_module():
+    from scgjax import _weights
+
+    return _weights
+
+
+@mutant(
+    "alt:disarm:sign",
+    "DisARM's coefficient takes the opposite sign of (−1)^{b'}",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].DisARM,
+        "alternatives",
+        "jnp.where(b2, -1.0, 1.0)",
+        "jnp.where(b2, 1.0, -1.0)",
+    )
+
+
+@mutant(
+    "alt:arm:partner",
+    "ARM's antithetic partner is 1[u > p] instead of 1[u > 1 − p] (a centring of u − ½ "
+    "at another constant would be equivalent: both draws are Bernoulli(p), so a constant "
+    "coefficient has expectation 0)",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(_estimator_modules()[1].ARM, "alternatives", "u > 1 - p", "u > p")
+
+
+@mutant(
+    "alt:plan:one_at_a_time_coupled",
+    "the measure-valued estimator's elements move all at once also where a cost "
+    "depends on several of them",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[0],
+        "_alternatives",
+        "if not together or method.coupled:",
+        "if True:",
+    )
+
+
+@mutant(
+    "alt:weights:joint_not_summed",
+    "a cost of several elements of a coupled site takes one element's weight, not the sum",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[0],
+        "site_weights",
+        "v + jnp.sum(jnp.reshape(lp, (lp.shape[0], -1)), axis=1)",
+        "v + jnp.reshape(lp, (lp.shape[0], -1))[:, 0]",
+    )
+
+
+@mutant(
+    "alt:mvd:base_weights_uniform",
+    "the measure-valued costs are averaged over the alternatives instead of taken at the draw",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].MeasureValued,
+        "base_weights",
+        "np.eye(count)[0]",
+        "np.full(count, 1.0 / count)",
+    )
+
+
+@mutant(
+    "alt:mvd:normal_scale_coefficient",
+    "the Normal's scale coefficient is 1/(2σ) instead of 1/σ",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].MeasureValued,
+        "alternatives",
+        "c_sigma = lax.stop_gradient(1.0 / sigma)",
+        "c_sigma = lax.stop_gradient(0.5 / sigma)",
+    )
+
+
+@mutant(
+    "alt:guard:second_order_allowed",
+    "a second derivative through an alternatives site's parameters is taken, not refused",
+    tests=ALT_TESTS,
+)
+def _():
+    w = _weights_module()
+    from jax.interpreters import ad
+
+    def jvp(primals, tangents, *, what):
+        dparam, coef, param = primals
+        t = ad.instantiate_zeros(tangents[0])
+        return w.scaled_p.bind(dparam, coef, param, what=what), coef * t
+
+    ad.primitive_jvps[w.scaled_p] = counted(jvp)
+
+
+@mutant(
+    "iwae:vimco:own_particle_in_baseline",
+    "VIMCO's baseline of particle k keeps particle k's own log-weight (b_k = L)",
+    tests=("tests/test_iwae.py",),
+)
+def _():
+    from scgjax import _multisample
+
+    rewrite(_multisample, "iwae", "others[:, None], lw[None, :]", "lw[None, :], lw[None, :]")
+
+
+@mutant(
+    "iwae:tau:only_first_particle",
+    "the bound's DiCE factor holds the first particle's log-probabilities only",
+    tests=("tests/test_iwae.py",),
+)
+def _():
+    from scgjax import _multisample
+
+    rewrite(
+        _multisample,
+        "iwae",
+        "_graph.magic_box(jnp.sum(tau)) * bound",
+        "_graph.magic_box(tau[0]) * bound",
+    )
+
+
 # -- Running -------------------------------------------------------------------------------
 
 

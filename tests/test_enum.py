@@ -334,19 +334,23 @@ def test_a_carried_site_over_many_steps_is_refused():
 
 def test_replaying_an_enumerated_site_is_refused():
     f = functools.partial(plate_with_pathwise, est="enum")
-    with pytest.raises(ValueError, match=r"draws= replays \['z'\], which are enumerated"):
+    with pytest.raises(
+        ValueError, match=r"draws= replays \['z'\], which are evaluated at several values"
+    ):
         scg.scg_grad(f, draws={"z": jnp.zeros(3)})(THETA, jax.random.key(0))
 
 
 def test_replaying_a_site_downstream_of_an_enumerated_one_is_refused():
     f = functools.partial(enum_then_score, est="enum")
-    with pytest.raises(ValueError, match="'y'.*depends on an enumerated site"):
+    with pytest.raises(ValueError, match="'y'.*depends on a site evaluated at several"):
         scg.scg_grad(f, draws={"y": jnp.zeros(2)})(THETA, jax.random.key(0))
 
 
 def test_enum_with_leave_one_out_or_downstream_is_refused_clearly():
     f = functools.partial(enum_then_score, est="enum")
-    with pytest.raises(ValueError, match="not supported yet with enumerated sites"):
+    with pytest.raises(
+        ValueError, match="not supported yet with sites evaluated at several values"
+    ):
         scg.scg_grad(f, num_samples=2, baseline="leave_one_out")(THETA, jax.random.key(0))
 
 

@@ -1,0 +1,474 @@
+"""The antithetic (`"arm"`, `"disarm"`) and measure-valued (`"measure_valued"`) estimators.
+
+They evaluate what depends on a site at a few alternative values of it, built from
+continuous noise (uniforms for a Bernoulli; Rayleigh, Maxwell and uniform variates for a
+Normal). For a Bernoulli the estimate is, in each element's uniform `u`, constant on the
+three intervals cut at `p` and `1 − p` (ARM's coefficient `u − ½` is linear there), so
+its expectation over `u` is exact with one point per interval: its midpoint, weighted by
+its length. The tests replace the uniforms by those midpoints (`_quadrature`: an
+estimator subclass that reads them from a table, indexed by its key) and take the
+expectation over the other score sites by enumeration (`tests/exact.py`): the first
+derivative must be the exact gradient in float64. The Normal's measure-valued estimate is
+checked by Monte Carlo against closed forms. Second derivatives through these sites are
+refused; in directions that do not move a site's parameters they stay exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from exact import assert_exact
+
+import scgjax as scg
+from scgjax import estimators as E
+
+BERNOULLI = ("arm", "disarm", "measure_valued")
+CLASSES = {"arm": E.ARM, "disarm": E.DisARM, "measure_valued": E.MeasureValued}
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@functools.cache
+def _with_table(cls):
+    """`cls` with its uniforms read from `table[key_data(key)[-1]]`."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Quadrature(cls):
+        table: tuple = ()
+
+        def noise(self, key, shape, dtype):
+            i = jax.random.key_data(key)[..., -1]
+            return jnp.asarray(self.table, dtype)[i].reshape(shape)
+
+    Quadrature.__name__ = f"Quadrature{cls.__name__}"
+    return Quadrature
+
+
+def _quadrature(name: str, p_calls):
+    """An exact quadrature over the uniforms of a Bernoulli site drawn `C` times (scan
+    steps, vmap elements) with probabilities `p_calls` `(C, *shape)`: (the estimator,
+    keys `(M, C)`, weights `(M,)`). Each element's interval [0, 1] is cut at `p` and
+    `1 − p`; the configurations are every element's interval."""
+    p = np.asarray(p_calls, np.float64)
+    calls, shape = p.shape[0], p.shape[1:]
+    flat = p.reshape(-1)
+    lo, hi = np.minimum(flat, 1 - flat), np.maximum(flat, 1 - flat)
+    cuts = np.stack([np.zeros_like(lo), lo, hi, np.ones_like(lo)], 1)
+    mids, lengths = (cuts[:, 1:] + cuts[:, :-1]) / 2, cuts[:, 1:] - cuts[:, :-1]
+    configs = np.array(list(itertools.product(range(3), repeat=flat.size)))
+    idx = np.arange(flat.size)
+    u = mids[idx, configs]  # (M, C * n)
+    weights = np.prod(lengths[idx, configs], axis=1)
+    m = len(configs)
+    table = u.reshape(m * calls, *shape)
+    est = _with_table(CLASSES[name])(table=_nested(table))
+    data = np.zeros((m, calls, 2), np.uint32)
+    data[..., 1] = np.arange(m * calls).reshape(m, calls)
+    keys = jax.random.wrap_key_data(jnp.asarray(data))
+    return est, keys, weights
+
+
+def _nested(a):
+    return tuple(_nested(x) for x in a) if np.ndim(a) else float(a)
+
+
+def _check(prog, theta, name, p_calls, *, single=True, **kw):
+    """E[estimate] over the quadrature and the other score sites == ∇E[f]."""
+    est, keys, weights = _quadrature(name, p_calls)
+    if single:
+        keys = keys[:, 0]
+    assert abs(weights.sum() - 1) < 1e-12
+    assert_exact(
+        functools.partial(prog, est="score"),
+        theta,
+        hessian=False,
+        estimate=lambda th, key, nk: prog(th, key, est=est, nkey=nk),
+        noise=(keys, weights),
+        **kw,
+    )
+
+
+def sig(x):
+    return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+# -- Programs: the site under test draws its noise from `nkey` --------------------------
+
+
+def plate_with_downstream(theta, key, est, nkey=None):
+    """Per element: a reparameterized Normal downstream of each, an independent score
+    site beside it (a score site downstream cannot be replayed: `test_mc_*`)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    z = scg.sample(k1 if nkey is None else nkey, dist.Bernoulli(logits=theta[:3]), estimator=est)
+    y = scg.sample(k2, dist.Bernoulli(logits=theta[3] - 0.2 * jnp.arange(3)), name="y")
+    x = scg.sample(k3, dist.Normal(theta[4] * z, 1.0), name="x")
+    return jnp.sum((y + z * theta[4] - 0.7) ** 2 + 0.3 * x * y)
+
+
+def joint_cost(theta, key, est, nkey=None):
+    """A cost of several elements at once (coupled for ARM/DisARM, one at a time for
+    measure-valued)."""
+    z = scg.sample(key if nkey is None else nkey, dist.Bernoulli(logits=theta[:3]), estimator=est)
+    return (jnp.sum(z) * theta[3] - 1.0) ** 2 + jnp.sin(jnp.sum(z * theta[:3]))
+
+
+def beside_score_and_enum(theta, key, est, nkey=None):
+    """With an independent score site and an enumerated site in the same costs."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    w = scg.sample(k1, dist.Bernoulli(logits=theta[0]), name="w")
+    e = scg.sample(k2, dist.Bernoulli(logits=theta[3]), estimator="enum", name="e")
+    z = scg.sample(k3 if nkey is None else nkey, dist.Bernoulli(logits=theta[1:3]), estimator=est)
+    return (w * z[0] + z[1] * e - theta[4]) ** 2 + e * z[0] * theta[0]
+
+
+def probs_expanded(theta, key, est, nkey=None):
+    """`probs=`, `expand` and `to_event`, with a pathwise dependence of the cost."""
+    d = dist.Bernoulli(probs=jax.nn.sigmoid(theta[:2])).expand([2, 2]).to_event(1)
+    z = scg.sample(key if nkey is None else nkey, d, estimator=est, name="z")
+    return jnp.sum((z - jnp.array([0.2, 0.9])) ** 2 * theta[2:4]) + z[0, 0] * z[1, 1]
+
+
+def in_scan(theta, key, est, nkey=None):
+    """One draw per step of a `scan` (its keys are the loop's xs), costs per step."""
+    keys = jax.random.split(key, 3) if nkey is None else nkey
+
+    def step(carry, xs):
+        k, t = xs
+        z = scg.sample(k, dist.Bernoulli(logits=theta[t]), estimator=est)
+        return carry + (z - 0.3 * t) ** 2 * theta[3], z
+
+    total, zs = jax.lax.scan(step, 0.0, (keys, jnp.arange(3)))
+    return total + jnp.sum(zs) * theta[4]
+
+
+def in_cond(theta, key, est, nkey=None):
+    """A site in a branch chosen by another (score) draw."""
+    k1, k2 = jax.random.split(key)
+    c = scg.sample(k1, dist.Bernoulli(logits=theta[0]), name="c")
+
+    def yes(k):
+        z = scg.sample(k, dist.Bernoulli(logits=theta[1:3]), estimator=est)
+        return jnp.sum((z - 0.4) ** 2 * theta[3])
+
+    return jax.lax.cond(c > 0, yes, lambda k: theta[4] ** 2, k2 if nkey is None else nkey)
+
+
+def under_vmap(theta, key, est, nkey=None):
+    """`jax.vmap` inside the program, over the site's keys and logits."""
+    keys = jax.random.split(key, 3) if nkey is None else nkey
+    z = jax.vmap(lambda k, l: scg.sample(k, dist.Bernoulli(logits=l), estimator=est))(
+        keys, theta[:3]
+    )
+    return jnp.sum((z - theta[3]) ** 2) + z[0] * z[2] * theta[4]
+
+
+THETA = jnp.array([0.4, -0.9, 1.3, 0.6, -0.5])
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+@pytest.mark.parametrize(
+    "prog, p_of",
+    [
+        (plate_with_downstream, lambda t: sig(t[:3])[None]),
+        (joint_cost, lambda t: sig(t[:3])[None]),
+        (beside_score_and_enum, lambda t: sig(t[1:3])[None]),
+        (probs_expanded, lambda t: np.broadcast_to(sig(t[:2]), (2, 2))[None]),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_first_derivative_is_exact(prog, p_of, name):
+    _check(prog, THETA, name, p_of(np.asarray(THETA)), supports={"z": (0, 1)})
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+@pytest.mark.parametrize(
+    "prog, p_of",
+    [
+        (in_scan, lambda t: sig(t[:3])[:, None]),
+        (under_vmap, lambda t: sig(t[:3])[:, None]),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_first_derivative_is_exact_in_scan_and_vmap(prog, p_of, name):
+    p = p_of(np.asarray(THETA)).reshape(3)  # three calls of a scalar site
+    est, keys, weights = _quadrature(name, p.reshape(3))
+    assert_exact(
+        functools.partial(prog, est="score"),
+        THETA,
+        hessian=False,
+        estimate=lambda th, key, nk: prog(th, key, est=est, nkey=nk),
+        noise=(keys, weights),
+    )
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+def test_first_derivative_is_exact_in_a_branch(name):
+    _check(in_cond, THETA, name, sig(np.asarray(THETA)[1:3])[None])
+
+
+# -- Monte Carlo: the Normal, and score sites downstream ---------------------------------
+
+A = jnp.array([1.0, 0.5])
+
+
+def normal_plate(params, key, est="measure_valued"):
+    mu, log_sigma = params
+    x = scg.sample(key, dist.Normal(mu, jnp.exp(log_sigma)), estimator=est)
+    return jnp.sum((x - A) ** 2 + 0.3 * x**3 + mu * x)
+
+
+def normal_plate_exact(params):
+    mu, log_sigma = params
+    s2 = jnp.exp(2 * log_sigma)
+    # E (x − a)² = (μ − a)² + σ², E x³ = μ³ + 3μσ², E μx = μ²
+    return jnp.sum((mu - A) ** 2 + s2 + 0.3 * (mu**3 + 3 * mu * s2) + mu**2)
+
+
+def normal_joint(params, key, est="measure_valued"):
+    mu, log_sigma = params
+    d = dist.Normal(mu, jnp.exp(log_sigma)).to_event(1)
+    x = scg.sample(key, d, estimator=est)
+    return (x[0] * x[1] - 1.0) ** 2
+
+
+def normal_joint_exact(params):
+    mu, log_sigma = params
+    s2 = jnp.exp(2 * log_sigma)
+    return (mu[0] ** 2 + s2[0]) * (mu[1] ** 2 + s2[1]) - 2 * mu[0] * mu[1] + 1
+
+
+def _mc(f, params, n, seed):
+    keys = jax.random.split(jax.random.key(seed), n)
+    g = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(params, keys)
+    return [(np.mean(x, 0), np.std(x, 0) / np.sqrt(n)) for x in g]
+
+
+@pytest.mark.parametrize(
+    "f, exact", [(normal_plate, normal_plate_exact), (normal_joint, normal_joint_exact)]
+)
+def test_measure_valued_normal_matches_the_closed_form(f, exact):
+    """Location and scale derivatives, per element (5 evaluations) and with a cost of
+    both elements (1 + 4·2); 40000 draws, 5 standard errors (detects a bias of ~1% of
+    these gradients, e.g. a scale coefficient off by 2%)."""
+    params = (jnp.array([0.3, -0.7]), jnp.array([0.1, -0.4]))
+    truth = jax.grad(exact)(params)
+    for (mean, se), t in zip(_mc(f, params, 40000, 3), truth):
+        assert np.all(np.abs(mean - np.asarray(t)) < 5 * se + 1e-9), (mean, t, se)
+        assert np.all(se < 0.02 * np.abs(np.asarray(t)) + 0.01)
+
+
+def test_measure_valued_normal_has_lower_variance_than_the_score_function():
+    params = (jnp.array([0.3, -0.7]), jnp.array([0.1, -0.4]))
+    keys = jax.random.split(jax.random.key(5), 4000)
+
+    def var(est):
+        g = jax.jit(jax.vmap(scg.scg_grad(lambda p, k: normal_plate(p, k, est)), (None, 0)))(
+            params, keys
+        )
+        return [np.var(x, 0) for x in g]
+
+    for v_mvd, v_score in zip(var("measure_valued"), var("score")):
+        assert np.all(v_mvd < 0.5 * v_score), (v_mvd, v_score)
+
+
+def downstream_score(theta, key, est):
+    """A score site downstream of the site under test, per element. (No pathwise site:
+    the reference conditions on a pathwise site's noise, the Monte Carlo mean does not.)"""
+    k1, k2 = jax.random.split(key)
+    z = scg.sample(k1, dist.Bernoulli(logits=theta[:3]), estimator=est)
+    y = scg.sample(k2, dist.Bernoulli(logits=theta[3] * z - 0.2))
+    return jnp.sum((y + z * theta[4] - 0.7) ** 2 + 0.3 * y * z * theta[3])
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+def test_score_sites_downstream_by_monte_carlo(name):
+    """The exact gradient from the all-score program by enumeration; the estimate's mean
+    over 20000 draws within 5 standard errors (|z| < 5 per entry)."""
+    from exact import exact_moments
+
+    theta = THETA
+    truth = exact_moments(
+        functools.partial(downstream_score, est="score"), theta, jax.random.key(0), hessian=False
+    )["grad"]
+    keys = jax.random.split(jax.random.key(11), 20000)
+    g = jax.jit(jax.vmap(scg.scg_grad(functools.partial(downstream_score, est=name)), (None, 0)))(
+        theta, keys
+    )
+    z = (np.mean(g, 0) - np.asarray(truth)) / (np.std(g, 0) / np.sqrt(len(keys)))
+    assert np.all(np.abs(z) < 5), z
+
+
+# -- Variance, values, composition -------------------------------------------------------
+
+
+def toy(theta, key, est):
+    """The REBAR/RELAX toy: E[(b − 0.499)²], one Bernoulli per element."""
+    b = scg.sample(key, dist.Bernoulli(logits=theta), estimator=est)
+    return jnp.sum((b - 0.499) ** 2)
+
+
+def test_antithetic_and_measure_valued_have_lower_variance_than_score():
+    theta = jnp.array([0.0, 1.0, -2.0])
+    keys = jax.random.split(jax.random.key(2), 4000)
+    v = {}
+    for name in ("score", *BERNOULLI):
+        g = jax.jit(jax.vmap(scg.scg_grad(functools.partial(toy, est=name)), (None, 0)))(
+            theta, keys
+        )
+        v[name] = np.var(g, 0)
+    assert np.all(v["arm"] < v["score"]) and np.all(v["disarm"] < v["arm"]), v
+    # measure-valued is exact here: one site, per-element costs
+    assert np.allclose(v["measure_valued"], 0.0, atol=1e-20)
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+def test_value_is_the_average_of_the_alternatives(name):
+    """The surrogate's value: (f(b) + f(b'))/2 for the antithetic pair, f(b) for the
+    measure-valued estimator, b the draw `d.sample(key)`; the program outside the
+    transforms sees `d.sample(key)`."""
+    theta, key = jnp.array([0.3, -1.0, 2.0]), jax.random.key(4)
+    d = dist.Bernoulli(logits=theta)
+    b = d.sample(key)
+    np.testing.assert_array_equal(scg.sample(key, d, estimator=name), b)
+    u = jax.random.uniform(key, (3,), jnp.float64)
+    assert np.array_equal(u < jax.nn.sigmoid(theta), b)
+    value = scg.surrogate(functools.partial(toy, est=name))(theta, key)
+    cost = lambda b: jnp.sum((b - 0.499) ** 2)
+    partner = (u > 1 - jax.nn.sigmoid(theta)).astype(jnp.float64)
+    expect = cost(b) if name == "measure_valued" else (cost(b) + cost(partner)) / 2
+    np.testing.assert_allclose(value, expect, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+def test_under_jit_vmap_and_with_num_samples(name):
+    """Eager, jit and vmap over keys give the same estimates; num_samples=K is the mean
+    of K single-sample ones with split keys."""
+    f = functools.partial(plate_with_downstream, est=name)
+    key = jax.random.key(9)
+    THETA = jnp.asarray(globals()["THETA"], jnp.float64)
+    g = scg.scg_grad(f)(THETA, key)
+    np.testing.assert_allclose(jax.jit(scg.scg_grad(f))(THETA, key), g, rtol=1e-12, atol=1e-15)
+    keys = jax.random.split(key, 4)
+    gv = jax.vmap(scg.scg_grad(f), (None, 0))(THETA, keys)
+    np.testing.assert_allclose(gv[1], scg.scg_grad(f)(THETA, keys[1]), rtol=1e-12, atol=1e-15)
+    g4 = scg.scg_grad(f, num_samples=4)(THETA, key)
+    np.testing.assert_allclose(
+        g4, jnp.mean(jax.vmap(scg.scg_grad(f), (None, 0))(THETA, keys), 0), rtol=1e-12, atol=1e-15
+    )
+
+
+# -- First order only ----------------------------------------------------------------------
+
+
+SECOND_ORDER = {
+    "hessian": lambda f, t, k: jax.hessian(scg.surrogate(f))(t, k),
+    "grad_of_grad": lambda f, t, k: jax.grad(lambda t: jnp.sum(scg.scg_grad(f)(t, k)))(t),
+    "jacfwd_of_jacfwd": lambda f, t, k: jax.jacfwd(jax.jacfwd(scg.surrogate(f)))(t, k),
+    "maml": lambda f, t, k: jax.grad(
+        lambda t: scg.surrogate(f)(t - 0.1 * jax.jit(scg.scg_grad(f))(t, k), k)
+    )(t),
+    "scgjax_around_scg_grad": lambda f, t, k: scg.scg_grad(
+        lambda t, k: jnp.sum(scg.scg_grad(f)(t, k) ** 2)
+    )(t, k),
+}
+
+
+@pytest.mark.parametrize("how", SECOND_ORDER)
+@pytest.mark.parametrize("name", BERNOULLI)
+def test_second_derivatives_through_the_site_are_refused(name, how):
+    f = functools.partial(joint_cost, est=name)
+    with pytest.raises(ValueError, match=f"estimator='{name}', which estimates first"):
+        SECOND_ORDER[how](f, THETA, jax.random.key(0))
+
+
+def test_second_derivatives_that_do_not_move_the_site_are_exact():
+    """The Hessian in θ[3:] (the cost's own parameters): the estimators are linear in the
+    costs, so E[∂²] is the exact ∂² there (the quadrature of the first-order tests)."""
+
+    def prog(theta, key, est, nkey=None, c=None):
+        z = scg.sample(
+            key if nkey is None else nkey,
+            dist.Bernoulli(logits=jnp.array([0.4, -0.9])),
+            estimator=est,
+        )
+        return (z[0] * theta[0] + z[1] * theta[1] ** 2 - 1.0) ** 2
+
+    from exact import exact_moments
+
+    theta = jnp.array([0.7, -1.2])
+    ref = exact_moments(functools.partial(prog, est="score"), theta, jax.random.key(0))
+    for name in BERNOULLI:
+        est, keys, weights = _quadrature(name, sig([[0.4, -0.9]]))
+        hs = jax.vmap(
+            lambda nk: jax.hessian(scg.surrogate(lambda t, k, nk: prog(t, k, est, nk)))(
+                theta, jax.random.key(0), nk
+            )
+        )(keys[:, 0])
+        np.testing.assert_allclose(np.tensordot(weights, hs, 1), ref["hess"], rtol=1e-9)
+
+
+def test_an_outer_scgjax_transform_sees_the_first_derivative():
+    """`scg_grad(surrogate(f))` is `scg_grad(f)` (first order throughout)."""
+    f = functools.partial(plate_with_downstream, est="disarm")
+    key = jax.random.key(3)
+    THETA = jnp.asarray(globals()["THETA"], jnp.float64)
+    np.testing.assert_allclose(
+        scg.scg_grad(scg.surrogate(f))(THETA, key), scg.scg_grad(f)(THETA, key), rtol=1e-12
+    )
+
+
+# -- Errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["arm", "disarm"])
+def test_antithetic_needs_a_bernoulli(name):
+    with pytest.raises(ValueError, match=f"estimator='{name}' supports Bernoulli"):
+        scg.sample(jax.random.key(0), dist.Categorical(logits=jnp.zeros(3)), estimator=name)
+    with pytest.raises(ValueError, match="supports Bernoulli"):
+        scg.sample(jax.random.key(0), dist.Normal(0.0, 1.0), estimator=name)
+
+
+def test_measure_valued_supports_bernoulli_and_normal_only():
+    with pytest.raises(ValueError, match="supports Bernoulli, Normal .* not Gamma"):
+        scg.sample(jax.random.key(0), dist.Gamma(2.0, 1.0), estimator="measure_valued")
+
+
+def test_one_at_a_time_beyond_max_joint_is_refused():
+    def f(theta, key):
+        x = scg.sample(
+            key, dist.Normal(theta, 1.0), estimator=E.MeasureValued(max_joint=20), name="x"
+        )
+        return jnp.sum(x) ** 2
+
+    with pytest.raises(
+        ValueError, match=r"'x'.*1 \+ 4x10 = 41 evaluations, more than max_joint=20"
+    ):
+        scg.scg_grad(f)(jnp.zeros(10), jax.random.key(0))
+    assert scg.scg_grad(f)(jnp.zeros(4), jax.random.key(0)).shape == (4,)
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+def test_replays_baselines_and_downstream_are_refused(name):
+    def f(theta, key, **kw):
+        z = scg.sample(key, dist.Bernoulli(logits=theta), estimator=name, name="z", **kw)
+        return jnp.sum(z * theta)
+
+    key, theta = jax.random.key(0), jnp.zeros(2)
+    with pytest.raises(ValueError, match="draws= replays \\['z'\\], which are evaluated"):
+        scg.scg_grad(f, draws={"z": jnp.ones(2)})(theta, key)
+    with pytest.raises(ValueError, match="a baseline only applies"):
+        scg.scg_grad(functools.partial(f, baseline=0.5))(theta, key)
+    with pytest.raises(ValueError, match="downstream=True and baseline='leave_one_out'"):
+        scg.scg_grad(f, num_samples=2, baseline="leave_one_out")(theta, key)
+    assert name in scg.describe(f)(theta, key)
