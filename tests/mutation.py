@@ -1516,7 +1516,11 @@ def _():
 def _():
     from scgjax import _multisample
 
-    rewrite(_multisample, "iwae", "others[:, None], lw[None, :]", "lw[None, :], lw[None, :]")
+    import scgjax
+
+    scgjax.iwae = rewrite(
+        _multisample, "iwae", "others[:, None], lw[None, :]", "lw[None, :], lw[None, :]"
+    )
 
 
 @mutant(
@@ -1525,9 +1529,10 @@ def _():
     tests=("tests/test_iwae.py",),
 )
 def _():
+    import scgjax
     from scgjax import _multisample
 
-    rewrite(
+    scgjax.iwae = rewrite(
         _multisample,
         "iwae",
         "_graph.magic_box(jnp.sum(tau)) * bound",
