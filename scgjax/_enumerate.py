@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _compat, _deps
+from . import _compat, _deps, _estimators
 from ._deps import Axis, Deps
 from ._estimators import Alternatives
 from ._graph import StochasticNode
@@ -120,8 +120,8 @@ def plan(
     if replayed:
         raise ValueError(
             f"scgjax: draws= replays {replayed}, which are evaluated at several values "
-            "(estimator='enum', 'arm', 'disarm' or 'measure_valued'), not drawn once. Drop "
-            "them from draws=."
+            f"(estimator {_estimators.several_values()}), not drawn once. Drop them from "
+            "draws=."
         )
     sites, joint, sizes, values, bases = [], [], [], [], []
     for node in enumerated:
@@ -187,6 +187,16 @@ def _alternatives(node: StochasticNode, together: bool, n: int, names: dict):
     method = node.method
     count = len(node.support)
     v = np.asarray(method.base_weights(count), float)
+    if together and method.per_element_only:
+        raise ValueError(
+            f"scgjax: the site {names[node.id]!r} ({node.distribution}, estimator="
+            f"{str(method)!r}, shape {node.shape}"
+            f"{f', at {node.source}' if node.source else ''}) has cost elements that depend "
+            "on several of its elements (or on elements of other loop iterations); this "
+            "estimator draws each element's samples on their own and needs each cost element "
+            "to depend on one element of the site (per-element costs, summed: automatic "
+            "plates). Use estimator='score' or 'enum' for it."
+        )
     if not together or method.coupled:
         index = np.broadcast_to(
             np.arange(count).reshape((count,) + (1,) * len(node.shape)), (count, *node.shape)

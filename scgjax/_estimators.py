@@ -20,6 +20,7 @@ so they are hashable and travel in the `sample` primitive's static params.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, ClassVar
 
@@ -46,6 +47,12 @@ def register(cls: type[Estimator]) -> type[Estimator]:
 def names() -> tuple[str, ...]:
     """The registered estimator names, and `"auto"`."""
     return ("auto", *_REGISTRY)
+
+
+def several_values() -> str:
+    """The registered estimators that evaluate a site at several values, for messages:
+    `"'enum', 'arm', ..."`."""
+    return ", ".join(repr(n) for n, c in _REGISTRY.items() if c.enumerates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +372,7 @@ class Alternatives(Estimator):
     kind: ClassVar[str] = "score"
     enumerates: ClassVar[bool] = True
     coupled: ClassVar[bool] = True
+    per_element_only: ClassVar[bool] = False  # a cost of several elements is refused
     families: ClassVar[tuple] = ()
     max_joint: int = 4096
 
@@ -542,6 +550,165 @@ class MeasureValued(Alternatives):
             ]
         )
         return values, pieces
+
+
+# -- Sampling without replacement (Categorical) -------------------------------------------
+
+
+def _set_prob(q: Any) -> Any:
+    """P(the unordered set of the `m` categories whose probabilities are `q[..., :m]`)
+    when sampling `m` times without replacement from a distribution of total mass 1:
+    the sum over the `m!` orders of `Π_i q_i / (1 − Σ_{j<i} q_j)`."""
+    m = q.shape[-1]
+    total = jnp.zeros(q.shape[:-1], q.dtype)
+    for order in itertools.permutations(range(m)):
+        prob, left = jnp.ones(q.shape[:-1], q.dtype), jnp.ones(q.shape[:-1], q.dtype)
+        for i in order:
+            prob = prob * q[..., i] / left
+            left = left - q[..., i]
+        total = total + prob
+    return total
+
+
+def _without(q: Any, i: int) -> Any:
+    return jnp.concatenate([q[..., :i], q[..., i + 1 :]], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithoutReplacement(Alternatives):
+    """`k` categories drawn without replacement (Gumbel-top-k with the draw's Gumbels:
+    the first is `d.sample(key)`), the costs evaluated at each, per element."""
+
+    families: ClassVar[tuple] = _CATEGORICAL
+    coupled: ClassVar[bool] = True
+    per_element_only: ClassVar[bool] = True
+    k: int | None = None  # None: min(4, the number of categories)
+
+    def check(self, d):
+        super().check(d)
+        n = jnp.shape(base_of(d).logits)[-1]
+        if self.k is not None and not (
+            isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= n
+        ):
+            raise ValueError(
+                f"scgjax: {type(self).__name__}(k=...) must be an int between 1 and the "
+                f"number of categories ({n}), or None (min(4, {n})), got {self.k!r}."
+            )
+
+    def count(self, d):
+        n = jnp.shape(base_of(d).logits)[-1]
+        return min(4, n) if self.k is None else self.k
+
+    def base_weights(self, count):
+        return np.zeros(count)  # the values are in the weights' parts (data-dependent)
+
+    def noise(self, key, shape, dtype):
+        """The Gumbels of the draw: `d.sample(key)` is `argmax(logits + noise)`."""
+        return jax.random.gumbel(key, shape, dtype)
+
+    def _top(self, d, key, sample_shape):
+        """(the k categories in order (..., k), the logits and log p (..., K), and κ,
+        the (k+1)-th largest perturbed log-probability (...), −inf when k = K)."""
+        base = base_of(d)
+        shape = tuple(sample_shape) + tuple(d.batch_shape)
+        logits = jnp.broadcast_to(base.logits, shape + jnp.shape(base.logits)[-1:])
+        n = logits.shape[-1]
+        k = self.count(d)
+        g = lax.stop_gradient(self.noise(key, jnp.shape(logits), logits.dtype))
+        values, top = lax.top_k(lax.stop_gradient(logits) + g, min(k + 1, n))
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        if k < n:
+            shift = lax.stop_gradient(log_p[..., 0] - logits[..., 0])
+            kappa = values[..., k] + shift
+        else:
+            kappa = jnp.full(shape, -jnp.inf, logits.dtype)
+        return top[..., :k], log_p, logits, kappa
+
+    def _pieces(self, logits, value_weight, coef):
+        """Each alternative's weight: its value plus `weight(logits, coef)` summed over
+        the categories (`coef` (..., k, K), held fixed)."""
+        pieces = []
+        for j in range(coef.shape[-2]):
+            w = _weights.weight(logits, coef[..., j, :], self.name)
+            pieces.append(lax.stop_gradient(value_weight[..., j]) + jnp.sum(w, axis=-1))
+        return jnp.stack(pieces)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class UnorderedSet(_WithoutReplacement):
+    """The unordered set estimator (Kool, van Hoof & Welling 2020) for a Categorical:
+    `k` categories `S` drawn without replacement, the costs at each weighted as
+    `Σ_{s∈S} p(s) R(S, s) f(s)` (unbiased for `E[f]`; `R(S, s) = p^{D∖s}(S∖s) / p(S)`),
+    whose derivative is `Σ_s ∇p(s) R(S, s) (f(s) − B_s)` with the built-in baseline
+    `B_s = p(s) f(s) + (1 − p(s))·(the estimate from S∖s over D∖s)` (`baseline=False`:
+    none). Per element (a cost of several elements of the site is refused); `k!`
+    orders are summed, so keep `k` small (default `min(4, K)` for K categories; `k = K`
+    is exact). Unbiased, first order."""
+
+    name: ClassVar[str] = "unordered_set"
+    baseline: bool = True
+
+    def alternatives(self, d, key, sample_shape):
+        top, log_p, logits, _ = self._top(d, key, sample_shape)
+        p = lax.stop_gradient(jnp.exp(log_p))
+        ps = jnp.take_along_axis(p, top, -1)  # (..., k)
+        k = ps.shape[-1]
+        p_set = _set_prob(ps)
+        r = jnp.stack(
+            [
+                (_set_prob(_without(ps, j) / (1 - ps[..., j : j + 1])) if k > 1 else 1.0) / p_set
+                for j in range(k)
+            ],
+            -1,
+        )
+        dp = ps[..., :, None] * (jax.nn.one_hot(top, p.shape[-1], dtype=p.dtype) - p[..., None, :])
+        lead = r[..., :, None] * dp  # (..., k, K): ∇p(s_j) R(S, s_j)
+        coef = lead
+        if self.baseline and k > 1:
+            # B_r = Σ_j β_rj f_j; the coefficient of f_j loses Σ_r β_rj ∇p(s_r) R(S, s_r).
+            beta = []
+            for rr in range(k):
+                q = ps / (1 - ps[..., rr : rr + 1])  # D∖s_r, renormalised
+                row = []
+                rest = _without(q, rr)
+                denom = _set_prob(rest)
+                for j in range(k):
+                    if j == rr:
+                        row.append(ps[..., rr])
+                        continue
+                    jj = j if j < rr else j - 1
+                    others = _without(rest, jj) / (1 - rest[..., jj : jj + 1])
+                    num = _set_prob(others) if k > 2 else 1.0
+                    row.append((1 - ps[..., rr]) * q[..., j] * num / denom)
+                beta.append(jnp.stack(row, -1))
+            beta = jnp.stack(beta, -2)  # (..., r, j)
+            coef = lead - jnp.einsum("...rj,...rK->...jK", beta, lead)
+        pieces = self._pieces(logits, ps * r, lax.stop_gradient(coef))
+        return jnp.moveaxis(top, -1, 0), pieces
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ScoreWOR(_WithoutReplacement):
+    """The score function with `k` samples without replacement (priority sampling;
+    Kool, van Hoof & Welling 2019): with `κ` the `(k+1)`-th largest perturbed
+    log-probability and `q(s) = 1 − exp(−exp(log p(s) − κ))` the probability that `s`
+    is among the `k`, the costs are weighted `Σ_{s∈S} p(s)/q(s)·f(s)` (unbiased for
+    `E[f]`) and the derivative is `Σ_s p(s)/q(s)·∇log p(s)·f(s)`. Per element; `k`
+    defaults to `min(4, K)`. Unbiased, first order."""
+
+    name: ClassVar[str] = "score_wor"
+
+    def alternatives(self, d, key, sample_shape):
+        top, log_p, logits, kappa = self._top(d, key, sample_shape)
+        lp = lax.stop_gradient(jnp.take_along_axis(log_p, top, -1))  # (..., k)
+        q = -jnp.expm1(-jnp.exp(lp - kappa[..., None]))
+        w = jnp.exp(lp) / q
+        p = lax.stop_gradient(jnp.exp(log_p))
+        score = jax.nn.one_hot(top, p.shape[-1], dtype=p.dtype) - p[..., None, :]
+        coef = w[..., None] * score
+        return jnp.moveaxis(top, -1, 0), self._pieces(logits, w, coef)
 
 
 def resolve(d: dist.Distribution, estimator: str | Estimator) -> Estimator:

@@ -769,7 +769,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
             raise ValueError(
                 f"scgjax: draws= replays the {spec.name} draw{f' {name!r}' if name else ''}"
                 f"{_at(eqn)}, whose distribution depends on a site evaluated at several "
-                "values (estimator='enum', 'arm', 'disarm' or 'measure_valued'): one "
+                f"values (estimator {_estimators.several_values()}): one "
                 "replayed value cannot follow that site's alternatives. Replay only sites "
                 "upstream of (or independent of) that one."
             )

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _enumerate, _graph
+from . import _enumerate, _estimators, _graph
 from . import _surrogate as S
 
 BASELINES = (None, "vimco")
@@ -83,7 +83,7 @@ def iwae(
         if _enumerate.has_enumerated_sites(closed):
             raise ValueError(
                 "scgjax.iwae: a particle draws a site evaluated at several values "
-                "(estimator='enum', 'arm', 'disarm' or 'measure_valued'); the bound is a "
+                f"(estimator {_estimators.several_values()}); the bound is a "
                 "nonlinear function of each particle's single draw. Use 'score' or "
                 "'pathwise' for the proposal's sites."
             )

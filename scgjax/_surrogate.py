@@ -23,6 +23,7 @@ from . import (
     _control_flow,  # noqa: F401  (registers the higher-order rules)
     _deps,
     _enumerate,
+    _estimators,
     _graph,
     _interpret,
     _keys,
@@ -211,8 +212,8 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
                 if need_downstream:
                     raise ValueError(
                         "scgjax: downstream=True and baseline='leave_one_out' are not "
-                        "supported yet with sites evaluated at several values (estimator='enum', "
-                        "'arm', 'disarm', 'measure_valued'): "
+                        "supported yet with sites evaluated at several values (estimator "
+                        f"{_estimators.several_values()}): "
                         f"{[info.names[n.id] for n in plan.sites]}. Give the other score "
                         "sites a baseline= of their own, or use estimator='score'."
                     )

@@ -12,6 +12,8 @@ object sets them (`estimator=scg.estimators.GumbelSoftmax(temperature=0.3)`).
   `MeasureValued` (`"measure_valued"`): weak derivatives for Bernoulli and Normal draws.
   Unbiased, first derivatives only (a second derivative through them raises); their
   base `Alternatives` evaluates what depends on a site at a few values of it.
+* `UnorderedSet` (`"unordered_set"`), `ScoreWOR` (`"score_wor"`): `k` categories drawn
+  without replacement, per element; unbiased, first derivatives only.
 
 `register` adds an estimator class under its `name`; `names()` lists them.
 """
@@ -25,7 +27,9 @@ from ._estimators import GumbelSoftmax as GumbelSoftmax
 from ._estimators import MeasureValued as MeasureValued
 from ._estimators import Pathwise as Pathwise
 from ._estimators import Score as Score
+from ._estimators import ScoreWOR as ScoreWOR
 from ._estimators import StraightThrough as StraightThrough
+from ._estimators import UnorderedSet as UnorderedSet
 from ._estimators import names as names
 from ._estimators import register as register
 
@@ -39,7 +43,9 @@ __all__ = [
     "MeasureValued",
     "Pathwise",
     "Score",
+    "ScoreWOR",
     "StraightThrough",
+    "UnorderedSet",
     "names",
     "register",
 ]

@@ -1509,14 +1509,55 @@ def _():
 
 
 @mutant(
+    "alt:unordered_set:baseline_own_weight",
+    "the unordered set's built-in baseline leaves out the draw's own p(s)·f(s)",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].UnorderedSet,
+        "alternatives",
+        "row.append(ps[..., rr])",
+        "row.append(jnp.zeros_like(ps[..., rr]))",
+    )
+
+
+@mutant(
+    "alt:unordered_set:ratio_not_renormalised",
+    "R(S, s) uses p(S∖s) over the whole domain instead of over D∖s",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].UnorderedSet,
+        "alternatives",
+        "(_set_prob(_without(ps, j) / (1 - ps[..., j : j + 1])) if k > 1 else 1.0)",
+        "(_set_prob(_without(ps, j)) if k > 1 else 1.0)",
+    )
+
+
+@mutant(
+    "alt:score_wor:threshold_kth",
+    "the without-replacement threshold κ is the k-th perturbed log-probability, not the (k+1)-th",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1]._WithoutReplacement,
+        "_top",
+        "kappa = values[..., k] + shift",
+        "kappa = values[..., k - 1] + shift",
+    )
+
+
+@mutant(
     "iwae:vimco:own_particle_in_baseline",
     "VIMCO's baseline of particle k keeps particle k's own log-weight (b_k = L)",
     tests=("tests/test_iwae.py",),
 )
 def _():
-    from scgjax import _multisample
-
     import scgjax
+    from scgjax import _multisample
 
     scgjax.iwae = rewrite(
         _multisample, "iwae", "others[:, None], lw[None, :]", "lw[None, :], lw[None, :]"

@@ -472,3 +472,145 @@ def test_replays_baselines_and_downstream_are_refused(name):
     with pytest.raises(ValueError, match="downstream=True and baseline='leave_one_out'"):
         scg.scg_grad(f, num_samples=2, baseline="leave_one_out")(theta, key)
     assert name in scg.describe(f)(theta, key)
+
+
+# -- Without replacement (Categorical) ---------------------------------------------------
+
+F_TABLE = np.array([[1.3, -0.4, 2.2], [0.2, 0.9, -0.5]])
+
+
+@functools.cache
+def _gumbels_from_table(cls):
+    @dataclasses.dataclass(frozen=True)
+    class Table(cls):
+        table: tuple = ()
+
+        def noise(self, key, shape, dtype):
+            i = jax.random.key_data(key)[..., -1]
+            return jnp.asarray(self.table, dtype)[i].reshape(shape)
+
+    return Table
+
+
+def _wor_cases(cls, logits, **options):
+    """Every ordered draw of k categories per element, as Gumbels that produce it, and
+    its probability `Π_i p(s_i) / (1 − Σ_{j<i} p(s_j))`: (estimator, keys, weights)."""
+    logits = np.asarray(logits, np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    n, K = p.shape
+    k = options.get("k", 4)
+    per_row = list(itertools.permutations(range(K), k))
+    table, weights = [], []
+    for combo in itertools.product(per_row, repeat=n):
+        g = np.full((n, K), -1.0)
+        w = 1.0
+        for i, order in enumerate(combo):
+            left = 1.0
+            for rank, s in enumerate(order):
+                g[i, s] = k - rank
+                w *= p[i, s] / left
+                left -= p[i, s]
+        table.append(g - logits)
+        weights.append(w)
+    est = _gumbels_from_table(cls)(table=_nested(np.array(table)), **options)
+    data = np.zeros((len(table), 2), np.uint32)
+    data[:, 1] = np.arange(len(table))
+    return est, jax.random.wrap_key_data(jnp.asarray(data)), np.array(weights)
+
+
+def wor_plate(theta, key, est, nkey=None):
+    """Two rows of a 3-way Categorical, a cost per row, a score site beside them."""
+    k1, k2 = jax.random.split(key)
+    logits = jnp.reshape(theta[:6], (2, 3))
+    z = scg.sample(k1 if nkey is None else nkey, dist.Categorical(logits=logits), estimator=est)
+    y = scg.sample(k2, dist.Bernoulli(logits=theta[6]), name="y")
+    return jnp.sum(jnp.asarray(F_TABLE)[jnp.arange(2), z] * (theta[7] + y) ** 2) + jnp.sum(
+        z * theta[:2]
+    )
+
+
+WOR_THETA = jnp.array([0.3, -0.5, 1.0, 1.0, 0.0, -1.0, 0.4, 0.7])
+
+
+@pytest.mark.parametrize(
+    "options", [{"k": 2}, {"k": 2, "baseline": False}, {"k": 3}], ids=["k2", "k2_nobaseline", "k3"]
+)
+def test_unordered_set_is_exact(options):
+    est, keys, weights = _wor_cases(E.UnorderedSet, np.reshape(WOR_THETA[:6], (2, 3)), **options)
+    assert abs(weights.sum() - 1) < 1e-12
+    assert_exact(
+        functools.partial(wor_plate, est="score"),
+        WOR_THETA,
+        hessian=False,
+        estimate=lambda th, key, nk: wor_plate(th, key, est=est, nkey=nk),
+        noise=(keys, weights),
+        supports={"node0": (0, 1, 2)},
+    )
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_score_wor_by_monte_carlo(k):
+    """κ (the (k+1)-th perturbed log-probability) is continuous: 20000 draws, 5 s.e."""
+    from exact import exact_moments
+
+    truth = exact_moments(
+        functools.partial(wor_plate, est="score"),
+        WOR_THETA,
+        jax.random.key(0),
+        hessian=False,
+        supports={"node0": (0, 1, 2)},
+    )["grad"]
+    f = functools.partial(wor_plate, est=E.ScoreWOR(k=k))
+    keys = jax.random.split(jax.random.key(13), 20000)
+    g = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(jnp.asarray(WOR_THETA, jnp.float64), keys)
+    z = (np.mean(g, 0) - np.asarray(truth)) / (np.std(g, 0) / np.sqrt(len(keys)))
+    assert np.all(np.abs(z) < 5), z
+
+
+def test_without_replacement_reduces_variance_and_is_exact_at_k_equal_K():
+    """Costs with a large mean (where a baseline matters): the total variance of the
+    logits' gradient, 4000 draws."""
+    theta = jnp.asarray(WOR_THETA, jnp.float64)
+    keys = jax.random.split(jax.random.key(1), 4000)
+
+    def per_row(theta, key, est):
+        logits = jnp.reshape(theta[:6], (2, 3))
+        z = scg.sample(key, dist.Categorical(logits=logits), estimator=est)
+        return jnp.sum((jnp.asarray(F_TABLE)[jnp.arange(2), z] + 3.0) ** 2)
+
+    def var(est):
+        g = jax.jit(jax.vmap(scg.scg_grad(functools.partial(per_row, est=est)), (None, 0)))(
+            theta, keys
+        )
+        return float(np.sum(np.var(g, 0)[:6]))
+
+    v = {str(e): var(e) for e in ("score", "unordered_set", "score_wor")}
+    v["no baseline"] = var(E.UnorderedSet(baseline=False, k=2))
+    v["k=2"] = var(E.UnorderedSet(k=2))
+    assert v["k=2"] < 0.6 * v["no baseline"] < 0.6 * v["score"], v
+    assert v["score_wor"] < 0.1 * v["score"], v
+    assert v["unordered_set"] < 1e-20, v  # k = 4 ≥ 3 categories: every category, exact
+
+
+def test_the_first_of_the_k_is_the_draw():
+    d = dist.Categorical(logits=jnp.array([[0.3, -0.5, 1.0, 0.2], [1.0, 0.0, -1.0, 0.1]]))
+    for key in jax.random.split(jax.random.key(0), 5):
+        np.testing.assert_array_equal(scg.sample(key, d, estimator="unordered_set"), d.sample(key))
+
+
+def test_without_replacement_refuses_joint_costs_and_bad_k():
+    def joint(theta, key):
+        z = scg.sample(
+            key, dist.Categorical(logits=jnp.zeros((2, 3)) + theta), estimator="score_wor"
+        )
+        return jnp.sin(jnp.sum(z * theta))
+
+    with pytest.raises(ValueError, match="needs each cost element\n?.*to depend on one element"):
+        scg.scg_grad(joint)(jnp.float64(0.3), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"UnorderedSet\(k=...\) must be an int between 1 and"):
+        scg.sample(
+            jax.random.key(0), dist.Categorical(logits=jnp.zeros(3)), estimator=E.UnorderedSet(k=5)
+        )
+    with pytest.raises(ValueError, match="estimator='unordered_set' supports Categorical"):
+        scg.sample(jax.random.key(0), dist.Bernoulli(logits=0.0), estimator="unordered_set")
