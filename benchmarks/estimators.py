@@ -19,8 +19,9 @@ Workloads:
 Rows: ``score`` (scgjax's default for discrete draws: automatic plates), ``score LOO K=4``
 (``num_samples=4, baseline="leave_one_out"``: four program evaluations per step),
 ``enum``, ``gumbel_softmax`` (τ = 0.5) and ``straight_through`` (τ = 1), ``arm``,
-``disarm`` and ``measure_valued`` (Bernoulli only here: refused on the categorical VAE);
-the relaxations are biased by design. The relaxed rows train the relaxed program (the Categorical's
+``disarm`` and ``measure_valued`` (Bernoulli: refused on the categorical VAE), and
+``unordered_set`` / ``score_wor`` with k = 4 (Categorical: refused on the Bernoulli
+workloads); the relaxations are biased by design. The relaxed rows train the relaxed program (the Categorical's
 value is then a one-hot vector or a point of the simplex; the programs below take both).
 
 Columns: ``log10 var`` -- log10 of the mean over parameters of the per-entry variance
@@ -68,6 +69,8 @@ ROWS = {
     "arm": ("arm", {}),
     "disarm": ("disarm", {}),
     "measure_valued": ("measure_valued", {}),
+    "unordered_set k=4": ("unordered_set", {}),
+    "score_wor k=4": ("score_wor", {}),
 }
 
 

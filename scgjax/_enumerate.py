@@ -68,7 +68,9 @@ class Plan:
 
     Attributes:
       sites: the enumerated nodes that some cost term depends on, in program order.
-      joint: per site, whether its elements are enumerated jointly.
+      joint: per site, the axes along which its elements are enumerated jointly (the
+        others are plates: every cost element depends on one element along them); `()`
+        per element.
       sizes: per site, its number of alternatives `R_s`.
       draws: node id → values, shape `(R, *site shape)`, `R = Π R_s` (a product grid);
         for an `Alternatives` site, each element's alternative.
@@ -77,7 +79,7 @@ class Plan:
     """
 
     sites: tuple[StochasticNode, ...]
-    joint: tuple[bool, ...]
+    joint: tuple[tuple[int, ...], ...]
     sizes: tuple[int, ...]
     draws: dict
     base: tuple = ()
@@ -87,27 +89,47 @@ def _items_of(deps: Deps, node_id) -> list:
     return [(k, rel) for k, rel in deps.items() if _deps.base_node(k) == node_id]
 
 
-def _aligned(node: StochasticNode, items: list, shape: tuple) -> bool:
-    """Whether a term of `shape` depends on `node` (whose dependency items are `items`)
-    element by element: each of its non-trivial axes along a term axis of its size."""
-    if not items:
-        return True
-    if len(items) != 1 or items[0][0] != node.id:
-        return False
-    used = set()
-    for k, entry in enumerate(items[0][1]):
-        if node.shape[k] == 1:
-            continue
-        if not (
-            isinstance(entry, Axis)
-            and entry.kind == "eq"
-            and entry.axis < len(shape)
-            and shape[entry.axis] == node.shape[k]
-            and entry.axis not in used
-        ):
-            return False
-        used.add(entry.axis)
-    return True
+def _plate_axes(node: StochasticNode, dependent: list) -> set:
+    """The axes of `node` along which every dependent cost term (`(deps, shape)`)
+    depends on it element by element: each along a term axis of its size (distinct
+    axes within a term). Axes of size 1 are left out."""
+    plates = {k for k, size in enumerate(node.shape) if size != 1}
+    for deps, shape in dependent:
+        items = _items_of(deps, node.id)
+        if len(items) != 1 or items[0][0] != node.id:
+            return set()
+        seen: dict = {}
+        for k in sorted(plates):
+            entry = items[0][1][k]
+            if (
+                isinstance(entry, Axis)
+                and entry.kind == "eq"
+                and entry.axis < len(shape)
+                and shape[entry.axis] == node.shape[k]
+            ):
+                seen.setdefault(entry.axis, []).append(k)
+            else:
+                plates.discard(k)
+        for ks in seen.values():
+            if len(ks) > 1:  # two site axes on one term axis: a diagonal, not a plate
+                plates.difference_update(ks)
+    return plates
+
+
+def _spread(block, node: StochasticNode, joint: tuple) -> np.ndarray:
+    """`block` (`(R, *the joint axes' sizes)`) broadcast along the site's other axes:
+    `(R, *site shape)`."""
+    others = [k + 1 for k in range(len(node.shape)) if k not in joint]
+    return np.broadcast_to(np.expand_dims(block, others), (block.shape[0], *node.shape))
+
+
+def _joint_what(node: StochasticNode, joint: tuple, n: int) -> str:
+    every = len(joint) == sum(1 for x in node.shape if x != 1)
+    along = "" if every else f" along axes {joint} (per element along the others)"
+    return (
+        f"has cost elements that depend on several of its elements{along} (or on elements "
+        f"of other loop iterations), so {n} of them go together"
+    )
 
 
 def plan(
@@ -128,9 +150,10 @@ def plan(
         dependent = [(d, s) for d, s in terms if _items_of(d, node.id)]
         if not dependent:
             continue  # it reaches no cost: nothing to sum
-        together = not all(_aligned(node, _items_of(d, node.id), s) for d, s in dependent)
+        plates = _plate_axes(node, dependent)
+        together = tuple(k for k, x in enumerate(node.shape) if x != 1 and k not in plates)
         support = np.asarray(node.support)
-        n = int(np.prod(node.shape, dtype=int))
+        n = int(np.prod([node.shape[k] for k in together], dtype=int))
         if isinstance(node.method, Alternatives):
             size, vals, base = _alternatives(node, together, n, names)
             sites.append(node)
@@ -146,16 +169,17 @@ def plan(
             if size > limit:
                 raise ValueError(
                     f"scgjax: the enumerated site {names[node.id]!r} ({node.distribution}, "
-                    f"shape {node.shape}{f', at {node.source}' if node.source else ''}) has "
-                    f"cost elements that depend on several of its {n} elements (or on "
-                    "elements of other loop iterations), so they are enumerated jointly: "
+                    f"shape {node.shape}{f', at {node.source}' if node.source else ''}) "
+                    f"{_joint_what(node, together, n)}, enumerated jointly: "
                     f"{len(support)}^{n} alternatives, more than max_joint={limit}. Make "
                     "each cost element depend on one element of the site (per-element costs, "
                     "summed: automatic plates), use estimator='score' for it, or raise the "
                     "limit with estimator=scg.estimators.Enum(max_joint=...)."
                 )
             configs = np.array(list(itertools.product(support, repeat=n)), support.dtype)
-            vals = configs.reshape((size, *node.shape))
+            vals = _spread(
+                configs.reshape((size, *[node.shape[k] for k in together])), node, together
+            )
         else:
             size = len(support)
             vals = np.broadcast_to(
@@ -191,8 +215,8 @@ def _alternatives(node: StochasticNode, together: bool, n: int, names: dict):
         raise ValueError(
             f"scgjax: the site {names[node.id]!r} ({node.distribution}, estimator="
             f"{str(method)!r}, shape {node.shape}"
-            f"{f', at {node.source}' if node.source else ''}) has cost elements that depend "
-            "on several of its elements (or on elements of other loop iterations); this "
+            f"{f', at {node.source}' if node.source else ''}) "
+            f"{_joint_what(node, together, n)}; this "
             "estimator draws each element's samples on their own and needs each cost element "
             "to depend on one element of the site (per-element costs, summed: automatic "
             "plates). Use estimator='score' or 'enum' for it."
@@ -207,9 +231,9 @@ def _alternatives(node: StochasticNode, together: bool, n: int, names: dict):
         raise ValueError(
             f"scgjax: the site {names[node.id]!r} ({node.distribution}, estimator="
             f"{str(method)!r}, shape {node.shape}"
-            f"{f', at {node.source}' if node.source else ''}) has cost elements that depend "
-            f"on several of its {n} elements (or on elements of other loop iterations), so "
-            f"its elements move one at a time: 1 + {count - 1}x{n} = {size} evaluations, more "
+            f"{f', at {node.source}' if node.source else ''}) "
+            f"{_joint_what(node, together, n)}: they move one at a time, "
+            f"1 + {count - 1}x{n} = {size} evaluations, more "
             f"than max_joint={method.max_joint}. Make each cost element depend on one element "
             "of the site (per-element costs, summed: automatic plates), use "
             "estimator='score' for it, or raise the limit with "
@@ -218,37 +242,36 @@ def _alternatives(node: StochasticNode, together: bool, n: int, names: dict):
     index = np.zeros((size, n), np.int32)
     which = np.arange(size - 1)
     index[1 + which, which % n] = 1 + which // n
-    return size, index.reshape((size, *node.shape)), v[np.r_[0, 1 + which // n]]
+    block = index.reshape((size, *[node.shape[k] for k in together]))
+    return size, _spread(block, node, together), v[np.r_[0, 1 + which // n]]
 
 
 def site_weights(plan: Plan, log_probs: list) -> list:
-    """Per site, its normalised probability at each alternative: `(R, *site shape)` per
-    element, or `(R,)` for a site enumerated jointly. `log_probs[s]` is site `s`'s
+    """Per site, its normalised probability at each alternative: `(R, *site shape)`,
+    size 1 along the axes enumerated jointly. `log_probs[s]` is site `s`'s
     per-element log-probability at each alternative, `(R, *site shape)`."""
     grid = plan.sizes
     out = []
     for s, (node, together, lp) in enumerate(zip(plan.sites, plan.joint, log_probs)):
         if plan.base[s] is not None:
-            # An alternatives site: `v_r + weight(θ, a_r)`, summed over the elements when
-            # a cost depends on several (`lp` holds the weight parts).
+            # An alternatives site: `v_r + weight(θ, a_r)`, summed over the joint axes
+            # (`lp` holds the weight parts).
             v = jnp.asarray(plan.base[s], lp.dtype)
-            if together:
-                out.append(v + jnp.sum(jnp.reshape(lp, (lp.shape[0], -1)), axis=1))
-            else:
-                out.append(jnp.reshape(v, (-1,) + (1,) * (lp.ndim - 1)) + lp)
+            parts = jnp.sum(lp, axis=tuple(1 + k for k in together), keepdims=True)
+            out.append(jnp.reshape(v, (-1,) + (1,) * (lp.ndim - 1)) + parts)
             continue
         lp = jnp.reshape(lp, grid + tuple(node.shape))
-        if together:
-            lp = jnp.sum(lp, axis=tuple(range(len(grid), lp.ndim)))
+        lp = jnp.sum(lp, axis=tuple(len(grid) + k for k in together), keepdims=True)
         w = jax.nn.softmax(lp, axis=s)
         out.append(jnp.reshape(w, (-1,) + tuple(w.shape[len(grid) :])))
     return out
 
 
 def _laid_out(w, node: StochasticNode, rel, shape: tuple):
-    """`w` (`(R, *site shape)`) on a term of `shape` that depends on the site element by
-    element through `rel`: `(R, *shape)`-broadcastable."""
-    keep = [(k, e.axis) for k, e in enumerate(rel) if node.shape[k] != 1]
+    """`w` (`(R, *site shape)`, size 1 along the joint axes) on a term of `shape` that
+    depends on the site element by element along the others through `rel`:
+    `(R, *shape)`-broadcastable."""
+    keep = [(k, e.axis) for k, e in enumerate(rel) if w.shape[1 + k] != 1]
     w = jnp.reshape(w, (w.shape[0],) + tuple(node.shape[k] for k, _ in keep))
     order = sorted(range(len(keep)), key=lambda i: keep[i][1])
     w = jnp.transpose(w, (0, *[i + 1 for i in order]))
@@ -259,13 +282,13 @@ def _laid_out(w, node: StochasticNode, rel, shape: tuple):
 def term_weight(plan: Plan, weights: list, deps: Deps, shape: tuple):
     """Π_s w_s for one cost term: `(R, *shape)`-broadcastable."""
     total = None
-    for node, together, size, w in zip(plan.sites, plan.joint, plan.sizes, weights):
+    for node, size, w in zip(plan.sites, plan.sizes, weights):
         items = _items_of(deps, node.id)
         if not items:
             piece = jnp.full((1,) * (1 + len(shape)), 1.0 / size, w.dtype)
-        elif together:
+        elif all(x == 1 for x in w.shape[1:]):  # jointly along every axis
             piece = jnp.reshape(w, (-1,) + (1,) * len(shape))
-        else:
+        else:  # per element along the plate axes
             piece = _laid_out(w, node, items[0][1], shape)
         total = piece if total is None else total * piece
     assert total is not None  # only terms that depend on some site are weighted

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _enumerate, _estimators, _graph
@@ -71,12 +72,16 @@ def iwae(
     """
     if baseline not in BASELINES:
         raise ValueError(f"scgjax.iwae: unknown baseline {baseline!r}; choose 'vimco' or None.")
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
+    if (
+        isinstance(num_particles, bool)
+        or not isinstance(num_particles, (int, np.integer))
+        or num_particles < 2
+    ):
         raise ValueError(
             f"scgjax.iwae: num_particles must be an int >= 2, got {num_particles!r} "
             "(one particle is the ELBO: use scg.surrogate)."
         )
-    K = num_particles
+    K = int(num_particles)
 
     def particle(args, kwargs, particle_draws):
         closed, dyn_leaves, rebuild_aux = S._prepare(f, args, kwargs, has_aux)

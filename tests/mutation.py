@@ -1336,7 +1336,12 @@ def _():
     tests=ENUM_TESTS,
 )
 def _():
-    rewrite(_estimator_modules()[0], "_aligned", "    if not items:\n", "    if True:\n")
+    rewrite(
+        _estimator_modules()[0],
+        "_plate_axes",
+        "    return plates\n",
+        "    return {k for k, size in enumerate(node.shape) if size != 1}\n",
+    )
 
 
 @mutant(

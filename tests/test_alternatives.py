@@ -217,6 +217,52 @@ def test_first_derivative_is_exact_in_a_branch(name):
     _check(in_cond, THETA, name, sig(np.asarray(THETA)[1:3])[None])
 
 
+def rows(theta, key, est, nkey=None):
+    """A (rows, latents) site, a cost per row that mixes the row's latents (a sigmoid
+    belief net's shape): plates along the rows, jointly along the latents."""
+    z = scg.sample(
+        key if nkey is None else nkey,
+        dist.Bernoulli(logits=jnp.reshape(theta[:4], (2, 2))),
+        estimator=est,
+        name="z",
+    )
+    per_row = (z[:, 0] * theta[4] + z[:, 1] - 0.5) ** 2 * jnp.array([1.0, 2.0])
+    return jnp.sum(per_row) + jnp.sum(jnp.sin(z @ theta[:2]))
+
+
+ROWS_THETA = jnp.array([0.4, -0.9, 1.3, 0.6, -0.5])
+
+
+@pytest.mark.parametrize("name", BERNOULLI)
+def test_plates_along_some_axes_jointly_along_others_is_exact(name):
+    _check(
+        rows, ROWS_THETA, name, sig(np.reshape(ROWS_THETA[:4], (1, 2, 2))), supports={"z": (0, 1)}
+    )
+
+
+def test_enum_plates_along_rows_jointly_along_latents_is_exact():
+    assert_exact(
+        functools.partial(rows, est="score"),
+        ROWS_THETA,
+        estimate=functools.partial(rows, est="enum"),
+        supports={"z": (0, 1)},
+    )
+
+
+@pytest.mark.parametrize(
+    "est, fits, too_small",
+    [
+        (E.Enum, 4, 3),  # 2^2 per row, not 2^4
+        (E.MeasureValued, 5, 4),  # 1 + 2·2 per row, not 1 + 2·4
+    ],
+)
+def test_joint_along_the_latents_only_counts_their_alternatives(est, fits, too_small):
+    theta, key = jnp.asarray(ROWS_THETA, jnp.float64), jax.random.key(0)
+    scg.scg_grad(functools.partial(rows, est=est(max_joint=fits)))(theta, key)
+    with pytest.raises(ValueError, match=r"along axes \(1,\) \(per element along the others\)"):
+        scg.scg_grad(functools.partial(rows, est=est(max_joint=too_small)))(theta, key)
+
+
 # -- Monte Carlo: the Normal, and score sites downstream ---------------------------------
 
 A = jnp.array([1.0, 0.5])

@@ -328,7 +328,7 @@ def test_a_carried_site_over_many_steps_is_refused():
 
         return jnp.sum(jax.lax.scan(step, 0.0, jax.random.split(key, 20))[1])
 
-    with pytest.raises(ValueError, match="'z'.*several of its 20 elements"):
+    with pytest.raises(ValueError, match="'z'.*so 20 of them go together"):
         scg.scg_grad(f)(0.3, jax.random.key(0))
 
 
