@@ -555,23 +555,29 @@ class MeasureValued(Alternatives):
 # -- Sampling without replacement (Categorical) -------------------------------------------
 
 
-def _set_prob(q: Any) -> Any:
-    """P(the unordered set of the `m` categories whose probabilities are `q[..., :m]`)
-    when sampling `m` times without replacement from a distribution of total mass 1:
-    the sum over the `m!` orders of `Π_i q_i / (1 − Σ_{j<i} q_j)`."""
-    m = q.shape[-1]
-    total = jnp.zeros(q.shape[:-1], q.dtype)
-    for order in itertools.permutations(range(m)):
-        prob, left = jnp.ones(q.shape[:-1], q.dtype), jnp.ones(q.shape[:-1], q.dtype)
+def _log_set_prob(log_p: Any, members: list, excluded: list) -> Any:
+    """log P(the unordered set of categories `members` (index arrays `(...)`), drawn
+    `len(members)` times without replacement from the categories but `excluded`):
+    `log Σ_orders Π_i p(s_i) / p(D ∖ excluded ∖ {s_1..s_{i-1}})`. Each denominator is
+    the log-sum-exp of the categories left (no `1 − Σ p`: it stays exact when the
+    draws take almost all of the mass). `log_p` `(..., K)`."""
+    if not members:
+        return jnp.zeros(log_p.shape[:-1], log_p.dtype)
+    n = log_p.shape[-1]
+    hot = [jax.nn.one_hot(m, n, dtype=bool) for m in members]
+    gone = jnp.zeros(log_p.shape, bool)
+    for e in excluded:
+        gone = gone | jax.nn.one_hot(e, n, dtype=bool)
+    member_lp = [jnp.take_along_axis(log_p, m[..., None], -1)[..., 0] for m in members]
+    per_order = []
+    for order in itertools.permutations(range(len(members))):
+        taken, total = gone, jnp.zeros(log_p.shape[:-1], log_p.dtype)
         for i in order:
-            prob = prob * q[..., i] / left
-            left = left - q[..., i]
-        total = total + prob
-    return total
-
-
-def _without(q: Any, i: int) -> Any:
-    return jnp.concatenate([q[..., :i], q[..., i + 1 :]], axis=-1)
+            left = jax.nn.logsumexp(jnp.where(taken, -jnp.inf, log_p), axis=-1)
+            total = total + member_lp[i] - left
+            taken = taken | hot[i]
+        per_order.append(total)
+    return jax.nn.logsumexp(jnp.stack(per_order), axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -651,40 +657,36 @@ class UnorderedSet(_WithoutReplacement):
 
     def alternatives(self, d, key, sample_shape):
         top, log_p, logits, _ = self._top(d, key, sample_shape)
-        p = lax.stop_gradient(jnp.exp(log_p))
+        lp = lax.stop_gradient(log_p)
+        p = jnp.exp(lp)
+        k = top.shape[-1]
+        s = [top[..., j] for j in range(k)]
         ps = jnp.take_along_axis(p, top, -1)  # (..., k)
-        k = ps.shape[-1]
-        p_set = _set_prob(ps)
-        r = jnp.stack(
-            [
-                (_set_prob(_without(ps, j) / (1 - ps[..., j : j + 1])) if k > 1 else 1.0) / p_set
-                for j in range(k)
-            ],
-            -1,
-        )
+        log_set = _log_set_prob(lp, s, [])
+        # p(s_j) R(S, s_j) = p(s_j) p^{D∖s_j}(S∖s_j) / p(S)
+        rest = [[x for i, x in enumerate(s) if i != j] for j in range(k)]
+        log_r = jnp.stack([_log_set_prob(lp, rest[j], [s[j]]) - log_set for j in range(k)], -1)
+        value = ps * jnp.exp(log_r)
         dp = ps[..., :, None] * (jax.nn.one_hot(top, p.shape[-1], dtype=p.dtype) - p[..., None, :])
-        lead = r[..., :, None] * dp  # (..., k, K): ∇p(s_j) R(S, s_j)
+        lead = jnp.exp(log_r)[..., :, None] * dp  # (..., k, K): ∇p(s_j) R(S, s_j)
         coef = lead
         if self.baseline and k > 1:
-            # B_r = Σ_j β_rj f_j; the coefficient of f_j loses Σ_r β_rj ∇p(s_r) R(S, s_r).
+            # B_r = p(s_r) f(s_r) + Σ_{j≠r} β_rj f(s_j), β_rj = p(s_j)·p^{D∖{s_r,s_j}}(S∖{s_r,
+            # s_j}) / p^{D∖s_r}(S∖s_r): the estimate from S∖s_r over D∖s_r, times 1 − p(s_r).
             beta = []
-            for rr in range(k):
-                q = ps / (1 - ps[..., rr : rr + 1])  # D∖s_r, renormalised
+            for r in range(k):
+                denom = _log_set_prob(lp, rest[r], [s[r]])
                 row = []
-                rest = _without(q, rr)
-                denom = _set_prob(rest)
                 for j in range(k):
-                    if j == rr:
-                        row.append(ps[..., rr])
+                    if j == r:
+                        row.append(ps[..., r])
                         continue
-                    jj = j if j < rr else j - 1
-                    others = _without(rest, jj) / (1 - rest[..., jj : jj + 1])
-                    num = _set_prob(others) if k > 2 else 1.0
-                    row.append((1 - ps[..., rr]) * q[..., j] * num / denom)
+                    both = [x for i, x in enumerate(s) if i not in (r, j)]
+                    row.append(ps[..., j] * jnp.exp(_log_set_prob(lp, both, [s[r], s[j]]) - denom))
                 beta.append(jnp.stack(row, -1))
-            beta = jnp.stack(beta, -2)  # (..., r, j)
-            coef = lead - jnp.einsum("...rj,...rK->...jK", beta, lead)
-        pieces = self._pieces(logits, ps * r, lax.stop_gradient(coef))
+            # the coefficient of f(s_j) loses Σ_r β_rj ∇p(s_r) R(S, s_r)
+            coef = lead - jnp.einsum("...rj,...rK->...jK", jnp.stack(beta, -2), lead)
+        pieces = self._pieces(logits, value, lax.stop_gradient(coef))
         return jnp.moveaxis(top, -1, 0), pieces
 
 

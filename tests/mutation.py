@@ -1522,8 +1522,8 @@ def _():
     rewrite(
         _estimator_modules()[1].UnorderedSet,
         "alternatives",
-        "row.append(ps[..., rr])",
-        "row.append(jnp.zeros_like(ps[..., rr]))",
+        "row.append(ps[..., r])",
+        "row.append(jnp.zeros_like(ps[..., r]))",
     )
 
 
@@ -1536,8 +1536,8 @@ def _():
     rewrite(
         _estimator_modules()[1].UnorderedSet,
         "alternatives",
-        "(_set_prob(_without(ps, j) / (1 - ps[..., j : j + 1])) if k > 1 else 1.0)",
-        "(_set_prob(_without(ps, j)) if k > 1 else 1.0)",
+        "_log_set_prob(lp, rest[j], [s[j]]) - log_set",
+        "_log_set_prob(lp, rest[j], []) - log_set",
     )
 
 

@@ -660,3 +660,26 @@ def test_without_replacement_refuses_joint_costs_and_bad_k():
         )
     with pytest.raises(ValueError, match="estimator='unordered_set' supports Categorical"):
         scg.sample(jax.random.key(0), dist.Bernoulli(logits=0.0), estimator="unordered_set")
+
+
+def test_without_replacement_is_finite_when_one_category_has_almost_all_the_mass():
+    """A trained categorical: p ≈ 1 for one class, in float32. The set probabilities are
+    computed in log space over the categories left (no 1 − Σp), so nothing is 0/0; with
+    k = K the estimate is the exact gradient."""
+    with jax.enable_x64(False):
+        logits = jnp.array([[30.0, 0.0, -2.0, 1.0], [0.5, 0.2, 0.1, -0.3]], jnp.float32)
+        table = jnp.array([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 0.0]], jnp.float32)
+
+        def f(l, key, est):
+            z = scg.sample(key, dist.Categorical(logits=l), estimator=est)
+            return jnp.sum(table[jnp.arange(2), z] ** 2)
+
+        keys = jax.random.split(jax.random.key(0), 50)
+        exact = jax.grad(lambda l: jnp.sum(jax.nn.softmax(l) * table**2))(logits)
+        for est in (E.UnorderedSet(k=2), E.UnorderedSet(k=3), E.ScoreWOR(k=2)):
+            g = jax.jit(jax.vmap(scg.scg_grad(functools.partial(f, est=est)), (None, 0)))(
+                logits, keys
+            )
+            assert bool(jnp.all(jnp.isfinite(g))), est
+        g = scg.scg_grad(functools.partial(f, est=E.UnorderedSet(k=4)))(logits, keys[0])
+        np.testing.assert_allclose(g, exact, rtol=1e-5, atol=1e-6)
