@@ -21,8 +21,9 @@ Rows: ``score`` (scgjax's default for discrete draws: automatic plates), ``score
 ``enum``, ``gumbel_softmax`` (τ = 0.5) and ``straight_through`` (τ = 1), ``arm``,
 ``disarm`` and ``measure_valued`` (Bernoulli: refused on the categorical VAE), and
 ``unordered_set`` / ``score_wor`` with k = 4 (Categorical: refused on the Bernoulli
-workloads); the relaxations are biased by design. The relaxed rows train the relaxed program (the Categorical's
-value is then a one-hot vector or a point of the simplex; the programs below take both).
+workloads); the relaxations are biased by design. The relaxed rows train the relaxed
+program (the Categorical's value is then a one-hot vector or a point of the simplex; the
+programs below take both).
 
 Columns: ``log10 var`` -- log10 of the mean over parameters of the per-entry variance
 of one gradient estimate at the initial parameters (``--draws`` estimates; "exact"

@@ -204,10 +204,11 @@ def plan(
     return Plan(tuple(sites), tuple(joint), tuple(sizes), draws, base)
 
 
-def _alternatives(node: StochasticNode, together: bool, n: int, names: dict):
+def _alternatives(node: StochasticNode, together: tuple, n: int, names: dict):
     """(R, each element's alternative `(R, *shape)`, `v_r` `(R,)`) for a site drawn
-    with an `Alternatives` estimator: every element at alternative `r` at once (per
-    element, or coupled), or, jointly, one element at a time away from alternative 0."""
+    with an `Alternatives` estimator, jointly along the axes `together`: every element
+    at alternative `r` at once (per element, or coupled), or, along the joint axes, one
+    element at a time away from alternative 0 (the same one in every plate element)."""
     method = node.method
     count = len(node.support)
     v = np.asarray(method.base_weights(count), float)

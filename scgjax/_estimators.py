@@ -613,8 +613,9 @@ class _WithoutReplacement(Alternatives):
         return jax.random.gumbel(key, shape, dtype)
 
     def _top(self, d, key, sample_shape):
-        """(the k categories in order (..., k), the logits and log p (..., K), and κ,
-        the (k+1)-th largest perturbed log-probability (...), −inf when k = K)."""
+        """(the k categories in order (..., k), the logits and log p (..., K), κ, the
+        (k+1)-th largest perturbed log-probability (...), −inf when k = K, and which of
+        the k have nonzero probability (..., k))."""
         base = base_of(d)
         shape = tuple(sample_shape) + tuple(d.batch_shape)
         logits = jnp.broadcast_to(base.logits, shape + jnp.shape(base.logits)[-1:])
@@ -624,11 +625,19 @@ class _WithoutReplacement(Alternatives):
         values, top = lax.top_k(lax.stop_gradient(logits) + g, min(k + 1, n))
         log_p = jax.nn.log_softmax(logits, axis=-1)
         if k < n:
-            shift = lax.stop_gradient(log_p[..., 0] - logits[..., 0])
+            # perturbed log-probabilities: the logits shifted by −logsumexp (finite while
+            # some category is: masked, −inf logits are fine)
+            shift = lax.stop_gradient(-jax.nn.logsumexp(logits, axis=-1))
             kappa = values[..., k] + shift
         else:
             kappa = jnp.full(shape, -jnp.inf, logits.dtype)
-        return top[..., :k], log_p, logits, kappa
+        top = top[..., :k]
+        # With fewer than k categories of nonzero probability, the k include some of
+        # probability 0: they get weight 0, and are evaluated at the first (a category
+        # the program can take) so that a cost undefined there stays out.
+        valid = jnp.exp(jnp.take_along_axis(lax.stop_gradient(log_p), top, -1)) > 0
+        top = jnp.where(valid, top, top[..., :1])
+        return top, log_p, logits, kappa, valid
 
     def _pieces(self, logits, value_weight, coef):
         """Each alternative's weight: its value plus `weight(logits, coef)` summed over
@@ -654,9 +663,20 @@ class UnorderedSet(_WithoutReplacement):
 
     name: ClassVar[str] = "unordered_set"
     baseline: bool = True
+    max_k: ClassVar[int] = 5
+
+    def check(self, d):
+        super().check(d)
+        if self.count(d) > self.max_k:
+            raise ValueError(
+                f"scgjax: UnorderedSet(k={self.k}) sums over the k! orders of the k draws "
+                f"(with k-1 and k-2 of them for its baseline); k is limited to {self.max_k}. "
+                "Use a smaller k, estimator=scg.estimators.ScoreWOR(k=...) (no such sum), "
+                "or 'enum' to sum every category out."
+            )
 
     def alternatives(self, d, key, sample_shape):
-        top, log_p, logits, _ = self._top(d, key, sample_shape)
+        top, log_p, logits, _, valid = self._top(d, key, sample_shape)
         lp = lax.stop_gradient(log_p)
         p = jnp.exp(lp)
         k = top.shape[-1]
@@ -686,6 +706,12 @@ class UnorderedSet(_WithoutReplacement):
                 beta.append(jnp.stack(row, -1))
             # the coefficient of f(s_j) loses Σ_r β_rj ∇p(s_r) R(S, s_r)
             coef = lead - jnp.einsum("...rj,...rK->...jK", jnp.stack(beta, -2), lead)
+        # Where the k take every category of nonzero probability (some of them have
+        # probability 0), the estimate is the exact sum over those categories.
+        covered = jnp.any(~valid, axis=-1)
+        value = jnp.where(covered[..., None], jnp.where(valid, ps, 0.0), value)
+        exact = jnp.where(valid[..., None], dp, 0.0)
+        coef = jnp.where(covered[..., None, None], exact, coef)
         pieces = self._pieces(logits, value, lax.stop_gradient(coef))
         return jnp.moveaxis(top, -1, 0), pieces
 
@@ -703,10 +729,11 @@ class ScoreWOR(_WithoutReplacement):
     name: ClassVar[str] = "score_wor"
 
     def alternatives(self, d, key, sample_shape):
-        top, log_p, logits, kappa = self._top(d, key, sample_shape)
+        top, log_p, logits, kappa, valid = self._top(d, key, sample_shape)
         lp = lax.stop_gradient(jnp.take_along_axis(log_p, top, -1))  # (..., k)
-        q = -jnp.expm1(-jnp.exp(lp - kappa[..., None]))
-        w = jnp.exp(lp) / q
+        gap = jnp.where(valid, lp - kappa[..., None], 0.0)  # inf when κ = −inf: q = 1
+        q = jnp.where(valid, -jnp.expm1(-jnp.exp(gap)), 1.0)
+        w = jnp.where(valid, jnp.exp(lp) / q, 0.0)
         p = lax.stop_gradient(jnp.exp(log_p))
         score = jax.nn.one_hot(top, p.shape[-1], dtype=p.dtype) - p[..., None, :]
         coef = w[..., None] * score

@@ -403,15 +403,14 @@ def test_under_jit_vmap_and_with_num_samples(name):
     f = functools.partial(plate_with_downstream, est=name)
     key = jax.random.key(9)
     THETA = jnp.asarray(globals()["THETA"], jnp.float64)
-    g = scg.scg_grad(f)(THETA, key)
-    np.testing.assert_allclose(jax.jit(scg.scg_grad(f))(THETA, key), g, rtol=1e-12, atol=1e-15)
+    one = jax.jit(scg.scg_grad(f))
     keys = jax.random.split(key, 4)
-    gv = jax.vmap(scg.scg_grad(f), (None, 0))(THETA, keys)
-    np.testing.assert_allclose(gv[1], scg.scg_grad(f)(THETA, keys[1]), rtol=1e-12, atol=1e-15)
-    g4 = scg.scg_grad(f, num_samples=4)(THETA, key)
-    np.testing.assert_allclose(
-        g4, jnp.mean(jax.vmap(scg.scg_grad(f), (None, 0))(THETA, keys), 0), rtol=1e-12, atol=1e-15
-    )
+    np.testing.assert_allclose(one(THETA, keys[1]), scg.scg_grad(f)(THETA, keys[1]), atol=1e-15)
+    gv = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(THETA, keys)
+    for i in (0, 3):
+        np.testing.assert_allclose(gv[i], one(THETA, keys[i]), rtol=1e-12, atol=1e-15)
+    g4 = jax.jit(scg.scg_grad(f, num_samples=4))(THETA, key)
+    np.testing.assert_allclose(g4, jnp.mean(gv, 0), rtol=1e-12, atol=1e-15)
 
 
 # -- First order only ----------------------------------------------------------------------
@@ -681,5 +680,38 @@ def test_without_replacement_is_finite_when_one_category_has_almost_all_the_mass
                 logits, keys
             )
             assert bool(jnp.all(jnp.isfinite(g))), est
-        g = scg.scg_grad(functools.partial(f, est=E.UnorderedSet(k=4)))(logits, keys[0])
+        g = jax.jit(scg.scg_grad(functools.partial(f, est=E.UnorderedSet(k=4))))(logits, keys[0])
         np.testing.assert_allclose(g, exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("masked", [0, 1])
+@pytest.mark.parametrize(
+    "est",
+    [E.ScoreWOR(k=1), E.ScoreWOR(k=2), E.ScoreWOR(k=3), E.UnorderedSet(k=2), E.UnorderedSet(k=3)],
+    ids=str,
+)
+def test_without_replacement_with_masked_categories(est, masked):
+    """A masked category (logit −inf, e.g. an illegal action): weight 0, never NaN; when
+    the k take every allowed category the estimate is the exact gradient."""
+    values = jnp.array([1.0, 2.0, 3.0])
+    logits = jnp.array([0.2, 0.0, 0.5]).at[masked].set(-jnp.inf)
+
+    def f(l, key):
+        return values[scg.sample(key, dist.Categorical(logits=l), estimator=est)] ** 2
+
+    exact = jax.grad(lambda l: jnp.sum(jax.nn.softmax(l) * values**2))(logits)
+    keys = jax.random.split(jax.random.key(4), 4000)
+    g = jax.jit(jax.vmap(scg.scg_grad(f), (None, 0)))(logits, keys)
+    assert bool(jnp.all(jnp.isfinite(g)))
+    if est.k >= 2:  # the two allowed categories: exact for every key
+        np.testing.assert_allclose(g, jnp.broadcast_to(exact, g.shape), rtol=1e-9, atol=1e-12)
+    else:
+        se = np.std(g, 0) / np.sqrt(len(keys))
+        assert np.all(np.abs(np.mean(g, 0) - exact) < 5 * se + 1e-12)
+
+
+def test_unordered_set_refuses_a_k_too_large_to_sum_over_its_orders():
+    with pytest.raises(ValueError, match=r"UnorderedSet\(k=6\) sums over the k! orders"):
+        scg.sample(
+            jax.random.key(0), dist.Categorical(logits=jnp.zeros(8)), estimator=E.UnorderedSet(k=6)
+        )
