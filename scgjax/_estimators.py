@@ -582,8 +582,9 @@ def _log_set_prob(log_p: Any, members: list, excluded: list) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class _WithoutReplacement(Alternatives):
-    """`k` categories drawn without replacement (Gumbel-top-k with the draw's Gumbels:
-    the first is `d.sample(key)`), the costs evaluated at each, per element."""
+    """`k` categories drawn without replacement (Gumbel-top-k, with Gumbels drawn
+    conditionally on the draw: the first is `d.sample(key)`), the costs evaluated at
+    each, per element."""
 
     families: ClassVar[tuple] = _CATEGORICAL
     coupled: ClassVar[bool] = True
@@ -608,9 +609,17 @@ class _WithoutReplacement(Alternatives):
     def base_weights(self, count):
         return np.zeros(count)  # the values are in the weights' parts (data-dependent)
 
-    def noise(self, key, shape, dtype):
-        """The Gumbels of the draw: `d.sample(key)` is `argmax(logits + noise)`."""
-        return jax.random.gumbel(key, shape, dtype)
+    def perturbed(self, d, key, sample_shape, log_p):
+        """Perturbed log-probabilities `log p + G` (`G` Gumbels) whose argmax is the draw
+        `d.sample(key, sample_shape)`: the Gumbels are drawn conditionally on it (the top
+        one `−log E_b`, the others truncated below it: Tucker et al. 2017), so together
+        they are distributed as in the Gumbel-max trick, for any parameterization."""
+        hard = jnp.asarray(d.sample(key, sample_shape))
+        onehot = jax.nn.one_hot(hard, log_p.shape[-1], dtype=bool)
+        tiny = jnp.finfo(log_p.dtype).tiny
+        e = -jnp.log(jax.random.uniform(_noise_key(key), log_p.shape, log_p.dtype, minval=tiny))
+        e_top = jnp.take_along_axis(e, hard[..., None], axis=-1)
+        return jnp.where(onehot, -jnp.log(e_top), -jnp.log(e / jnp.exp(log_p) + e_top))
 
     def _top(self, d, key, sample_shape):
         """(the k categories in order (..., k), the logits and log p (..., K), κ, the
@@ -621,14 +630,11 @@ class _WithoutReplacement(Alternatives):
         logits = jnp.broadcast_to(base.logits, shape + jnp.shape(base.logits)[-1:])
         n = logits.shape[-1]
         k = self.count(d)
-        g = lax.stop_gradient(self.noise(key, jnp.shape(logits), logits.dtype))
-        values, top = lax.top_k(lax.stop_gradient(logits) + g, min(k + 1, n))
         log_p = jax.nn.log_softmax(logits, axis=-1)
+        z = lax.stop_gradient(self.perturbed(d, key, sample_shape, lax.stop_gradient(log_p)))
+        values, top = lax.top_k(z, min(k + 1, n))
         if k < n:
-            # perturbed log-probabilities: the logits shifted by −logsumexp (finite while
-            # some category is: masked, −inf logits are fine)
-            shift = lax.stop_gradient(-jax.nn.logsumexp(logits, axis=-1))
-            kappa = values[..., k] + shift
+            kappa = values[..., k]
         else:
             kappa = jnp.full(shape, -jnp.inf, logits.dtype)
         top = top[..., :k]

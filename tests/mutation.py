@@ -1550,8 +1550,8 @@ def _():
     rewrite(
         _estimator_modules()[1]._WithoutReplacement,
         "_top",
-        "kappa = values[..., k] + shift",
-        "kappa = values[..., k - 1] + shift",
+        "kappa = values[..., k]\n",
+        "kappa = values[..., k - 1]\n",
     )
 
 
