@@ -360,7 +360,11 @@ def surrogate(
       A function with `f`'s signature whose value equals `f`'s cost for the same
       arguments (and key), and whose derivatives of every order with respect to any
       argument (`jax.grad`, `jax.hessian`, `jax.jacfwd`) are unbiased estimates of the
-      derivatives of `E[cost]`. With `has_aux` it returns `(surrogate, aux)`; with
+      derivatives of `E[cost]`. Sites evaluated at several values change the value:
+      `"enum"` gives the expectation over the site, the others an average over their
+      alternatives; `"arm"`, `"disarm"`, `"measure_valued"`, `"unordered_set"` and
+      `"score_wor"` estimate first derivatives only (a second derivative through their
+      parameters raises). With `has_aux` it returns `(surrogate, aux)`; with
       `downstream`, `(surrogate, downstream)` or `(surrogate, (aux, downstream))`.
 
     Example:
