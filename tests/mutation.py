@@ -1556,6 +1556,20 @@ def _():
 
 
 @mutant(
+    "alt:wor:gumbels_not_truncated",
+    "the without-replacement Gumbels below the draw's are not truncated below its own",
+    tests=ALT_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1]._WithoutReplacement,
+        "perturbed",
+        "-jnp.log(e / jnp.exp(log_p) + e_top)",
+        "-jnp.log(e / jnp.exp(log_p))",
+    )
+
+
+@mutant(
     "iwae:vimco:own_particle_in_baseline",
     "VIMCO's baseline of particle k keeps particle k's own log-weight (b_k = L)",
     tests=("tests/test_iwae.py",),
