@@ -427,15 +427,11 @@ def _bernoulli(method: Alternatives, d: dist.Distribution, key, sample_shape):
     return p, _param(base.logits, shape), u, shape
 
 
-@register
 @dataclasses.dataclass(frozen=True)
-class ARM(Alternatives):
-    """Augment-REINFORCE-merge (Yin & Zhou 2019) for a (multivariate) Bernoulli: with
-    `u ~ U(0, 1)` per element, the costs at `b = 1[u < σ(φ)]` (the draw) and its
-    antithetic partner `b' = 1[u > σ(−φ)]` give the logits `φ` the derivative
-    `(f(b') − f(b))(u − ½)`; the value is `(f(b) + f(b'))/2`. Unbiased, first order."""
+class _Antithetic(Alternatives):
+    """A Bernoulli draw and its antithetic partner, half each; the logits get `a` at
+    the draw and `−a` at the partner (`_pair`)."""
 
-    name: ClassVar[str] = "arm"
     families: ClassVar[tuple] = _BERNOULLI
 
     def count(self, d):
@@ -444,19 +440,32 @@ class ARM(Alternatives):
     def base_weights(self, count):
         return np.array([0.5, 0.5])
 
-    def alternatives(self, d, key, sample_shape):
-        p, logits, u, _ = _bernoulli(self, d, key, sample_shape)
-        a = lax.stop_gradient(u - 0.5)
-        values = jnp.stack([u < p, u > 1 - p])
-        pieces = jnp.stack(
-            [_weights.weight(logits, -a, self.name), _weights.weight(logits, a, self.name)]
+    def _pair(self, logits, a):
+        return jnp.stack(
+            [_weights.weight(logits, a, self.name), _weights.weight(logits, -a, self.name)]
         )
-        return values, pieces
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class DisARM(Alternatives):
+class ARM(_Antithetic):
+    """Augment-REINFORCE-merge (Yin & Zhou 2019) for a (multivariate) Bernoulli: with
+    `u ~ U(0, 1)` per element, the costs at `b = 1[u < σ(φ)]` (the draw) and its
+    antithetic partner `b' = 1[u > σ(−φ)]` give the logits `φ` the derivative
+    `(f(b') − f(b))(u − ½)`; the value is `(f(b) + f(b'))/2`. Unbiased, first order."""
+
+    name: ClassVar[str] = "arm"
+
+    def alternatives(self, d, key, sample_shape):
+        p, logits, u, _ = _bernoulli(self, d, key, sample_shape)
+        a = lax.stop_gradient(u - 0.5)
+        values = jnp.stack([u < p, u > 1 - p])
+        return values, self._pair(logits, -a)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DisARM(_Antithetic):
     """DisARM (Dong, Mnih & Tucker 2020) for a (multivariate) Bernoulli: the draw
     `b = 1[u < σ(φ)]` and its antithetic partner `b' = 1[1 − u < σ(φ)]` give the logits
     the derivative `½(f(b) − f(b'))·(−1)^{b'}·1[b ≠ b']·σ(|φ|)` (ARM with the uniform
@@ -464,24 +473,13 @@ class DisARM(Alternatives):
     order."""
 
     name: ClassVar[str] = "disarm"
-    families: ClassVar[tuple] = _BERNOULLI
-
-    def count(self, d):
-        return 2
-
-    def base_weights(self, count):
-        return np.array([0.5, 0.5])
 
     def alternatives(self, d, key, sample_shape):
         p, logits, u, _ = _bernoulli(self, d, key, sample_shape)
         b, b2 = u < p, u > 1 - p
         s = jnp.where(b != b2, jnp.where(b2, -1.0, 1.0), 0.0).astype(logits.dtype)
         a = lax.stop_gradient(0.5 * s * jax.nn.sigmoid(jnp.abs(logits)))
-        values = jnp.stack([b, b2])
-        pieces = jnp.stack(
-            [_weights.weight(logits, a, self.name), _weights.weight(logits, -a, self.name)]
-        )
-        return values, pieces
+        return jnp.stack([b, b2]), self._pair(logits, a)
 
 
 _MVD = _BERNOULLI + (dist.Normal,)

@@ -41,15 +41,23 @@ def _x64():
 
 @functools.cache
 def _with_table(cls):
-    """`cls` with its uniforms read from `table[key_data(key)[-1]]`."""
+    """`cls` with its noise read from `table[key_data(key)[-1]]`: the uniforms of a
+    Bernoulli estimator (`noise`), or the Gumbels added to the log-probabilities of a
+    without-replacement one (`perturbed`)."""
+
+    def row(table, key, shape, dtype):
+        i = jax.random.key_data(key)[..., -1]
+        return jnp.asarray(table, dtype)[i].reshape(shape)
 
     @dataclasses.dataclass(frozen=True)
     class Quadrature(cls):
         table: tuple = ()
 
         def noise(self, key, shape, dtype):
-            i = jax.random.key_data(key)[..., -1]
-            return jnp.asarray(self.table, dtype)[i].reshape(shape)
+            return row(self.table, key, shape, dtype)
+
+        def perturbed(self, d, key, sample_shape, log_p):
+            return log_p + row(self.table, key, log_p.shape, log_p.dtype)
 
     Quadrature.__name__ = f"Quadrature{cls.__name__}"
     return Quadrature
@@ -524,19 +532,6 @@ def test_replays_baselines_and_downstream_are_refused(name):
 F_TABLE = np.array([[1.3, -0.4, 2.2], [0.2, 0.9, -0.5]])
 
 
-@functools.cache
-def _gumbels_from_table(cls):
-    @dataclasses.dataclass(frozen=True)
-    class Table(cls):
-        table: tuple = ()
-
-        def perturbed(self, d, key, sample_shape, log_p):
-            i = jax.random.key_data(key)[..., -1]
-            return log_p + jnp.asarray(self.table, log_p.dtype)[i].reshape(log_p.shape)
-
-    return Table
-
-
 def _wor_cases(cls, logits, **options):
     """Every ordered draw of k categories per element, as Gumbels that produce it, and
     its probability `Π_i p(s_i) / (1 − Σ_{j<i} p(s_j))`: (estimator, keys, weights)."""
@@ -558,7 +553,7 @@ def _wor_cases(cls, logits, **options):
                 left -= p[i, s]
         table.append(g - (logits - np.log(np.exp(logits).sum(-1, keepdims=True))))
         weights.append(w)
-    est = _gumbels_from_table(cls)(table=_nested(np.array(table)), **options)
+    est = _with_table(cls)(table=_nested(np.array(table)), **options)
     data = np.zeros((len(table), 2), np.uint32)
     data[:, 1] = np.arange(len(table))
     return est, jax.random.wrap_key_data(jnp.asarray(data)), np.array(weights)
