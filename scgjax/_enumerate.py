@@ -255,17 +255,21 @@ def site_weights(plan: Plan, log_probs: list) -> list:
     out = []
     for s, (node, together, lp) in enumerate(zip(plan.sites, plan.joint, log_probs)):
         if plan.base[s] is not None:
-            # An alternatives site: `v_r + weight(θ, a_r)`, summed over the joint axes
-            # (`lp` holds the weight parts).
-            v = jnp.asarray(plan.base[s], lp.dtype)
-            parts = jnp.sum(lp, axis=tuple(1 + k for k in together), keepdims=True)
-            out.append(jnp.reshape(v, (-1,) + (1,) * (lp.ndim - 1)) + parts)
+            # An alternatives site: its weights from their parts (`lp`), e.g.
+            # `v_r + weight(θ, a_r)` summed over the joint axes.
+            out.append(node.method.site_weight(plan.base[s], lp, tuple(1 + k for k in together)))
             continue
         lp = jnp.reshape(lp, grid + tuple(node.shape))
         lp = jnp.sum(lp, axis=tuple(len(grid) + k for k in together), keepdims=True)
         w = jax.nn.softmax(lp, axis=s)
         out.append(jnp.reshape(w, (-1,) + tuple(w.shape[len(grid) :])))
     return out
+
+
+def _base_weight(base, w):
+    """An alternatives site's `v_r` at each alternative, shaped like its weights `w`."""
+    v = jnp.asarray(base, w.dtype)
+    return jnp.broadcast_to(jnp.reshape(v, (-1,) + (1,) * (w.ndim - 1)), w.shape)
 
 
 def _laid_out(w, node: StochasticNode, rel, shape: tuple):
@@ -318,9 +322,22 @@ def objective(run, plan: Plan, cost_dtype):
 
     terms, lps, baselines, aux = jax.vmap(one)(plan.draws)
     weights = site_weights(plan, lps)
+    # Sites whose weights' values are not the surrogate's (`Alternatives.value_at_draw`:
+    # REBAR's control variates) have the difference taken off under stop-gradient.
+    shifted = [
+        b is not None and n.method.value_at_draw for n, b in zip(plan.sites, plan.base)
+    ]
+    values = [
+        _base_weight(b, w) if moved else lax.stop_gradient(w)
+        for b, w, moved in zip(plan.base, weights, shifted)
+    ]
     pieces = []
     for t, (deps, shape) in zip(terms, box["meta"]):
         w = term_weight(plan, weights, deps, shape).astype(jnp.result_type(t))
-        pieces.append(jnp.sum(w * t))
+        piece = jnp.sum(w * t)
+        if any(moved and _items_of(deps, n.id) for n, moved in zip(plan.sites, shifted)):
+            v = term_weight(plan, values, deps, shape).astype(jnp.result_type(t))
+            piece = piece - lax.stop_gradient(jnp.sum((w - v) * t))
+        pieces.append(piece)
     total = sum(pieces[1:], pieces[0]) + jnp.mean(baselines)
     return total.astype(cost_dtype), aux

@@ -64,6 +64,30 @@ class Estimator:
     kind: ClassVar[str] = "score"  # "score" | "pathwise"
     enumerates: ClassVar[bool] = False  # sums the site out (`Enum`)
     biased: ClassVar[bool] = False
+    # Fields whose values may be arrays (traced: learned control-variate parameters):
+    # `sample` binds their leaves as operands of the sample primitive (`split`/`join`).
+    operand_fields: ClassVar[tuple[str, ...]] = ()
+
+    def split(self) -> tuple[Estimator, list]:
+        """(this estimator with its operand fields held out, hashable, for the sample
+        primitive's params; their leaves, as arrays, for its operands)."""
+        if not self.operand_fields:
+            return self, []
+        values = tuple(getattr(self, f) for f in self.operand_fields)
+        leaves, tree = jax.tree_util.tree_flatten(values)
+        held = _Held(tree)
+        return dataclasses.replace(self, **dict.fromkeys(self.operand_fields, held)), [
+            jnp.asarray(x) for x in leaves
+        ]
+
+    def join(self, leaves: list) -> Estimator:
+        """The estimator `split` held out, with its operand fields set from `leaves`."""
+        if not self.operand_fields:
+            return self
+        held = getattr(self, self.operand_fields[0])
+        assert isinstance(held, _Held), "join() of an estimator that was not split"
+        values = jax.tree_util.tree_unflatten(held.tree, list(leaves))
+        return dataclasses.replace(self, **dict(zip(self.operand_fields, values)))
 
     def check(self, d: dist.Distribution) -> None:
         """Raises a `ValueError` naming the problem when `d` cannot use this estimator."""
@@ -85,10 +109,39 @@ class Estimator:
         if not fields:
             return self.name
         defaults = type(self)()
-        changed = [f for f in fields if getattr(self, f.name) != getattr(defaults, f.name)]
+
+        def differs(f) -> bool:
+            a, b = getattr(self, f.name), getattr(defaults, f.name)
+            if f.name in self.operand_fields:
+                # Held out of the primitive (`split`): the values are operands, unknown here.
+                return not isinstance(a, _Held) and not (isinstance(a, (int, float)) and a == b)
+            return a != b
+
+        changed = [f for f in fields if differs(f)]
         if not changed:
             return self.name
-        return f"{self.name}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in changed)})"
+        return f"{self.name}({', '.join(f'{f.name}={_shown(getattr(self, f.name))}' for f in changed)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """An operand field held out of the sample primitive's params (`Estimator.split`):
+    the pytree structure of the operand fields' values."""
+
+    tree: Any
+
+    def __repr__(self) -> str:
+        return "<operand>"
+
+
+def _shown(x: Any) -> str:
+    if isinstance(x, _compat.Tracer):
+        return "<traced>"
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return repr(np.asarray(x).tolist()) if np.size(x) <= 4 else f"<array {np.shape(x)}>"
+    if callable(x):
+        return getattr(x, "__name__", repr(x))
+    return repr(x) if not isinstance(x, (dict, list, tuple)) or len(str(x)) < 40 else "<pytree>"
 
 
 @register
@@ -374,6 +427,16 @@ class Alternatives(Estimator):
     coupled: ClassVar[bool] = True
     per_element_only: ClassVar[bool] = False  # a cost of several elements is refused
     families: ClassVar[tuple] = ()
+    # The alternative values carry derivatives (REBAR's relaxed draws); otherwise they
+    # are held fixed.
+    differentiable_values: ClassVar[bool] = False
+    # Trailing channels of the weight parts (`site_weight` reads them); 0: none.
+    weight_channels: ClassVar[int] = 0
+    # The weights' values are not `v_r`: the surrogate takes the difference off (under
+    # stop-gradient) so that its value stays the average `Σ_r v_r c_r`.
+    value_at_draw: ClassVar[bool] = False
+    # `extra_term` adds a term of its own to the surrogate (RELAX's control variate).
+    has_extra_term: ClassVar[bool] = False
     max_joint: int = 4096
 
     def check(self, d):
@@ -412,6 +475,20 @@ class Alternatives(Estimator):
 
     def alternatives(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple):
         raise NotImplementedError
+
+    def site_weight(self, base: np.ndarray, parts: Any, axes: tuple) -> Any:
+        """The site's weight at each alternative, `(R, *site shape)` with size 1 along
+        `axes` (the axes its elements go together along): from `base` (`v_r` at each
+        alternative, `(R,)`) and the weight parts of its elements (`(R, *site shape,
+        *channels)`). Here `v_r + Σ_axes weight(θ, a_r)`."""
+        v = jnp.asarray(base, parts.dtype)
+        summed = jnp.sum(parts, axis=axes, keepdims=True)
+        return jnp.reshape(v, (-1,) + (1,) * (parts.ndim - 1)) + summed
+
+    def extra_term(self, d: dist.Distribution, key: jax.Array, sample_shape: tuple) -> Any:
+        """A term of the site's own added to the surrogate (0 here), from the same noise
+        as `alternatives`."""
+        return jnp.zeros(())
 
 
 def _family(cls: type) -> str:
@@ -548,6 +625,222 @@ class MeasureValued(Alternatives):
             ]
         )
         return values, pieces
+
+
+# -- Control variates: REBAR and RELAX ----------------------------------------------------
+
+
+def _check_operand(owner: str, field: str, x: Any, shape: tuple, positive: bool) -> None:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        if positive and not x > 0:
+            raise ValueError(
+                f"scgjax: {owner}({field}=...) must be positive, got {x!r}; a learned one "
+                f"can be passed as jnp.exp(log_{field})."
+            )
+        return
+    if isinstance(x, bool) or not hasattr(x, "shape") or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"scgjax: {owner}({field}=...) must be a Python float or a float array (it may "
+            f"be traced: a learned parameter), got {type(x).__name__}: {x!r}."
+        )
+    try:
+        np.broadcast_shapes(tuple(x.shape), shape)
+    except ValueError:
+        raise ValueError(
+            f"scgjax: {owner}({field}=...) has shape {tuple(x.shape)}, which does not "
+            f"broadcast to the draw's shape {shape}. Give a scalar (one per site), or one "
+            "per element of the draw."
+        ) from None
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class REBAR(Alternatives):
+    """REBAR (Tucker et al. 2017) for a (multivariate) Bernoulli or a Categorical: the
+    costs at the draw `b = H(z)` are corrected by a control variate, the same costs at
+    relaxed values of it, `σ(z/λ)` and `σ(z̃/λ)` (`softmax` over the categories for a
+    Categorical), with `z` the perturbed logits behind `b` (`logit p − logit u`; `log p
+    + Gumbels`) and `z̃` a second draw of them conditioned on `b` (differentiated
+    through its conditional reparameterization). For each cost `c` the surrogate is
+
+        ⊡(log p(b))·c(b) + η·c(σ(z/λ)) − η·⊡(log p(b))·c(σ(z̃/λ)),
+
+    with the control variate's value taken off (under stop-gradient) so that the value
+    is the cost at the draw. `E[c(σ(z/λ))] = E[⊡·c(σ(z̃/λ))]` as functions of every
+    parameter, so the estimate is unbiased **at every order**, for any η and λ; they
+    set its variance. The program sees the draw as a float (a one-hot vector for a
+    Categorical, shape `(..., K)`, as with `"straight_through"`) and must accept the
+    relaxed values too (in [0, 1]; points of the simplex). Three evaluations of what depends on the site; with
+    automatic plates, per element, otherwise for the elements that go together at once
+    (their log-probabilities summed in ⊡).
+
+    `eta` (η) and `temperature` (λ) may be Python floats (the defaults, 1 and 0.5, work
+    unlearned) or arrays, traced ones included: pass learned values (e.g.
+    `temperature=jnp.exp(log_t)`) and train them to minimise the estimate's variance
+    with `scg.estimators.variance_gradient`. Scalars, or one per element of the draw
+    (averaged over elements that go together)."""
+
+    name: ClassVar[str] = "rebar"
+    families: ClassVar[tuple] = _BERNOULLI + _CATEGORICAL
+    coupled: ClassVar[bool] = True
+    differentiable_values: ClassVar[bool] = True
+    weight_channels: ClassVar[int] = 2  # (log-probability in ⊡, coefficient)
+    value_at_draw: ClassVar[bool] = True
+    operand_fields: ClassVar[tuple[str, ...]] = ("eta", "temperature")
+    eta: Any = 1.0
+    temperature: Any = 0.5
+
+    def check(self, d):
+        super().check(d)
+        owner = type(self).__name__
+        shape = tuple(d.batch_shape) + tuple(d.event_shape)
+        _check_operand(owner, "eta", self.eta, shape, positive=False)
+        _check_operand(owner, "temperature", self.temperature, shape, positive=True)
+
+    def count(self, d):
+        return 3
+
+    def base_weights(self, count):
+        return np.array([1.0, 0.0, 0.0])
+
+    def element_log_prob(self, d, value):
+        if isinstance(base_of(d), _CATEGORICAL):
+            value = jnp.argmax(value, axis=-1)
+        return _element_log_prob(d, value)
+
+    def record_log_prob(self, d, value):
+        return _hard_log_prob(d, lax.stop_gradient(value))
+
+    def conditional_noise(self, key: jax.Array, shape: tuple, dtype: Any) -> Any:
+        """The uniforms behind `z̃` (given the draw), in (0, 1)."""
+        tiny = jnp.finfo(dtype).tiny
+        return jax.random.uniform(_noise_key(key), shape, dtype, minval=tiny)
+
+    def sample(self, d, key, sample_shape):
+        if isinstance(base_of(d), _CATEGORICAL):
+            logits = base_of(d).logits
+            hard = d.sample(key, sample_shape)
+            return jax.nn.one_hot(hard, jnp.shape(logits)[-1], dtype=logits.dtype)
+        p, _, u, _ = _bernoulli(self, d, key, sample_shape)
+        return (u < p).astype(p.dtype)
+
+    def relaxations(self, d, key, sample_shape):
+        """(the draw `b` as a float (one-hot for a Categorical), `z`, `z̃`, each
+        element's log p(b)). Bernoulli: `z` moves with the logits one for one (its
+        noise `−logit u` held), `z̃ = logit p − logit ũ` with `ũ` uniform on `b`'s side
+        of `1 − p`, differentiated through `p`. Categorical: `z = log p + G` with the
+        Gumbels `G` drawn given the draw and held, `z̃` a second such draw,
+        differentiated through the truncation (`_categorical_relaxations`)."""
+        if isinstance(base_of(d), _CATEGORICAL):
+            return self._categorical_relaxations(d, key, sample_shape)
+        p, logits, u, shape = _bernoulli(self, d, key, sample_shape)
+        b = u < p
+        v = self.conditional_noise(key, shape, p.dtype)
+        z = logits + lax.stop_gradient(jnp.log1p(-u) - jnp.log(u))
+        log_p, log_q = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+        # b = 1: ũ = v·p;  b = 0: ũ = p + v·(1 − p), so 1 − ũ = (1 − v)(1 − p).
+        log_u = jnp.where(b, jnp.log(v) + log_p, jnp.log1p(-(1 - v) * jnp.exp(log_q)))
+        log_1mu = jnp.where(b, jnp.log1p(-v * jnp.exp(log_p)), jnp.log1p(-v) + log_q)
+        z_cond = logits + log_1mu - log_u
+        hard = b.astype(p.dtype)
+        return hard, z, z_cond, _element_log_prob(d, hard)
+
+    def _categorical_relaxations(self, d, key, sample_shape):
+        base = base_of(d)
+        index = jnp.asarray(d.sample(key, sample_shape))
+        n = jnp.shape(base.logits)[-1]
+        hard = jax.nn.one_hot(index, n, dtype=base.logits.dtype)
+        logits = jnp.broadcast_to(base.logits, jnp.shape(hard))
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        dtype = logits.dtype
+        # Exp(1) variates, two sets: the top perturbed log-probability is −log E_b, the
+        # others Gumbels truncated below it, −log(E_k / p_k + E_b) (Tucker et al. 2017).
+        # (Both independent of the draw: not `noise(key)`, which `d.sample` shares.)
+        e1 = -jnp.log(self.conditional_noise(jax.random.fold_in(key, 1), jnp.shape(hard), dtype))
+        e2 = -jnp.log(self.conditional_noise(key, jnp.shape(hard), dtype))
+
+        def given(e, log_p):
+            e_b = jnp.sum(jnp.where(hard > 0, e, 0.0), axis=-1, keepdims=True)
+            return jnp.where(hard > 0, -jnp.log(e), -jnp.log(e * jnp.exp(-log_p) + e_b))
+
+        fixed = lax.stop_gradient(log_p)
+        z = log_p + lax.stop_gradient(given(e1, fixed) - fixed)
+        z_cond = given(e2, log_p)
+        lp = jnp.take_along_axis(log_p, index[..., None], axis=-1)[..., 0]
+        return hard, z, z_cond, lp
+
+    def alternatives(self, d, key, sample_shape):
+        hard, z, z_cond, lp = self.relaxations(d, key, sample_shape)
+        lam = _param(jnp.asarray(self.temperature, z.dtype), jnp.shape(lp))
+        if isinstance(base_of(d), _CATEGORICAL):
+            relax = lambda x: jax.nn.softmax(x / lam[..., None], axis=-1)
+        else:
+            relax = lambda x: jax.nn.sigmoid(x / lam)
+        eta = _param(jnp.asarray(self.eta, z.dtype), jnp.shape(lp))
+        values = jnp.stack([hard, relax(z), relax(z_cond)])
+        zero, one = jnp.zeros_like(lp), jnp.ones_like(lp)
+        pieces = jnp.stack(
+            [jnp.stack([lp, one], -1), jnp.stack([zero, eta], -1), jnp.stack([lp, -eta], -1)]
+        )
+        return values, pieces
+
+    def site_weight(self, base, parts, axes):
+        # coefficient · ⊡(Σ log p(b)) over the elements that go together.
+        from ._graph import magic_box
+
+        lp = jnp.sum(parts[..., 0], axis=axes, keepdims=True)
+        coef = jnp.mean(parts[..., 1], axis=axes, keepdims=True)
+        return coef * magic_box(lp)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RELAX(REBAR):
+    """RELAX (Grathwohl et al. 2018) for a (multivariate) Bernoulli or a Categorical:
+    REBAR's control variate plus a learned one, `control(params, z)` (a scalar,
+    differentiable in `z`, the perturbed logits of the draw, shaped as the value the
+    program sees): the surrogate adds
+
+        r(z) − ⊡(Σ log p(b))·r(z̃)      (its value taken off: 0),
+
+    unbiased at every order for any `control` and `params`. `control` is called once per
+    draw (under `jax.vmap` inside the program, once per mapped element), and `r(z̃)`
+    weights the log-probabilities of all the draw's elements: for a per-example control
+    variate, draw per example (`jax.vmap`). `eta` (default 1) scales REBAR's part
+    (`eta=0.0`: the learned control variate alone). Train `params` (and `eta`,
+    `temperature`) to minimise the variance with `scg.estimators.variance_gradient`."""
+
+    name: ClassVar[str] = "relax"
+    has_extra_term: ClassVar[bool] = True
+    operand_fields: ClassVar[tuple[str, ...]] = ("eta", "temperature", "params")
+    control: Any = None
+    params: Any = None
+
+    def check(self, d):
+        super().check(d)
+        if self.control is None:
+            return
+        if not callable(self.control):
+            raise TypeError(
+                f"scgjax: RELAX(control=...) must be a function control(params, z) -> scalar, "
+                f"got {type(self.control).__name__}: {self.control!r}."
+            )
+
+    def extra_term(self, d, key, sample_shape):
+        if self.control is None:
+            return jnp.zeros(())
+        from ._graph import magic_box
+
+        _, z, z_cond, lp = self.relaxations(d, key, sample_shape)
+        r = [jnp.asarray(self.control(self.params, x)) for x in (z, z_cond)]
+        if jnp.shape(r[0]) != ():
+            raise ValueError(
+                f"scgjax: RELAX's control(params, z) must return a scalar for one draw (z has "
+                f"shape {jnp.shape(z)}), got shape {jnp.shape(r[0])}. Sum its outputs, or draw "
+                "per example under jax.vmap so that control sees one example's z."
+            )
+        box = magic_box(jnp.sum(lp))
+        return (r[0] - lax.stop_gradient(r[0])) - (box * r[1] - lax.stop_gradient(r[1]))
 
 
 # -- Sampling without replacement (Categorical) -------------------------------------------

@@ -669,6 +669,15 @@ def _gathered(eqn, out, v: Val, name: str) -> Val:
 # -- Stochastic nodes --------------------------------------------------------------------
 
 
+def _take(stacked, which):
+    """Each element's alternative: `stacked` `(R, *shape, ...)` at `which` `(1, *shape)`
+    (trailing axes of `stacked` beyond the site's shape are kept: a one-hot value, or
+    the channels of a weight part)."""
+    stacked = jnp.asarray(stacked)
+    which = jnp.reshape(which, which.shape + (1,) * (stacked.ndim - which.ndim))
+    return jnp.take_along_axis(stacked, which, axis=0)[0]
+
+
 def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     """Draws the value (or takes it from `ctx.draws`); for a score node also records its
     log-probability."""
@@ -677,6 +686,8 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
     key = invals[0].value
     leaves = [v.value for v in invals[1 : 1 + n_leaves]]
     baseline = invals[1 + n_leaves] if params.get("has_baseline") else None
+    # The estimator's own operands (learned control-variate parameters) come last.
+    operands = invals[1 + n_leaves + (baseline is not None) :]
     spec, n_batch = params["spec"], params["n_batch"]
     method = params["method"]
     pathwise = params["estimator"] == "pathwise"
@@ -718,27 +729,36 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
         return Val(value, deps)
     if replayed is not None:
         shape = eqn.outvars[0].aval.shape
-        if tuple(np.shape(replayed)) != tuple(shape):
+        # (An alternatives site's `replayed` is the plan's own: one index per element.)
+        alternatives_site = isinstance(method, _estimators.Alternatives) and (
+            node_id in ctx.enumerated
+        )
+        if not alternatives_site and tuple(np.shape(replayed)) != tuple(shape):
             raise ValueError(
                 f"scgjax: the replayed value of the {spec.name} draw"
                 f"{f' {name!r}' if name else ''}{_at(eqn)} has shape {np.shape(replayed)}, "
                 f"but the draw has shape {tuple(shape)}"
                 f"{' (per iteration of its loop)' if ctx.loop_levels else ''}."
             )
-        if isinstance(method, _estimators.Alternatives) and node_id in ctx.enumerated:
+        if alternatives_site:
             # `replayed` is each element's alternative (`_enumerate.plan`).
             which = jnp.asarray(replayed).astype(jnp.int32)[None]
-            values, pieces = _sample.alternatives(
+            values, pieces, extra = _sample.alternatives(
                 key,
                 leaves,
+                [v.value for v in operands],
                 spec=spec,
                 sample_shape=params["sample_shape"],
                 n_batch=n_batch,
                 method=method,
             )
-            replayed = jnp.take_along_axis(jnp.asarray(values), which, axis=0)[0]
-            piece = jnp.take_along_axis(jnp.asarray(pieces), which, axis=0)[0]
-        value = lax.stop_gradient(jnp.asarray(replayed).astype(eqn.outvars[0].aval.dtype))
+            replayed = _take(values, which)
+            piece = _take(pieces, which)
+            if method.has_extra_term:
+                ctx.graph.baseline_terms.append(extra)
+        value = jnp.asarray(replayed).astype(eqn.outvars[0].aval.dtype)
+        if not (piece is not None and method.differentiable_values):
+            value = lax.stop_gradient(value)
     else:
         # A score draw is bound as `sample_p` again, with its baseline: when this
         # transform runs inside another scgjax transform, the outer one sees the draw as
@@ -750,6 +770,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 key,
                 *map(jnp.asarray, leaves),
                 *extra,
+                *(jnp.asarray(v.value) for v in operands),
                 spec=spec,
                 sample_shape=params["sample_shape"],
                 estimator="score",
@@ -780,16 +801,18 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
         support = method.support(spec.unflatten(leaves))
     else:
         score_log_prob = _logprob.score_log_prob
+    channels = 0
     if piece is not None:
-        # An alternatives site's weight part at this alternative (`_weights.weight`).
+        # An alternatives site's weight part at this alternative (`_weights.weight`),
+        # on a trailing axis of `method.weight_channels` channels where it has some.
         log_prob = piece
+        channels = 1 if method.weight_channels else 0
     else:
         log_prob = _sample.log_prob(
             value, leaves, spec=spec, n_batch=n_batch, score_log_prob=score_log_prob
         )
-    node = StochasticNode(
-        node_id, spec.name, "score", jnp.shape(log_prob), source, name, method, support
-    )
+    shape = jnp.shape(log_prob)[: jnp.ndim(log_prob) - channels]
+    node = StochasticNode(node_id, spec.name, "score", shape, source, name, method, support)
     record = (value, log_prob, jnp.ones(jnp.shape(log_prob), bool)) if ctx.graph.record else None
     ctx.graph.add(node, log_prob, record)
     if baseline is not None:
@@ -803,7 +826,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 "log-probability element, or one that broadcasts (e.g. shape (B, 1))."
             ) from None
         ctx.graph.baseline_terms.append(_graph.baseline_term(log_prob, baseline.value))
-    own = Deps({node_id: _deps.node_rel(ctx.loop_levels, jnp.ndim(log_prob))})
+    own = Deps({node_id: _deps.node_rel(ctx.loop_levels, len(shape))})
     return Val(value, _deps.join([deps, own]))
 
 

@@ -130,10 +130,13 @@ def sample(
     leaves, treedef = jax.tree_util.tree_flatten(d)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     extra = [] if baseline is None else [jnp.asarray(baseline)]
+    # Operands of the estimator (learned control-variate parameters) come last.
+    method, method_operands = method.split()
     value = sample_p.bind(
         key,
         *leaves,
         *extra,
+        *method_operands,
         spec=DistributionSpec(treedef, type(d).__name__),
         sample_shape=sample_shape,
         estimator=estimator,
@@ -184,17 +187,22 @@ def draw(key, leaves, *, spec, sample_shape, n_batch, method, reparameterized):
     return fn(key, *leaves)
 
 
-def alternatives(key, leaves, *, spec, sample_shape, n_batch, method):
-    """`method.alternatives(d, key, sample_shape)` (an `estimators.Alternatives`), vmapped
-    over `n_batch` leading axes: values and weight parts, `(R, *draw shape)` each."""
+def alternatives(key, leaves, operands, *, spec, sample_shape, n_batch, method):
+    """`method.alternatives(d, key, sample_shape)` (an `estimators.Alternatives`, its
+    operand fields set from `operands`), vmapped over `n_batch` leading axes: values and
+    weight parts, `(R, *draw shape)` each; and the sum of its extra surrogate terms
+    (`Alternatives.extra_term`, 0 for most)."""
 
-    def one(key, *leaves):
-        return method.alternatives(spec.unflatten(leaves), key, sample_shape)
+    def one(key, leaves, operands):
+        m, d = method.join(operands), spec.unflatten(leaves)
+        values, pieces = m.alternatives(d, key, sample_shape)
+        return values, pieces, m.extra_term(d, key, sample_shape)
 
     fn = one
     for _ in range(n_batch):
-        fn = jax.vmap(fn, out_axes=1)
-    return fn(key, *leaves)
+        fn = jax.vmap(fn, out_axes=(1, 1, 0))
+    values, pieces, extra = fn(key, list(leaves), list(operands))
+    return values, pieces, jnp.sum(extra)
 
 
 def log_prob(value, leaves, *, spec, n_batch, score_log_prob):
@@ -210,8 +218,9 @@ def log_prob(value, leaves, *, spec, n_batch, score_log_prob):
 
 
 def _impl(key, *operands, spec, sample_shape, estimator, method, n_batch, has_baseline, name):
-    del estimator, name
-    leaves = operands[: len(operands) - has_baseline]
+    # The operands: the distribution's leaves, then the baseline, then the estimator's.
+    del estimator, name, has_baseline
+    leaves = operands[: spec.treedef.num_leaves]
     return draw(
         key,
         leaves,
@@ -284,7 +293,7 @@ def _jvp(primals, tangents, *, spec, sample_shape, estimator, method, n_batch, h
             name=name,
         )
         return out, _compat.zero_tangent(out)
-    n = len(primals) - has_baseline
+    n = 1 + spec.treedef.num_leaves
     key, *leaves = primals[:n]
     leaf_tangents = [ad.instantiate_zeros(t) for t in tangents[1:n]]
 

@@ -532,6 +532,81 @@ def gradient_variance(
     return wrapped
 
 
+def variance_gradient(
+    f: Callable,
+    argnums: int | Sequence[int] = 0,
+    control_argnums: int | Sequence[int] = 1,
+    *,
+    has_aux: bool = False,
+    **options,
+) -> Callable:
+    """The gradient estimate of `E[f]` and, for training control variates (REBAR's and
+    RELAX's `eta`, `temperature`, `params`; a learned baseline), the gradient of its
+    variance with respect to them.
+
+    The estimate `ĝ = scg_grad(f, argnums)` is unbiased whatever the control-variate
+    arguments are, so `∇_φ Σ Var(ĝ) = ∇_φ E[|ĝ|²]`, which `∇_φ |ĝ|²` (differentiating
+    the estimate itself) estimates without bias (Grathwohl et al. 2018). Minimise it
+    with any optimiser (Optax).
+
+    Args:
+      f: a stochastic program (see `surrogate`) whose control-variate parameters are
+        among its positional arguments, e.g. `f(theta, phi, key)` drawing with
+        `estimator=scg.estimators.RELAX(control=net, params=phi["net"], eta=phi["eta"])`.
+      argnums: the parameters whose gradient is estimated, as in `scg_grad`.
+      control_argnums: the control-variate arguments (disjoint from `argnums`).
+      has_aux: whether `f` returns `(cost, aux)`.
+      **options: as in `scg_grad` (`num_samples`, `baseline`, `key_argnum`).
+
+    Returns:
+      A function with `f`'s signature returning `(grad, variance_grad)` (`((grad, aux),
+      variance_grad)` with `has_aux`): `grad` as `scg_grad`'s, `variance_grad` the
+      gradient of `Σ ĝ²` (over every entry of `grad`) with respect to the control
+      arguments, one per `control_argnums` entry (a tuple when it is a sequence).
+
+    Example:
+      >>> g, dphi = scg.estimators.variance_gradient(f, 0, 1)(theta, phi, key)
+      >>> theta_updates, s1 = opt.update(g, s1); phi_updates, s2 = opt2.update(dphi, s2)
+    """
+    single = isinstance(control_argnums, (int, np.integer))
+    controls = (int(control_argnums),) if single else tuple(int(a) for a in control_argnums)
+    targets = (argnums,) if isinstance(argnums, (int, np.integer)) else tuple(argnums)
+    if set(controls) & {int(a) for a in targets}:
+        raise ValueError(
+            f"scgjax: variance_gradient's control_argnums {control_argnums!r} overlap argnums "
+            f"{argnums!r}: the control-variate parameters are trained on the variance, not on "
+            "the objective. Pass them as separate arguments."
+        )
+    if options.get("downstream"):
+        raise ValueError("scgjax: variance_gradient does not take downstream=True.")
+    grad = scg_grad(f, argnums, has_aux=has_aux, **options)
+
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        for a in controls:
+            if not -len(args) <= a < len(args):
+                raise ValueError(
+                    f"scgjax: control_argnums={control_argnums!r}, but the function got "
+                    f"{len(args)} positional arguments."
+                )
+
+        def square(*values):
+            full = list(args)
+            for a, v in zip(controls, values):
+                full[a] = v
+            out = grad(*full, **kwargs)
+            g = out[0] if has_aux else out
+            total = sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(g))
+            return total, out
+
+        dphi, out = jax.grad(square, argnums=tuple(range(len(controls))), has_aux=True)(
+            *(args[a] for a in controls)
+        )
+        return out, dphi[0] if single else dphi
+
+    return wrapped
+
+
 def _jit_array_args(fn: Callable) -> Callable:
     """`jax.jit(fn)` with every non-array leaf of the arguments held static; compiled
     once per argument structure and static values (when those are hashable)."""

@@ -14,11 +14,17 @@ object sets them (`estimator=scg.estimators.GumbelSoftmax(temperature=0.3)`).
   base `Alternatives` evaluates what depends on a site at a few values of it.
 * `UnorderedSet` (`"unordered_set"`), `ScoreWOR` (`"score_wor"`): `k` categories drawn
   without replacement, per element; unbiased, first derivatives only.
+* `REBAR` (`"rebar"`), `RELAX` (`"relax"`): control variates for Bernoulli draws from
+  relaxed values of them (and, for RELAX, a learned function); unbiased at every order.
+  Their options may be learned arrays; `variance_gradient` gives the gradient of the
+  estimate's variance with respect to them.
 
 `register` adds an estimator class under its `name`; `names()` lists them.
 """
 
 from ._estimators import ARM as ARM
+from ._estimators import REBAR as REBAR
+from ._estimators import RELAX as RELAX
 from ._estimators import Alternatives as Alternatives
 from ._estimators import DisARM as DisARM
 from ._estimators import Enum as Enum
@@ -32,9 +38,12 @@ from ._estimators import StraightThrough as StraightThrough
 from ._estimators import UnorderedSet as UnorderedSet
 from ._estimators import names as names
 from ._estimators import register as register
+from ._surrogate import variance_gradient as variance_gradient
 
 __all__ = [
     "ARM",
+    "REBAR",
+    "RELAX",
     "Alternatives",
     "DisARM",
     "Enum",
@@ -48,4 +57,5 @@ __all__ = [
     "UnorderedSet",
     "names",
     "register",
+    "variance_gradient",
 ]
