@@ -18,20 +18,23 @@ surrogate (`_interpret.py`), so the picture cannot disagree with the estimator:
   `surrogate` run, with their dependencies on the score nodes;
 * solid edges come from a second pass of the same interpreter in which the inputs and
   every draw (pathwise ones too) are extra *sources* of dependencies, and a draw stops
-  its parents' sources (so they reach further only through it). A source's dependency
-  has no axes, so it never aligns anything; the score nodes' dependencies are those of
-  the first pass.
+  its parents' sources (so they reach further only through it). A source has no axes,
+  so it never aligns anything, and every decision that shapes the cost terms reads only
+  the score nodes (`_deps.scored`): the second pass splits the cost exactly as the first,
+  and each of its terms is one of the first pass's, with its sources.
 
 Sharp edges:
 
-* The second pass's cost terms may split differently from the first's: a linear
-  operation whose other operand depends on a source (a discount `γ` passed as an array
-  argument, a cost scaled by a parameter) keeps those terms whole. Then a source of the
-  whole is drawn into every term it covers (`Drawing.approximate` is True): an edge too
-  many, never one missing.
+* Should a term of the second pass match none of the first's (a rule that decides on
+  sources after all), its sources are drawn into every term of the first pass whose
+  score nodes it covers and `Drawing.approximate` is True: an edge too many rather than
+  one missing. The tests require it to be False.
 * The PRNG key is not drawn (it feeds every draw); baselines (`baseline=`) are not drawn.
 * Inside loops, nodes and cost terms are drawn once, stacked (shape `(T, ...)`); a node
-  whose parameters depend on its own earlier draws gets a self-loop.
+  whose parameters depend on its own earlier draws gets a self-loop ("earlier steps").
+* A node's shape is `describe`'s: for a score node, that of its log-probability (a
+  `to_event` site shows its batch shape), and its distribution is the class name
+  (`Independent` for `to_event`).
 """
 
 from __future__ import annotations
@@ -445,7 +448,7 @@ def _short_source(source: str) -> str:
     parts = where.split(":")
     name = os.path.basename(parts[0])
     line = f"{name}:{parts[1]}" if len(parts) > 1 else name
-    return f"{line} {fn}".strip()
+    return f"{line} {fn.replace('.<locals>', '')}".strip()
 
 
 _STYLE = {

@@ -412,3 +412,21 @@ def test_without_dot_the_source_still_works(monkeypatch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         d.save(tmp_path / "g.dot")
+
+
+def test_example_script_drawings():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "draw_graph.py"
+    spec = importlib.util.spec_from_file_location("draw_graph", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    drawn = module.drawings()
+    _, _, weights = parse(drawn["vae"].source)
+    assert {label for _, _, label in weights} == {"weights (0: plate)"}
+    nodes, infl, _ = parse(drawn["policy"].source)
+    assert ("a", "a") in infl
+    nodes, _, weights = parse(drawn["figure1"].source)
+    assert names(nodes, "stochastic") == {"x", "z", "y"} and len(weights) == 3
