@@ -12,6 +12,8 @@ from . import _compat
 _compat.hide_frames_of(_os.path.dirname(__file__))
 
 from . import estimators as estimators
+from ._draw import Drawing as Drawing
+from ._draw import draw as draw
 from ._lint import LostGradientWarning as LostGradientWarning
 from ._multisample import iwae as iwae
 from ._sample import sample as sample
@@ -27,10 +29,12 @@ from ._surrogate import trace as trace
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "Drawing",
     "LostGradientWarning",
     "Site",
     "Trace",
     "describe",
+    "draw",
     "estimators",
     "gradient_variance",
     "iwae",

@@ -282,7 +282,9 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
     accumulators = {
         j: (x, g)
         for j, (x, g) in accumulators.items()
-        if g is None or isinstance(g, _compat.Literal) or not invals[jaxpr.invars.index(g)].deps
+        if g is None
+        or isinstance(g, _compat.Literal)
+        or not _deps.scored(invals[jaxpr.invars.index(g)].deps)
     }
     acc_index = sorted(accumulators)
     init_terms = {j: invals[num_consts + j] for j in acc_index}
@@ -409,6 +411,8 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
                 t = t * _discount(g, steps_after, t)
             moved = d.map_axes(lambda a, n=n: n - 1 if a == 0 else a - 1)
             items.append((moved, jnp.moveaxis(t, 0, -1)))
+        if gamma is not None and not isinstance(gamma, _compat.Literal):
+            items = _deps.with_sources(items, [invals[jaxpr.invars.index(gamma)]])
         final[j] = _graph.make_val(final[j].value, final[j].deps, items)
     return final + ys
 

@@ -80,6 +80,46 @@ def lane_names(key) -> tuple:
     return key.names if isinstance(key, Lanes) else ()
 
 
+# -- Sources: what `scg.draw`'s influence pass tracks besides the score nodes ---------------
+
+
+def is_source(key) -> bool:
+    """Whether a dependency key (or node of a key) is a *source* of `scg.draw`'s influence
+    pass (`("input", i)`, `("draw", node id)`) rather than a score node. Sources exist
+    only in that pass; they have no axes, and the decisions that shape the cost terms
+    (is an operand sample-free? do two operands depend on the same nodes?) ignore them,
+    so that the pass splits the cost exactly as the estimator does."""
+    key = base_node(key)
+    return isinstance(key, tuple) and bool(key) and isinstance(key[0], str)
+
+
+def scored(deps: Deps) -> bool:
+    """Whether `deps` depends on a score node (not only on sources)."""
+    return any(not is_source(k) for k in deps._map)
+
+
+def scored_part(deps: Deps) -> Deps:
+    """`deps` without its sources (itself when it has none)."""
+    if not any(is_source(k) for k in deps._map):
+        return deps
+    return Deps._of({k: list(r) for k, r in deps._map.items() if not is_source(k)})
+
+
+def sources_of(deps_list) -> Deps:
+    """The sources in any of `deps_list`, as dependencies of their own."""
+    found = {k: list(r) for d in deps_list for k, r in d._map.items() if is_source(k)}
+    return Deps._of(found) if found else EMPTY
+
+
+def with_sources(items: list, factors: list) -> list:
+    """Cost terms `items` (deps, term) scaled by sample-free `factors` (`Val`s): each
+    term also depends on the factors' sources (none outside the influence pass)."""
+    extra = sources_of([v.deps for v in factors])
+    if not extra:
+        return items
+    return [(join([d, extra]), t) for d, t in items]
+
+
 Entry = Axis | Loop | None  # ALL (None) | Axis | Loop
 Rel = tuple  # tuple[Entry, ...]
 

@@ -101,15 +101,28 @@ class Val:
 
 def make_val(value: Any, deps: Deps, items: Iterable[tuple[Deps, Any]]) -> Val:
     """A value whose additive decomposition is `items`, merged by (deps, shape)."""
-    terms: dict[TermKey, Any] = {}
-    for d, t in items:
-        key = (d, tuple(np.shape(t)))
-        terms[key] = t if key not in terms else terms[key] + t
+    terms = merge_terms(items)
     if len(terms) == 1:
         ((d, shape),) = terms
         if shape == tuple(np.shape(value)):
             return Val(value, deps)
     return Val(value, deps, terms)
+
+
+def merge_terms(items: Iterable[tuple[Deps, Any]]) -> dict[TermKey, Any]:
+    """Terms keyed by (deps, shape), those with the same key added. In `scg.draw`'s
+    influence pass, terms that differ only in their sources merge too (their sources
+    joined), as they do without sources."""
+    terms: dict[TermKey, Any] = {}
+    full: dict[TermKey, Deps] = {}
+    for d, t in items:
+        key = (_deps.scored_part(d), tuple(np.shape(t)))
+        if key in terms:
+            terms[key] = terms[key] + t
+            full[key] = _deps.join([full[key], d])
+        else:
+            terms[key], full[key] = t, d
+    return {(full[k], k[1]): t for k, t in terms.items()}
 
 
 class Graph:

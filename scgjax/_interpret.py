@@ -308,7 +308,7 @@ def eval_equation(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]
         return [sample_rule(ctx, index, eqn, invals)]
     if prim is _graph.magic_box_p:
         return [frozen_box_rule(invals[0])]
-    if prim.name in COLLECTIVES and any(v.deps for v in invals):
+    if prim.name in COLLECTIVES and any(_deps.scored(v.deps) for v in invals):
         return collective_rule(eqn, invals)
     if eqn_has_sample(eqn) or (prim.name in DATAFLOW_RULES and any(v.deps for v in invals)):
         rule = higher_order_rules.get(prim)
@@ -469,6 +469,23 @@ def _loop_index_deps(eqn, invals: list[Val]) -> list[Deps] | None:
 _FALLBACKS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fallbacks", default=None)
 # The source line of the innermost call equation whose jaxpr is being read.
 _CALL_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("call_source", default="")
+# Set while `scg.draw` runs its influence pass (`_draw.py`): node id -> the dependencies
+# of the draw's parameters. In that pass the inputs and every draw are also *sources*
+# (dependency keys that are not node ids, `_deps.is_source`), which stop at the next draw.
+_INFLUENCE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("influence", default=None)
+
+
+def _influence(node_id: NodeId, params: list[Val], deps: Deps) -> Deps:
+    """`deps` of a draw's value, unchanged outside the influence pass. In it, records what
+    the draw's parameters depend on (the sources that reach them directly, and the score
+    nodes upstream) and returns `deps` with the sources replaced by the draw itself:
+    what the draw's parents influence further down, they influence through the draw."""
+    log = _INFLUENCE.get()
+    if log is None:
+        return deps
+    parents = _deps.join([v.deps for v in params])
+    log[node_id] = _deps.join([log.get(node_id, EMPTY), parents])
+    return _deps.join([_deps.scored_part(deps), Deps({("draw", node_id): ()})])
 
 
 @contextlib.contextmanager
@@ -648,11 +665,7 @@ def _lane_sum(out, v: Val, names: tuple, positional: tuple) -> Val:
 
 
 def _as_terms(items) -> dict:
-    terms: dict = {}
-    for d, t in items:
-        key = (d, tuple(np.shape(t)))
-        terms[key] = t if key not in terms else terms[key] + t
-    return terms
+    return _graph.merge_terms(items)
 
 
 def _gathered(eqn, out, v: Val, name: str) -> Val:
@@ -726,7 +739,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
             )
             record = (value, lp, jnp.ones(jnp.shape(lp), bool))
         ctx.graph.add(node, record=record)
-        return Val(value, deps)
+        return Val(value, _influence(node_id, invals[1 : 1 + n_leaves], deps))
     if replayed is not None:
         shape = eqn.outvars[0].aval.shape
         # (An alternatives site's `replayed` is the plan's own: one index per element.)
@@ -827,7 +840,7 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
             ) from None
         ctx.graph.baseline_terms.append(_graph.baseline_term(log_prob, baseline.value))
     own = Deps({node_id: _deps.node_rel(ctx.loop_levels, len(shape))})
-    return Val(value, _deps.join([deps, own]))
+    return Val(value, _influence(node_id, invals[1 : 1 + n_leaves], _deps.join([deps, own])))
 
 
 # Wrappers whose batch element `i` is drawn from batch element `i` of each inner
@@ -978,9 +991,9 @@ def _term_items_through(
 def _unary_linear(eqn, invals, out):
     if not invals[0].has_terms:
         return None
-    if any(v.deps for v in invals[1:]):
+    if any(_deps.scored(v.deps) for v in invals[1:]):
         return None
-    return _term_items_through(eqn, invals, out, 0)
+    return _deps.with_sources(_term_items_through(eqn, invals, out, 0), invals[1:])
 
 
 def _sum_of_operands(eqn, invals, out, positions):
@@ -996,7 +1009,7 @@ def _sum_of_operands(eqn, invals, out, positions):
 
 def _needs_split(invals, positions) -> bool:
     vals = [invals[p] for p in positions]
-    return any(v.has_terms for v in vals) or len({v.deps for v in vals}) > 1
+    return any(v.has_terms for v in vals) or len({_deps.scored_part(v.deps) for v in vals}) > 1
 
 
 def _add(eqn, invals, out):
@@ -1022,9 +1035,10 @@ def _joint(first: int):
 
     def rule(eqn, invals, out):
         positions = tuple(range(first, len(invals)))
-        if any(v.deps for v in invals[:first]) or not _needs_split(invals, positions):
+        if any(_deps.scored(v.deps) for v in invals[:first]) or not _needs_split(invals, positions):
             return None
-        return _sum_of_operands(eqn, invals, out, positions)
+        items = _sum_of_operands(eqn, invals, out, positions)
+        return _deps.with_sources(items, invals[:first])
 
     return rule
 
@@ -1034,8 +1048,9 @@ def _linear_in_one(*positions):
 
     def rule(eqn, invals, out):
         for p in positions:
-            if invals[p].has_terms and all(not v.deps for i, v in enumerate(invals) if i != p):
-                return _term_items_through(eqn, invals, out, p)
+            others = [v for i, v in enumerate(invals) if i != p]
+            if invals[p].has_terms and not any(_deps.scored(v.deps) for v in others):
+                return _deps.with_sources(_term_items_through(eqn, invals, out, p), others)
         return None
 
     return rule
@@ -1082,12 +1097,12 @@ def _dot_general(eqn, invals, out):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     for p in (0, 1):
         x, w = invals[p], invals[1 - p]
-        if w.deps:
+        if _deps.scored(w.deps):
             continue
         xc, wc, xb, wb = (lc, rc, lb, rb) if p == 0 else (rc, lc, rb, lb)
         n_x, w_value = np.ndim(x.value), w.value
         if np.ndim(w_value) != len(wc) + len(wb):
-            return _linear_in_one(p)(eqn, invals, out)
+            return _linear_in_one(p)(eqn, invals, out)  # adds w's sources
         # The partner laid out on x's axes.
         dims = tuple(
             xc[list(wc).index(k)] if k in wc else xb[list(wb).index(k)]
@@ -1102,7 +1117,8 @@ def _dot_general(eqn, invals, out):
             return t * lax.broadcast_in_dim(shaped, np.shape(t), tuple(sorted(full[: len(dims)])))
 
         free = [a for a in range(n_x) if a not in xc and a not in xb]
-        return _reduce_terms(x, set(xc), list(xb) + free, weight)
+        items = _reduce_terms(x, set(xc), list(xb) + free, weight)
+        return None if items is None else _deps.with_sources(items, [w])
     return None
 
 
@@ -1138,9 +1154,9 @@ def _scatter_add(eqn, invals, out):
     upd_shape = np.shape(upd.value)
     scatter_axes = [u for u in range(len(upd_shape)) if u not in dn.update_window_dims]
     if (
-        op.deps
-        or idx.deps
-        or not upd.deps
+        _deps.scored(op.deps)
+        or _deps.scored(idx.deps)
+        or not _deps.scored(upd.deps)
         or len(scatter_axes) != 1
         or np.shape(idx.value)[-1:] != (1,)
         or np.ndim(idx.value) != 2
@@ -1185,7 +1201,7 @@ def _scatter_add(eqn, invals, out):
             return upd_map(a)
 
         items.append((deps.map_axes(moved), scattered))
-    return items
+    return _deps.with_sources(items, [op, idx])
 
 
 # Keyed by primitive name: some (e.g. `stack`) are not exported by every JAX version.

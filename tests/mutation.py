@@ -1600,6 +1600,90 @@ def _():
     )
 
 
+# -- scg.draw (issue 10): the influence pass and the drawn edges -----------------------------
+
+DRAW_TESTS = ("tests/test_draw.py",)
+
+
+@mutant(
+    "draw:influence:parents_pass_through",
+    "a draw lets its parents' sources through (theta drawn into the costs behind x)",
+    tests=DRAW_TESTS,
+)
+def _():
+    _interpret = _modules()[0]
+    rewrite(_interpret, "_influence", "_deps.scored_part(deps), Deps(", "deps, Deps(")
+
+
+@mutant(
+    "draw:influence:no_factor_sources",
+    "a sample-free factor of a linear rule (theta * (z1 + z2), a discount) adds no source",
+    tests=DRAW_TESTS,
+)
+def _():
+    _deps = _modules()[1]
+    rewrite(_deps, "with_sources", "extra = sources_of([v.deps for v in factors])", "extra = EMPTY")
+
+
+@mutant(
+    "draw:influence:decisions_read_sources",
+    "the term decisions read the sources too (the influence pass splits the cost otherwise)",
+    tests=DRAW_TESTS,
+)
+def _():
+    _deps = _modules()[1]
+    rewrite(_deps, "scored", "any(not is_source(k) for k in deps._map)", "bool(deps)")
+
+
+@mutant(
+    "draw:influence:key_is_a_parent",
+    "a draw's key counts among its parameters (the key argument drawn into every node)",
+    tests=DRAW_TESTS,
+)
+def _():
+    _interpret = _modules()[0]
+    rewrite(  # eval_equation reads the module's sample_rule when it runs
+        _interpret,
+        "sample_rule",
+        "_influence(node_id, invals[1 : 1 + n_leaves], deps)",
+        "_influence(node_id, invals[: 1 + n_leaves], deps)",
+    )
+
+
+@mutant(
+    "draw:edges:weights_from_influence_pass",
+    "dashed edges read from the influence pass's terms, coarsened (plates and time lost)",
+    tests=DRAW_TESTS,
+)
+def _():
+    from scgjax import _draw
+
+    rewrite(
+        _draw,
+        "_build",
+        "    for i, (d1, _) in enumerate(terms):\n        for node_id, label in _alignments(d1)",
+        "    for i, (d1, _) in enumerate(influence.term_items()):\n"
+        "        for node_id, label in _alignments(_split(d1)[0].coarsened())",
+    )
+
+
+@mutant(
+    "draw:edges:pathwise_to_cost_dropped",
+    "a pathwise draw's edges into the cost terms are dropped",
+    tests=DRAW_TESTS,
+)
+def _():
+    from scgjax import _draw
+
+    rewrite(
+        _draw,
+        "_build",
+        "        for src in sources:\n            for j in covered:",
+        "        for src in [s for s in sources if not (s[0] == 'draw' and "
+        "graph.nodes[s[1]].estimator != 'score')]:\n            for j in covered:",
+    )
+
+
 # -- Running -------------------------------------------------------------------------------
 
 
