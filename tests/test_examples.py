@@ -100,6 +100,7 @@ def test_hard_attention_enumeration_and_baselines_reduce_variance(tmp_path):
     out = tmp_path / "attention.png"
     r = _load("hard_attention").main(steps=30, batch=32, out=out, progress=False)
     v = r["variance"]
-    assert v["enum"] == 0.0 < v["score + leave-one-out (K=4)"] < 0.5 * v["score"]
+    assert v["enum"] < 1e-9 * v["score"]  # 0 up to rounding (3e-19 on JAX 0.12)
+    assert v["score + leave-one-out (K=4)"] < 0.5 * v["score"]
     assert all(a > 0.2 for a in r["accuracy"].values())  # chance is 0.1
     assert out.stat().st_size > 0
