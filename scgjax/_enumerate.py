@@ -324,9 +324,7 @@ def objective(run, plan: Plan, cost_dtype):
     weights = site_weights(plan, lps)
     # Sites whose weights' values are not the surrogate's (`Alternatives.value_at_draw`:
     # REBAR's control variates) have the difference taken off under stop-gradient.
-    shifted = [
-        b is not None and n.method.value_at_draw for n, b in zip(plan.sites, plan.base)
-    ]
+    shifted = [b is not None and n.method.value_at_draw for n, b in zip(plan.sites, plan.base)]
     values = [
         _base_weight(b, w) if moved else lax.stop_gradient(w)
         for b, w, moved in zip(plan.base, weights, shifted)

@@ -120,7 +120,8 @@ class Estimator:
         changed = [f for f in fields if differs(f)]
         if not changed:
             return self.name
-        return f"{self.name}({', '.join(f'{f.name}={_shown(getattr(self, f.name))}' for f in changed)})"
+        shown = ", ".join(f"{f.name}={_shown(getattr(self, f.name))}" for f in changed)
+        return f"{self.name}({shown})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -670,9 +671,9 @@ class REBAR(Alternatives):
     parameter, so the estimate is unbiased **at every order**, for any η and λ; they
     set its variance. The program sees the draw as a float (a one-hot vector for a
     Categorical, shape `(..., K)`, as with `"straight_through"`) and must accept the
-    relaxed values too (in [0, 1]; points of the simplex). Three evaluations of what depends on the site; with
-    automatic plates, per element, otherwise for the elements that go together at once
-    (their log-probabilities summed in ⊡).
+    relaxed values too (in [0, 1]; points of the simplex). Three evaluations of what
+    depends on the site; with automatic plates, per element, otherwise for the elements
+    that go together at once (their log-probabilities summed in ⊡).
 
     `eta` (η) and `temperature` (λ) may be Python floats (the defaults, 1 and 0.5, work
     unlearned) or arrays, traced ones included: pass learned values (e.g.

@@ -1776,6 +1776,80 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+REBAR_TESTS = ("tests/test_rebar.py",)
+
+
+@mutant(
+    "rebar:control_sign",
+    "REBAR's pathwise control-variate term enters with the wrong sign (−η at z)",
+    tests=REBAR_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].REBAR,
+        "alternatives",
+        "jnp.stack([zero, eta], -1)",
+        "jnp.stack([zero, -eta], -1)",
+    )
+
+
+@mutant(
+    "rebar:no_box_on_ztilde",
+    "the control variate at z̃ is not weighted by ⊡(log p(b)) (its score term dropped)",
+    tests=REBAR_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].REBAR,
+        "alternatives",
+        "jnp.stack([lp, -eta], -1)",
+        "jnp.stack([zero, -eta], -1)",
+    )
+
+
+@mutant(
+    "rebar:ztilde_held",
+    "z̃ is not differentiated through its conditional reparameterization (p held fixed)",
+    tests=REBAR_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].REBAR,
+        "relaxations",
+        "log_p, log_q = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)",
+        "log_p, log_q = lax.stop_gradient(jax.nn.log_sigmoid(logits)), "
+        "lax.stop_gradient(jax.nn.log_sigmoid(-logits))",
+    )
+
+
+@mutant(
+    "rebar:joint_box_per_element",
+    "elements that go together get the mean of their log-probabilities in ⊡, not the sum",
+    tests=REBAR_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].REBAR,
+        "site_weight",
+        "lp = jnp.sum(parts[..., 0], axis=axes, keepdims=True)",
+        "lp = jnp.mean(parts[..., 0], axis=axes, keepdims=True)",
+    )
+
+
+@mutant(
+    "rebar:relax_box_dropped",
+    "RELAX's learned term at z̃ has no ⊡(log p(b)): the score part of its correction is lost",
+    tests=REBAR_TESTS,
+)
+def _():
+    rewrite(
+        _estimator_modules()[1].RELAX,
+        "extra_term",
+        "box = magic_box(jnp.sum(lp))",
+        "box = 1.0",
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help="mutants (or prefixes ending in ':')")

@@ -77,9 +77,8 @@ def _quadrature(p_calls, n, cls=E.REBAR, **fields):
     for q in p.reshape(-1):
         (u1, w1), (u2, w2), (v, wv) = _gl(n, 0, q), _gl(n, q, 1), _gl(n, 0, 1)
         u, wu = np.r_[u1, u2], np.r_[w1, w2]
-        per_element.append(
-            [((ui, vj), wi * wj) for (ui, wi), (vj, wj) in itertools.product(zip(u, wu), zip(v, wv))]
-        )
+        pairs = itertools.product(zip(u, wu), zip(v, wv))
+        per_element.append([((ui, vj), wi * wj) for (ui, wi), (vj, wj) in pairs])
     configs = list(itertools.product(*per_element))
     m = len(configs)
     uv = np.array([[pt for pt, _ in c] for c in configs])  # (M, C*N, 2)
@@ -318,9 +317,7 @@ def test_categorical_unbiased_first_and_second_order(est):
         keys[:20000]
     )
     se = h.std(0) / np.sqrt(len(h)) + 1e-12
-    np.testing.assert_array_less(
-        np.abs(h.mean(0) - jax.hessian(_categorical_exact)(theta)), 5 * se
-    )
+    np.testing.assert_array_less(np.abs(h.mean(0) - jax.hessian(_categorical_exact)(theta)), 5 * se)
 
 
 @pytest.mark.parametrize("family", ["bernoulli", "categorical"])
@@ -329,8 +326,10 @@ def test_values_draw_then_relaxed(family):
     Categorical, as a float); inside them (aux: one row per alternative) the draw, then
     relaxed values that round to it (`z`) and that are drawn given it (`z̃`)."""
     theta = CAT_THETA.astype(jnp.float64)
-    d = dist.Categorical(logits=theta[:3]) if family == "categorical" else dist.Bernoulli(
-        logits=theta[:3]
+    d = (
+        dist.Categorical(logits=theta[:3])
+        if family == "categorical"
+        else dist.Bernoulli(logits=theta[:3])
     )
 
     def prog(theta, key):
