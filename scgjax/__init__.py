@@ -12,6 +12,7 @@ from . import _compat
 _compat.hide_frames_of(_os.path.dirname(__file__))
 
 from . import estimators as estimators
+from . import infer as infer
 from ._lint import LostGradientWarning as LostGradientWarning
 from ._multisample import iwae as iwae
 from ._sample import sample as sample
@@ -33,6 +34,7 @@ __all__ = [
     "describe",
     "estimators",
     "gradient_variance",
+    "infer",
     "iwae",
     "sample",
     "scg_grad",
