@@ -142,7 +142,9 @@ class TraceSCG_ELBO(_compat.NumpyroELBO):
         particle = _particle(model, guide)
         k = self.num_particles
         if k == 1 or self.vectorize_particles is True:
-            loss = surrogate(particle, has_aux=True, num_samples=k, baseline=self.baseline, key_argnum=1)
+            loss = surrogate(
+                particle, has_aux=True, num_samples=k, baseline=self.baseline, key_argnum=1
+            )
             value, mutable = loss(param_map, rng_key, *args, **kwargs)
         else:
             one = surrogate(particle, has_aux=True)
@@ -220,8 +222,7 @@ def _draw(msg: dict) -> Any:
         )
     except (TypeError, ValueError) as e:
         raise type(e)(
-            f"TraceSCG_ELBO: guide site {name!r} ({type(msg['fn']).__name__}), "
-            f"infer={infer!r}: {e}"
+            f"TraceSCG_ELBO: guide site {name!r} ({type(msg['fn']).__name__}), infer={infer!r}: {e}"
         ) from None
 
 
