@@ -414,3 +414,4 @@ def user_frames(eqn: Any) -> list[tuple[str, int, str]]:
 
 # numpyro's ELBO base class (`loss`, `loss_with_mutable_state`, `num_particles`,
 # `vectorize_particles`), where numpyro 0.22 defines it.
+from numpyro.infer.elbo import ELBO as NumpyroELBO  # noqa: E402, F401
