@@ -45,11 +45,11 @@ def assignments(n=64):
             numpyro.sample("x", dist.Normal(1.5 * z - 0.5, 1.0), obs=data)
 
     def guide(data):
-        probs = numpyro.param("probs", jnp.full((data.shape[0], 2), 0.5))
+        logits = numpyro.param("logits", jnp.zeros((data.shape[0], 2)))
         with numpyro.plate("data", data.shape[0]):
-            numpyro.sample("z", dist.Categorical(probs))
+            numpyro.sample("z", dist.Categorical(logits=logits))
 
-    params = {"probs": jnp.tile(jnp.array([0.4, 0.6]), (n, 1))}
+    params = {"logits": jnp.tile(jnp.array([-0.2, 0.2]), (n, 1))}
     return model, guide, params, data
 
 

@@ -332,7 +332,9 @@ def _substituted_subsample(fn, idx):
 
 
 @pytest.mark.parametrize(
-    "idx", [jnp.array([0, 2]), pytest.param(jnp.array([1, 3]), marks=pytest.mark.slow)]
+    # [1, 2]: a masked latent and a masked observation; [0, 3]: nothing masked
+    "idx",
+    [jnp.array([1, 2]), pytest.param(jnp.array([0, 3]), marks=pytest.mark.slow)],
 )
 def test_mask_scale_and_subsample_exact(idx):
     """Masked latents (no log p, no log q, yet scored where they reach a cost), masked
