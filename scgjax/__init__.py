@@ -12,6 +12,7 @@ from . import _compat
 _compat.hide_frames_of(_os.path.dirname(__file__))
 
 from . import estimators as estimators
+from . import infer as infer
 from ._draw import Drawing as Drawing
 from ._draw import draw as draw
 from ._lint import LostGradientWarning as LostGradientWarning
@@ -37,6 +38,7 @@ __all__ = [
     "draw",
     "estimators",
     "gradient_variance",
+    "infer",
     "iwae",
     "sample",
     "scg_grad",

@@ -410,3 +410,8 @@ def user_frames(eqn: Any) -> list[tuple[str, int, str]]:
             continue
         out.append((path, getattr(frame, "line_num", 0), getattr(frame, "function_name", "?")))
     return out
+
+
+# numpyro's ELBO base class (`loss`, `loss_with_mutable_state`, `num_particles`,
+# `vectorize_particles`), where numpyro 0.22 defines it.
+from numpyro.infer.elbo import ELBO as NumpyroELBO  # noqa: E402, F401

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +33,10 @@ from jax import lax
 from . import _compat, _logprob, _weights
 
 _REGISTRY: dict[str, type[Estimator]] = {}
+_E = TypeVar("_E", bound="type[Estimator]")
 
 
-def register(cls: type[Estimator]) -> type[Estimator]:
+def register(cls: _E) -> _E:
     """Registers an estimator class under its `name` (so `estimator=cls.name` builds
     `cls()`, its defaults)."""
     if not cls.name:

@@ -63,12 +63,19 @@ def score_log_prob(d: dist.Distribution, value: jax.Array) -> Any:
     return _guarded(d).log_prob(value)
 
 
-def _guarded(d: dist.Distribution) -> dist.Distribution:
+def log_density(d: dist.Distribution, value: jax.Array) -> Any:
+    """`d.log_prob(value)` as numpyro defines it, masks included (0 where masked), with
+    the guarded derivatives of `score_log_prob`: the log-density *terms* of an objective
+    (an ELBO's log p and log q), where a masked element must contribute nothing."""
+    return _guarded(d, keep_masks=True).log_prob(value)
+
+
+def _guarded(d: dist.Distribution, keep_masks: bool = False) -> dist.Distribution:
     """A shallow copy of `d` whose guarded parts (itself, or its inner distributions:
     `base_dist`, mixture components, recursively) compute `log_prob` with the registered
-    guard, with masks removed (a masked distribution draws from its base); `d` itself
-    when nothing changes."""
-    if isinstance(d, dist.MaskedDistribution):
+    guard, with masks removed (a masked distribution draws from its base) unless
+    `keep_masks`; `d` itself when nothing changes."""
+    if isinstance(d, dist.MaskedDistribution) and not keep_masks:
         return _guarded(d.base_dist)  # numpyro has expanded it to the mask's batch shape
     guard = _GUARDS.get(type(d))
     if guard is not None:
@@ -80,13 +87,15 @@ def _guarded(d: dist.Distribution) -> dist.Distribution:
     changed = {}
     for name, value in vars(d).items():
         if isinstance(value, dist.Distribution):
-            new = _guarded(value)
+            new = _guarded(value, keep_masks)
             if new is not value:
                 changed[name] = new
         elif isinstance(value, (list, tuple)) and any(
             isinstance(x, dist.Distribution) for x in value
         ):
-            new = [_guarded(x) if isinstance(x, dist.Distribution) else x for x in value]
+            new = [
+                _guarded(x, keep_masks) if isinstance(x, dist.Distribution) else x for x in value
+            ]
             if any(a is not b for a, b in zip(new, value)):
                 changed[name] = type(value)(new)
     if not changed:
