@@ -21,7 +21,9 @@ Rows: ``score`` (scgjax's default for discrete draws: automatic plates), ``score
 ``enum``, ``gumbel_softmax`` (τ = 0.5) and ``straight_through`` (τ = 1), ``arm``,
 ``disarm`` and ``measure_valued`` (Bernoulli: refused on the categorical VAE), and
 ``unordered_set`` / ``score_wor`` with k = 4 (Categorical: refused on the Bernoulli
-workloads); the relaxations are biased by design. The relaxed rows train the relaxed
+workloads), ``rebar`` with its defaults, unlearned (its control variates, the cost at
+relaxed draws, are the programs' own; see tests/test_rebar.py for RELAX learning one);
+the relaxations are biased by design. The relaxed rows train the relaxed
 program (the Categorical's value is then a one-hot vector or a point of the simplex; the
 programs below take both).
 
@@ -72,6 +74,7 @@ ROWS = {
     "measure_valued": ("measure_valued", {}),
     "unordered_set k=4": ("unordered_set", {}),
     "score_wor k=4": ("score_wor", {}),
+    "rebar (η=1, λ=½, unlearned)": ("rebar", {}),
 }
 
 
@@ -237,6 +240,8 @@ def run(args):
         print("| estimator | log10 var | bias (max |z|) | ms/step | objective after training |")
         print("|---|---|---|---|---|")
         for row, (est, options) in ROWS.items():
+            if args.rows and not any(row.startswith(r) for r in args.rows):
+                continue
             try:
                 grad = gradient_fn(cost, est, options, batch)
                 lv, bias = variance_and_bias(grad, params, batch, args.draws, exact)
@@ -257,6 +262,7 @@ def main():
     parser.add_argument("--draws", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--rows", nargs="*", default=None, help="rows whose names start so")
     args = parser.parse_args()
     if args.quick:
         args.draws, args.steps, args.repeats = 300, 100, 5
