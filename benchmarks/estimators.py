@@ -38,11 +38,16 @@ models the negative ELBO of the discrete model, Monte Carlo over 20 draws per im
 the whole data set) after ``--steps`` Adam steps (learning rate 0.01 for the models,
 0.05 for the toy), same seed for every row.
 
-Peers: Storchastic (torch) and GenJAX are not installed here; their rows are left for
-a machine that has them (see benchmarks/README.md).
+Peers: ``peers_storchastic.py`` (Storchastic 0.3.7, torch) and ``peers_genjax.py``
+(GenJAX 1.0.14's ADEV) run the same workloads in their own environments, from the data,
+initial parameters, minibatch schedule and exact gradients that ``--export`` writes;
+``--evaluate`` scores the parameters they train with this script's objective. Their
+results, and which of their estimators fail or look biased, are in benchmarks/README.md.
 
 Run:  python benchmarks/estimators.py           (a few minutes on 2 CPU cores)
       python benchmarks/estimators.py --quick   (rough numbers)
+      python benchmarks/estimators.py --export inputs.npz   (the peers' inputs)
+      python benchmarks/estimators.py --evaluate peer_params.npz
 Needs scikit-learn (``pip install -e '.[bench]'``).
 """
 
@@ -114,9 +119,17 @@ def sbn_init(key, pixels=64):
 def sbn_cost(params, x, key, est):
     logits_q = x @ params["W"] + params["b"]
     q = dist.Bernoulli(logits=logits_q)
-    z = scg.sample(key, q, estimator=est)
-    log_q = q.log_prob(z).sum(-1)
-    log_prior = dist.Bernoulli(logits=jnp.zeros(LATENTS)).log_prob(z).sum(-1)
+    return sbn_cost_at(params, x, scg.sample(key, q, estimator=est))
+
+
+def sbn_cost_at(params, x, z):
+    """The SBN's minibatch cost at given latents ``z`` (``(B, 32)``, 0/1 or relaxed)."""
+    logits_q = x @ params["W"] + params["b"]
+    # z log σ(l) + (1 − z) log σ(−l): numpyro's Bernoulli log-density at 0 and 1, and
+    # defined at relaxed values too (numpyro's log_prob is −inf off {0, 1}, with a zero
+    # gradient: the relaxed rows lost the log q term before this).
+    log_q = jnp.sum(z * jax.nn.log_sigmoid(logits_q) + (1 - z) * jax.nn.log_sigmoid(-logits_q), -1)
+    log_prior = LATENTS * jnp.log(0.5)
     log_lik = dist.Bernoulli(logits=z @ params["V"] + params["c"]).log_prob(x).sum(-1)
     return jnp.mean(log_q - log_prior - log_lik)
 
@@ -134,6 +147,11 @@ def catvae_cost(params, x, key, est):
     q = dist.Categorical(logits=x @ params["W"] + params["b"])
     z = scg.sample(key, q, estimator=est)
     onehot = z if z.ndim == 2 else jax.nn.one_hot(z, CATS)  # relaxed: (B, K) already
+    return catvae_cost_at(params, x, onehot)
+
+
+def catvae_cost_at(params, x, onehot):
+    """The categorical VAE's minibatch cost at given one-hot (or relaxed) latents."""
     log_q = jnp.sum(onehot * jax.nn.log_softmax(x @ params["W"] + params["b"]), -1)
     log_prior = -jnp.log(CATS)
     log_lik = dist.Bernoulli(logits=onehot @ params["V"]).log_prob(x).sum(-1)
@@ -179,22 +197,30 @@ def time_step(grad, params, data, repeats):
     return 1e3 * float(np.median(times))
 
 
+def minibatch(key, n, batch):
+    """The minibatch schedule: the key of a training step splits into (batch key, draw key)."""
+    kb, kg = jax.random.split(key)
+    return jax.random.choice(kb, n, (batch,), replace=False), kg
+
+
+TRAIN_KEY = 3
+
+
 def train(grad, params, data, steps, lr, batch, evaluate):
     opt = optax.adam(lr)
     state = opt.init(params)
 
     @jax.jit
     def step(params, state, key):
-        kb, kg = jax.random.split(key)
         if data is None:
-            g = grad(params, kg)
+            g = grad(params, jax.random.split(key)[1])
         else:
-            idx = jax.random.choice(kb, data.shape[0], (batch,), replace=False)
+            idx, kg = minibatch(key, data.shape[0], batch)
             g = grad(params, data[idx], kg)
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state
 
-    keys = jax.random.split(jax.random.key(3), steps)
+    keys = jax.random.split(jax.random.key(TRAIN_KEY), steps)
     for k in keys:
         params, state = step(params, state, k)
     return float(evaluate(params))
@@ -211,14 +237,80 @@ def discrete_elbo(cost, data):
     return evaluate
 
 
+def initial_params():
+    return sbn_init(jax.random.key(0)), catvae_init(jax.random.key(0))
+
+
+def export(path, steps):
+    """Write what the peer scripts need to run the same workloads to ``path`` (.npz).
+
+    The data, the initial parameters, the minibatch schedule of ``steps`` training
+    steps, the exact gradients at the initial parameters on the first 100 images (toy,
+    catvae), and check values: each model's cost at fixed latents (so a peer's model can
+    be checked against this one to float32 rounding), the catvae's exact negative ELBO
+    of the first 100 images, and the objective at the initial parameters.
+    """
+    data = digits()
+    sbn0, cat0 = initial_params()
+    batch = data[:100]
+    keys = jax.random.split(jax.random.key(TRAIN_KEY), steps)
+    idx = jax.vmap(lambda k: minibatch(k, data.shape[0], 100)[0])(keys)
+    toy_exact = gradient_fn(toy_cost, "enum", {}, None)(jnp.asarray(0.0), jax.random.key(0))
+    cat_exact = gradient_fn(catvae_cost, "enum", {}, batch)(cat0, batch, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    check_u = rng.uniform(size=(100, LATENTS)).astype(np.float32)
+    check_z = rng.integers(0, CATS, size=100)
+    z_sbn = (check_u < jax.nn.sigmoid(batch @ sbn0["W"] + sbn0["b"])).astype(jnp.float32)
+    q_cat = jax.nn.softmax(batch @ cat0["W"] + cat0["b"])
+    # each image's cost at each of the 10 values of its latent, weighted by q
+    cost_kb = jax.vmap(
+        lambda k: jax.vmap(lambda x: catvae_cost_at(cat0, x[None], jax.nn.one_hot(k, CATS)[None]))(
+            batch
+        )
+    )(jnp.arange(CATS))
+    exact_cat = jnp.mean(jnp.sum(q_cat * cost_kb.T, -1))
+    out = {
+        "data": np.asarray(data),
+        "train_idx": np.asarray(idx, np.int64),
+        "toy_exact": np.asarray(toy_exact),
+        "check_u": check_u,
+        "check_z": check_z,
+        "sbn_check_cost": np.asarray(sbn_cost_at(sbn0, batch, z_sbn)),
+        "catvae_check_cost": np.asarray(catvae_cost_at(cat0, batch, jax.nn.one_hot(check_z, CATS))),
+        "catvae_exact_neg_elbo": np.asarray(exact_cat),
+        "sbn_objective_init": np.asarray(discrete_elbo(sbn_cost, data)(sbn0)),
+        "catvae_objective_init": np.asarray(discrete_elbo(catvae_cost, data)(cat0)),
+    }
+    for name, tree in (("sbn", sbn0), ("catvae", cat0), ("catvae_exact", cat_exact)):
+        out.update({f"{name}_{k}": np.asarray(v) for k, v in tree.items()})
+    np.savez(path, **out)
+    print(f"wrote {path}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items()))
+
+
+def evaluate_saved(path):
+    """Score parameters saved by a peer script (``<workload>/<row>/<leaf>`` arrays) with
+    this script's objective (same 20 keys as the scgjax rows)."""
+    data = digits()
+    saved = np.load(path)
+    rows = {}
+    for key in saved.files:
+        workload, row, leaf = key.split("/")
+        rows.setdefault((workload, row), {})[leaf] = jnp.asarray(saved[key])
+    costs = {"sbn": sbn_cost, "catvae": catvae_cost}
+    print("| workload | row | objective (scgjax's evaluation) |\n|---|---|---|")
+    for (workload, row), params in rows.items():
+        obj = float(discrete_elbo(costs[workload], data)(params))
+        print(f"| {workload} | {row} | {obj:.4f} |")
+
+
 def run(args):
     data = digits()
     workloads = {
         "toy": (toy_cost, jnp.asarray(0.0), None, 0.05, toy_objective),
-        "sbn": (sbn_cost, sbn_init(jax.random.key(0)), data, 0.01, discrete_elbo(sbn_cost, data)),
+        "sbn": (sbn_cost, initial_params()[0], data, 0.01, discrete_elbo(sbn_cost, data)),
         "catvae": (
             catvae_cost,
-            catvae_init(jax.random.key(0)),
+            initial_params()[1],
             data,
             0.01,
             discrete_elbo(catvae_cost, data),
@@ -263,7 +355,13 @@ def main():
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rows", nargs="*", default=None, help="rows whose names start so")
+    parser.add_argument("--export", metavar="NPZ", help="write the peers' inputs and stop")
+    parser.add_argument("--evaluate", metavar="NPZ", help="score a peer's saved parameters")
     args = parser.parse_args()
+    if args.export:
+        return export(args.export, args.steps)
+    if args.evaluate:
+        return evaluate_saved(args.evaluate)
     if args.quick:
         args.draws, args.steps, args.repeats = 300, 100, 5
     run(args)

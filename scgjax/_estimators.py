@@ -738,11 +738,14 @@ class REBAR(Alternatives):
         p, logits, u, shape = _bernoulli(self, d, key, sample_shape)
         b = u < p
         v = self.conditional_noise(key, shape, p.dtype)
-        z = logits + lax.stop_gradient(jnp.log1p(-u) - jnp.log(u))
+        tiny = jnp.finfo(p.dtype).tiny
+        z = logits + lax.stop_gradient(jnp.log1p(-u) - jnp.log(jnp.maximum(u, tiny)))
         log_p, log_q = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
-        # b = 1: ũ = v·p;  b = 0: ũ = p + v·(1 − p), so 1 − ũ = (1 − v)(1 − p).
-        log_u = jnp.where(b, jnp.log(v) + log_p, jnp.log1p(-(1 - v) * jnp.exp(log_q)))
-        log_1mu = jnp.where(b, jnp.log1p(-v * jnp.exp(log_p)), jnp.log1p(-v) + log_q)
+        log_v, log_1mv = jnp.log(v), jnp.log1p(-v)
+        # b = 1: ũ = v·p, 1 − ũ = (1 − v) + v·(1 − p);  b = 0: ũ = p + v·(1 − p),
+        # 1 − ũ = (1 − v)(1 − p). In log space, without cancellation (all finite).
+        log_u = jnp.where(b, log_v + log_p, jnp.logaddexp(log_p, log_v + log_q))
+        log_1mu = jnp.where(b, jnp.logaddexp(log_1mv, log_v + log_q), log_1mv + log_q)
         z_cond = logits + log_1mu - log_u
         hard = b.astype(p.dtype)
         return hard, z, z_cond, _element_log_prob(d, hard)

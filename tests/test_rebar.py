@@ -469,3 +469,20 @@ def test_refusals():
 def test_describe_names_the_estimator():
     text = scg.describe(with_neighbours)(jnp.asarray(THETA), jax.random.key(0), "rebar")
     assert "rebar" in text and "<operand>" not in text
+
+
+def test_float32_extreme_logits_stay_finite():
+    """float32, logits up to ±30 (p within 1e-13 of 0 or 1): the conditional
+    reparameterization is computed in log space (a first version took `log1p(−(1 −
+    v)(1 − p))`, −inf at p ≈ 0, and trained the sigmoid belief net to NaN)."""
+    with jax.enable_x64(False):
+        logits = jnp.array([-30.0, -17.0, -3.0, 3.0, 17.0, 30.0], jnp.float32)
+
+        def f(l, key):
+            b = scg.sample(key, dist.Bernoulli(logits=l), estimator="rebar")
+            return jnp.sum((b - 0.3) ** 2 * jnp.arange(1.0, 7.0))
+
+        keys = jax.random.split(jax.random.key(0), 4000)
+        g = jax.jit(jax.vmap(lambda k: scg.scg_grad(f)(logits, k)))(keys)
+        h = jax.jit(jax.vmap(lambda k: jax.hessian(scg.surrogate(f))(logits, k)))(keys[:200])
+        assert bool(jnp.isfinite(g).all()) and bool(jnp.isfinite(h).all())
