@@ -672,7 +672,9 @@ class REBAR(Alternatives):
     parameter, so the estimate is unbiased **at every order**, for any η and λ; they
     set its variance. The program sees the draw as a float (a one-hot vector for a
     Categorical, shape `(..., K)`, as with `"straight_through"`) and must accept the
-    relaxed values too (in [0, 1]; points of the simplex). Three evaluations of what
+    relaxed values too (in [0, 1]; points of the simplex), **differentiably**: a
+    program that rounds the draw (`argmax`, `round`, an int cast, indexing with it) gets
+    `(1 − η)×` the score estimate, biased (not detected yet). Three evaluations of what
     depends on the site; with automatic plates, per element, otherwise for the elements
     that go together at once (their log-probabilities summed in ⊡).
 
