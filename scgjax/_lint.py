@@ -65,6 +65,9 @@ class Site:
 
     source: str
     what: str
+    # The `scg.sample` draws whose derivative the operation loses (their estimators
+    # differentiate the program through the drawn value); empty for raw PRNG bits.
+    via: frozenset = frozenset()
 
 
 EMPTY: frozenset = frozenset()
@@ -76,6 +79,13 @@ class State(NamedTuple):
     lost: frozenset = EMPTY  # sites whose lost gradient this value carries
     guard: frozenset = EMPTY  # sites of a threshold predicate (lost unless a piecewise select)
     const: bool | None = None  # a predicate that is almost surely True/False (isfinite, isnan)
+    # `scg.sample` draws whose estimator differentiates through the value (pathwise,
+    # relaxations, straight-through, REBAR/RELAX) that this value is derived from.
+    paths: frozenset = EMPTY
+
+    @property
+    def random(self) -> bool:
+        return self.prng or bool(self.paths)
 
 
 CLEAN = State()
@@ -144,6 +154,7 @@ def _join(states) -> State:
         any(s.diff for s in states),
         _union(s.lost for s in states),
         _union(s.guard for s in states),
+        paths=_union(s.paths for s in states),
     )
 
 
@@ -281,12 +292,13 @@ class _Pass:
                             _union(s.lost | s.guard for s in ins),
                             EMPTY,
                             const,
+                            _union(s.paths for s in ins),
                         )
                     ]
             if all(s == CLEAN for s in ins) and name not in PRNG_SOURCES:
                 return [CLEAN] * len(eqn.outvars)
             if name == "stop_gradient":  # the user's declaration: no gradient wanted here
-                return [State(prng=ins[0].prng)] * len(eqn.outvars)
+                return [State(prng=ins[0].prng)] * len(eqn.outvars)  # paths: no derivative
             if name == "select_n":
                 return [self.select(eqn, ins)]
             return self.first_order(eqn, ins, frames, opaque)
@@ -317,20 +329,26 @@ class _Pass:
         diff = any(s.diff for s in ins)
         lost = _union(s.lost for s in ins)
         guard = _union(s.guard for s in ins)
+        paths = _union(s.paths for s in ins)
         outs = []
         for v in eqn.outvars:
             inexact = _aval_inexact(v)
             no_derivative = not inexact or name in ZERO_DERIVATIVE
             predicate = name in PREDICATE_OPS and _aval_bool(v)
             out_lost, out_guard = (lost, guard) if predicate else (lost | guard, EMPTY)
-            if no_derivative and diff and prng and not opaque:
-                site = frozenset({Site(_describe_frames(_frames(eqn, frames)), _what(eqn, v))})
+            if no_derivative and diff and (prng or paths) and not opaque:
+                where = _describe_frames(_frames(eqn, frames))
+                site = frozenset(
+                    {Site(where, _what(eqn, v))} if prng else set()
+                ) | frozenset({Site(where, _what(eqn, v), paths)} if paths else set())
                 if name in COMPARISONS and _is_threshold(ins):
                     out_guard = out_guard | site
                 else:
                     out_lost = out_lost | site
             const = _combine_constants(name, ins) if predicate else None
-            outs.append(State(prng, diff and not no_derivative, out_lost, out_guard, const))
+            outs.append(
+                State(prng, diff and not no_derivative, out_lost, out_guard, const, paths)
+            )
         return outs
 
     def select(self, eqn, ins) -> State:
@@ -353,10 +371,12 @@ class _Pass:
             lost = lost | case_guard
         # A piecewise definition: the cases are functions of the compared value (they carry
         # PRNG bits and a differentiable path) or constants.
-        piecewise = any(s.prng and s.diff for s in cases) and all(s.prng == s.diff for s in cases)
+        piecewise = any(s.random and s.diff for s in cases) and all(
+            s.random == s.diff for s in cases
+        )
         if not piecewise:
             lost = lost | pred.guard
-        return State(prng, diff, lost, out_guard)
+        return State(prng, diff, lost, out_guard, paths=_union(s.paths for s in ins))
 
     def sample(self, eqn, ins, frames) -> State:
         self.has_sample = True
@@ -367,12 +387,16 @@ class _Pass:
         if params["estimator"] == "score" and any(s.diff for s in leaves):
             _check_support(eqn, [s.diff for s in leaves], frames)
         lost = _union(s.lost | s.guard for s in (key, *leaves))
-        diff = (
-            params["estimator"] == "pathwise"
-            and any(s.diff for s in leaves)
-            and _aval_inexact(eqn.outvars[0])
+        method = params["method"]
+        # The estimators that differentiate the program through the drawn value (pathwise,
+        # relaxed, straight-through) or through relaxed values standing for it (REBAR's
+        # control variate): an operation without a derivative on it loses their gradient.
+        through_value = params["estimator"] == "pathwise" or getattr(
+            method, "differentiable_values", False
         )
-        return State(False, diff, lost)
+        diff = through_value and any(s.diff for s in leaves) and _aval_inexact(eqn.outvars[0])
+        paths = frozenset({_describe_sample(eqn, method, frames)}) if diff else EMPTY
+        return State(False, diff, lost, paths=paths)
 
     def scan(self, eqn, ins, frames, opaque) -> list[State]:
         num_consts, num_carry = _compat.scan_layout(eqn.params)
@@ -396,7 +420,7 @@ class _Pass:
         while True:
             (pred,) = self.closed(p["cond_jaxpr"], cconsts + carry, frames, opaque)
             # How many iterations run depends on the predicate.
-            trip = State(pred.prng, False, pred.lost | pred.guard)
+            trip = State(pred.prng, False, pred.lost | pred.guard, paths=pred.paths)
             outs = self.closed(p["body_jaxpr"], bconsts + carry, frames, opaque)
             grown = [_join([c, o, trip]) for c, o in zip(carry, outs)]
             if grown == carry:
@@ -406,7 +430,7 @@ class _Pass:
     def cond(self, eqn, ins, frames, opaque) -> list[State]:
         index, ops = ins[0], ins[1:]
         branches = [self.closed(b, ops, frames, opaque) for b in eqn.params["branches"]]
-        which = State(index.prng, False, index.lost | index.guard)
+        which = State(index.prng, False, index.lost | index.guard, paths=index.paths)
         return [_join([*outs, which]) for outs in zip(*branches)]
 
     def unknown_higher_order(self, eqn, ins, frames, opaque) -> list[State]:
@@ -419,7 +443,10 @@ class _Pass:
                 self.jaxpr(j, [CLEAN] * len(j.constvars), [joined] * len(j.invars), frames, opaque)
             )
         s = _join(results)
-        return [State(s.prng, s.diff and _aval_inexact(v), s.lost | s.guard) for v in eqn.outvars]
+        return [
+            State(s.prng, s.diff and _aval_inexact(v), s.lost | s.guard, paths=s.paths)
+            for v in eqn.outvars
+        ]
 
 
 def _is_threshold(ins) -> bool:
@@ -428,7 +455,13 @@ def _is_threshold(ins) -> bool:
     if len(ins) != 2:
         return False
     a, b = ins
-    return (a.prng and a.diff and b == CLEAN) or (b.prng and b.diff and a == CLEAN)
+    return (a.random and a.diff and b == CLEAN) or (b.random and b.diff and a == CLEAN)
+
+
+def _describe_sample(eqn, method, frames) -> str:
+    name = eqn.params.get("name")
+    label = f"{eqn.params['spec'].name} ({method}{', ' + repr(name) if name else ''})"
+    return f"{label} at {_describe_frames(frames)}"
 
 
 def _frames(eqn, enclosing) -> tuple:
@@ -629,6 +662,33 @@ def check_program(closed_jaxpr: Any, differentiated: Sequence[bool]) -> None:
 
 def _message(sites, no_sample: bool) -> str:
     lines = []
+    through = [s for s in sites if s.via]
+    sites = [s for s in sites if not s.via]
+    if through:
+        draws = sorted(_union(s.via for s in through))
+        many = len(draws) > 1
+        lines.append(
+            f"scgjax: the cost depends on {'draws' if many else 'a draw'} of scg.sample whose "
+            "estimator differentiates the program through the drawn value (pathwise, a "
+            "relaxation, straight-through, or REBAR/RELAX's relaxed control variate):"
+        )
+        lines.extend(f"  {d}" for d in draws)
+        lines.append(
+            "but the value meets an operation without a derivative on its way to the cost, "
+            "where that derivative is zero and the estimate leaves out how the draw's "
+            "distribution moves the cost (biased, often zero):"
+        )
+        by_source: dict = {}
+        for site in through:
+            by_source.setdefault(site.source, []).append(site.what)
+        lines.extend(f"  {source}: {', '.join(whats)}" for source, whats in by_source.items())
+        lines.append(
+            "Pass estimator='score' to that scg.sample (the score-function estimator needs no "
+            "derivative of the cost; 'enum', 'arm' or 'disarm' on a finite support), or keep "
+            "the program differentiable in the value (jnp.where(x > 0, x, a * x) is fine, "
+            "(x > 0).astype(float) and x.astype(int) are not). If the discontinuity is "
+            "intended, put it under jax.lax.stop_gradient."
+        )
     if sites:
         by_source: dict = {}
         for site in sites:

@@ -291,6 +291,118 @@ def test_both_rules_share_one_warning():
     assert "comparison lt" in message and "no scg.sample" in message
 
 
+# -- Lost gradients: scg.sample draws whose estimator differentiates through the value -------
+
+
+def test_a_pathwise_draw_thresholded_into_a_step_warns_naming_the_draw_and_the_step():
+    """E[1(x > 0)] for x ~ Normal(t, 1) has derivative phi(t); the pathwise derivative of
+    the step is 0 everywhere, so scg_grad's estimate would be 0: a silent zero gradient."""
+
+    def f(t, key):
+        x = scg.sample(key, dist.Normal(t, 1.0), name="x")
+        return jnp.where(x > 0, 1.0, 0.0)
+
+    message = lost_gradient_message(scg.scg_grad(f), 0.3, KEY)
+    assert "Normal (pathwise, 'x') at" in message and "test_lint.py" in message
+    assert "comparison gt" in message and "estimator='score'" in message
+    assert "without scg.sample" not in message  # not the raw-PRNG message
+
+
+@pytest.mark.parametrize(
+    "estimator, make, what",
+    [
+        ("rebar", lambda l: dist.Bernoulli(logits=l), "round"),
+        ("relax", lambda l: dist.Bernoulli(logits=l), "cast to int32"),
+        ("gumbel_softmax", lambda l: dist.Bernoulli(logits=l), "round"),
+        ("straight_through", lambda l: dist.Categorical(logits=jnp.stack([l, -l])), "argmax"),
+        ("rebar", lambda l: dist.Categorical(logits=jnp.stack([l, -l])), "argmax"),
+    ],
+)
+def test_rounding_a_value_the_estimator_differentiates_through_warns(estimator, make, what):
+    """REBAR/RELAX evaluate the program at relaxed values and differentiate through them:
+    a rounded draw gives (1 - eta) x the score estimate (0 at eta = 1); a relaxation or
+    straight-through rounded back is a zero gradient."""
+    table = jnp.array([0.3, 2.0])
+
+    def f(l, key):
+        v = scg.sample(key, make(l), estimator=estimator)
+        if v.ndim:  # a one-hot Categorical value
+            return table[jnp.argmax(v)]
+        index = jnp.round(v) if what == "round" else v.astype(jnp.int32)
+        return (index - 0.45) ** 2
+
+    message = lost_gradient_message(scg.scg_grad(f), 0.3, KEY)
+    assert f"({estimator})" in message and what in message
+
+
+def test_a_pathwise_draw_deciding_a_cond_warns():
+    def f(t, key):
+        x = scg.sample(key, dist.Normal(t, 1.0))
+        return lax.cond(x > 0, lambda: 2.0, lambda: -1.0)
+
+    assert "comparison gt" in lost_gradient_message(scg.scg_grad(f), 0.3, KEY)
+
+
+def test_a_pathwise_draw_indexing_a_table_in_a_scan_under_jit_warns():
+    def f(t, key):
+        def step(c, k):
+            x = scg.sample(k, dist.Normal(t, 1.0))
+            return c + jnp.array([0.0, 1.0, 3.0])[jnp.clip(x, 0, 2).astype(jnp.int32)], None
+
+        return lax.scan(step, 0.0, jax.random.split(key, 3))[0]
+
+    lost_gradient_message(jax.jit(scg.scg_grad(f)), 0.3, KEY)
+
+
+def test_the_same_step_with_estimator_score_is_silent_and_unbiased():
+    """The fix the warning names: the score-function estimator of d/dt E[1(x > 0)] =
+    phi(t). 4000 draws: the tolerance (4 standard errors, about 0.03) detects the zero
+    gradient that the pathwise estimate gives."""
+
+    def f(t, key):
+        x = scg.sample(key, dist.Normal(t, 1.0), estimator="score")
+        return jnp.where(x > 0, 1.0, 0.0)
+
+    assert_silent(scg.scg_grad(f), 0.3, KEY)
+    grads = mc_draws(lambda k: scg.scg_grad(f)(0.3, k), n=4000, seed=1)
+    assert_mc_close(grads, jax.scipy.stats.norm.pdf(0.3), n_sigma=4.0)
+
+
+def test_continuous_functions_of_a_pathwise_draw_are_silent():
+    """Piecewise but continuous (ReLU, leaky ReLU, clipping, abs, max), a numerical guard,
+    and a step under stop_gradient: the pathwise derivative is right."""
+
+    def make(fn):
+        def f(t, key):
+            x = scg.sample(key, dist.Normal(t * jnp.linspace(-2.0, 2.0, 5), 1.0))
+            return fn(x).sum()
+
+        return f
+
+    for fn in (
+        jax.nn.relu,
+        jax.nn.leaky_relu,
+        lambda x: jnp.where(x > 0, x, 0.1 * x),
+        lambda x: jnp.clip(x, -1.0, 1.0),
+        jnp.abs,
+        lambda x: jnp.maximum(x, 0.5),
+        lambda x: jnp.where(jnp.isfinite(x), x**2, 0.0),
+        lambda x: jnp.sort(x) * jnp.arange(5.0),
+        lambda x: x * lax.stop_gradient(jnp.where(x > 0, 1.0, 0.0)),
+        jax.nn.logsumexp,
+    ):
+        assert_silent(scg.scg_grad(make(fn)), 0.3, KEY)
+
+
+def test_a_threshold_on_a_pathwise_draw_of_fixed_parameters_is_silent():
+    def f(t, key):
+        k1, k2 = jax.random.split(key)
+        x = scg.sample(k1, dist.Normal(0.0, 1.0))  # nothing differentiated reaches it
+        return jnp.where(x > 0, t, t**2) + normal_site(k2, t)
+
+    assert_silent(scg.scg_grad(f), 0.3, KEY)
+
+
 # -- No warning where the gradient is right --------------------------------------------------
 
 
