@@ -561,6 +561,99 @@ class DisARM(_Antithetic):
         return jnp.stack([b, b2]), self._pair(logits, a)
 
 
+@register
+@dataclasses.dataclass(frozen=True)
+class ARSM(Alternatives):
+    """Augment-REINFORCE-swap-merge (Yin, Yue & Zhou 2019), the antithetic estimator of
+    a (multivariate) Categorical with `C` categories. The draw is `z = argmin_i (log π_i −
+    φ_i)` with `π ~ Dirichlet(1_C)` (the Gumbel-max trick; `π` is drawn given the draw,
+    so `z` is `d.sample(key)`); `z^{m⇌j}` swaps `π_m` and `π_j`. The logits get
+
+        ∂/∂φ_c = (1/C) Σ_j (1 − C·π_j) (f(z^{c⇌j}) − (1/C) Σ_m f(z^{m⇌j})),
+
+    (ARSM: every reference category `j`, `C(C − 1)/2 + 1` evaluations of what depends
+    on the site, the distinct swaps and the draw), or, with `reference=j`, that term of
+    the sum alone times `C` (ARS: `C` evaluations). The value is the cost at the draw.
+    Several elements that a cost mixes swap together (the same `m, j`), each with its own
+    `π`. Unbiased, first order; the estimate is 0 wherever every swap leaves the draw
+    unchanged."""
+
+    name: ClassVar[str] = "arsm"
+    families: ClassVar[tuple] = _CATEGORICAL
+    coupled: ClassVar[bool] = True
+    reference: int | None = None
+
+    def check(self, d):
+        super().check(d)
+        n = self._categories(d)
+        if self.reference is not None and not (
+            isinstance(self.reference, int)
+            and not isinstance(self.reference, bool)
+            and 0 <= self.reference < n
+        ):
+            raise ValueError(
+                f"scgjax: ARSM(reference=...) must be a category, an int in [0, {n}), or "
+                f"None (every category: ARSM), got {self.reference!r}."
+            )
+
+    @staticmethod
+    def _categories(d) -> int:
+        return int(jnp.shape(base_of(d).logits)[-1])
+
+    def _swaps(self, n: int) -> list[tuple[int, int]]:
+        """The swaps `(m, j)` behind alternatives 1, 2, ... (alternative 0 is the draw)."""
+        if self.reference is None:
+            return [(m, j) for m in range(n) for j in range(m + 1, n)]
+        return [(m, self.reference) for m in range(n) if m != self.reference]
+
+    def count(self, d):
+        return 1 + len(self._swaps(self._categories(d)))
+
+    def base_weights(self, count):
+        return np.eye(count)[0]
+
+    def perturbed(self, d, key, sample_shape, log_p):
+        """`log p + G` whose argmax is the draw (`_perturbed_given_draw`)."""
+        return _perturbed_given_draw(d, key, sample_shape, log_p)
+
+    def alternatives(self, d, key, sample_shape):
+        base = base_of(d)
+        n = self._categories(d)
+        shape = tuple(sample_shape) + tuple(d.batch_shape) + tuple(d.event_shape)
+        logits = jnp.broadcast_to(base.logits, shape + (n,))
+        log_p = lax.stop_gradient(jax.nn.log_softmax(logits, axis=-1))
+        perturbed = lax.stop_gradient(self.perturbed(d, key, sample_shape, log_p))
+        hard = jnp.argmax(perturbed, axis=-1)  # the draw, d.sample(key, sample_shape)
+        # The Gumbels behind it; a category of probability 0 takes any (a fresh one).
+        fresh = jax.random.gumbel(jax.random.fold_in(key, 0xA75), jnp.shape(log_p), log_p.dtype)
+        g = lax.stop_gradient(jnp.where(jnp.isfinite(log_p), perturbed - log_p, fresh))
+        log_pi = -g - jax.nn.logsumexp(-g, axis=-1, keepdims=True)  # π ~ Dirichlet(1)
+        w = 1.0 - n * jnp.exp(log_pi)  # (..., C): 1 − C π_j
+        eye = jnp.eye(n, dtype=log_p.dtype)
+        values, coefs = [hard], []
+        if self.reference is None:
+            coefs.append(w / n)
+        else:
+            j = self.reference
+            coefs.append(w[..., j : j + 1] * (eye[j] - 1.0 / n))
+        for m, j in self._swaps(n):
+            order = list(range(n))
+            order[m], order[j] = j, m
+            swapped = log_pi[..., order]
+            values.append(jnp.argmin(swapped - log_p, axis=-1).astype(hard.dtype))
+            wm, wj = w[..., m : m + 1], w[..., j : j + 1]
+            if self.reference is None:
+                coefs.append((wj * eye[m] + wm * eye[j]) / n - (wj + wm) / n**2)
+            else:
+                coefs.append(wj * (eye[m] - 1.0 / n))
+        # Each logit's estimate is unbiased on its own: a category of probability 0 (a
+        # masked one), whose derivative is 0, gets exactly 0 instead of noise.
+        allowed = jnp.isfinite(log_p)
+        coefs = [jnp.where(allowed, c, 0.0) for c in coefs]
+        pieces = [jnp.sum(_weights.weight(logits, c, self.name), axis=-1) for c in coefs]
+        return jnp.stack(values), jnp.stack(pieces)
+
+
 _MVD = _BERNOULLI + (dist.Normal,)
 
 
@@ -627,6 +720,20 @@ class MeasureValued(Alternatives):
             ]
         )
         return values, pieces
+
+
+def _perturbed_given_draw(d, key, sample_shape, log_p):
+    """Perturbed log-probabilities `log p + G` (`G` Gumbels, `log_p` shaped `(*draw
+    shape, K)`) whose argmax is the draw `d.sample(key, sample_shape)`: the Gumbels are
+    drawn conditionally on it (the top one `−log E_b`, the others truncated below it:
+    Tucker et al. 2017), so together they are distributed as in the Gumbel-max trick, for
+    any parameterization. Categories of probability 0 get `−inf`."""
+    hard = jnp.asarray(d.sample(key, sample_shape))
+    onehot = jax.nn.one_hot(hard, log_p.shape[-1], dtype=bool)
+    tiny = jnp.finfo(log_p.dtype).tiny
+    e = -jnp.log(jax.random.uniform(_noise_key(key), log_p.shape, log_p.dtype, minval=tiny))
+    e_top = jnp.take_along_axis(e, hard[..., None], axis=-1)
+    return jnp.where(onehot, -jnp.log(e_top), -jnp.log(e / jnp.exp(log_p) + e_top))
 
 
 # -- Control variates: REBAR and RELAX ----------------------------------------------------
@@ -908,16 +1015,8 @@ class _WithoutReplacement(Alternatives):
         return np.zeros(count)  # the values are in the weights' parts (data-dependent)
 
     def perturbed(self, d, key, sample_shape, log_p):
-        """Perturbed log-probabilities `log p + G` (`G` Gumbels) whose argmax is the draw
-        `d.sample(key, sample_shape)`: the Gumbels are drawn conditionally on it (the top
-        one `−log E_b`, the others truncated below it: Tucker et al. 2017), so together
-        they are distributed as in the Gumbel-max trick, for any parameterization."""
-        hard = jnp.asarray(d.sample(key, sample_shape))
-        onehot = jax.nn.one_hot(hard, log_p.shape[-1], dtype=bool)
-        tiny = jnp.finfo(log_p.dtype).tiny
-        e = -jnp.log(jax.random.uniform(_noise_key(key), log_p.shape, log_p.dtype, minval=tiny))
-        e_top = jnp.take_along_axis(e, hard[..., None], axis=-1)
-        return jnp.where(onehot, -jnp.log(e_top), -jnp.log(e / jnp.exp(log_p) + e_top))
+        """`log p + G` whose argmax is the draw (`_perturbed_given_draw`)."""
+        return _perturbed_given_draw(d, key, sample_shape, log_p)
 
     def _top(self, d, key, sample_shape):
         """(the k categories in order (..., k), the logits and log p (..., K), κ, the

@@ -338,17 +338,15 @@ class _Pass:
             out_lost, out_guard = (lost, guard) if predicate else (lost | guard, EMPTY)
             if no_derivative and diff and (prng or paths) and not opaque:
                 where = _describe_frames(_frames(eqn, frames))
-                site = frozenset(
-                    {Site(where, _what(eqn, v))} if prng else set()
-                ) | frozenset({Site(where, _what(eqn, v), paths)} if paths else set())
+                site = frozenset({Site(where, _what(eqn, v))} if prng else set()) | frozenset(
+                    {Site(where, _what(eqn, v), paths)} if paths else set()
+                )
                 if name in COMPARISONS and _is_threshold(ins):
                     out_guard = out_guard | site
                 else:
                     out_lost = out_lost | site
             const = _combine_constants(name, ins) if predicate else None
-            outs.append(
-                State(prng, diff and not no_derivative, out_lost, out_guard, const, paths)
-            )
+            outs.append(State(prng, diff and not no_derivative, out_lost, out_guard, const, paths))
         return outs
 
     def select(self, eqn, ins) -> State:

@@ -9,13 +9,15 @@ object sets them (`estimator=scg.estimators.GumbelSoftmax(temperature=0.3)`).
 * `GumbelSoftmax` (`"gumbel_softmax"`), `StraightThrough` (`"straight_through"`):
   relaxations of Bernoulli and Categorical draws, biased by design.
 * `ARM` (`"arm"`), `DisARM` (`"disarm"`): antithetic estimators for Bernoulli draws;
+  `ARSM` (`"arsm"`, `ARSM(reference=j)` for ARS): their counterpart for Categorical draws;
   `MeasureValued` (`"measure_valued"`): weak derivatives for Bernoulli and Normal draws.
   Unbiased, first derivatives only (a second derivative through them raises); their
   base `Alternatives` evaluates what depends on a site at a few values of it.
 * `UnorderedSet` (`"unordered_set"`), `ScoreWOR` (`"score_wor"`): `k` categories drawn
   without replacement, per element; unbiased, first derivatives only.
-* `REBAR` (`"rebar"`), `RELAX` (`"relax"`): control variates for Bernoulli draws from
-  relaxed values of them (and, for RELAX, a learned function); unbiased at every order.
+* `REBAR` (`"rebar"`), `RELAX` (`"relax"`): control variates for Bernoulli and
+  Categorical draws from relaxed values of them (and, for RELAX, a learned function);
+  unbiased at every order.
   Their options may be learned arrays; `variance_gradient` gives the gradient of the
   estimate's variance with respect to them.
 
@@ -23,6 +25,7 @@ object sets them (`estimator=scg.estimators.GumbelSoftmax(temperature=0.3)`).
 """
 
 from ._estimators import ARM as ARM
+from ._estimators import ARSM as ARSM
 from ._estimators import REBAR as REBAR
 from ._estimators import RELAX as RELAX
 from ._estimators import Alternatives as Alternatives
@@ -42,6 +45,7 @@ from ._surrogate import variance_gradient as variance_gradient
 
 __all__ = [
     "ARM",
+    "ARSM",
     "REBAR",
     "RELAX",
     "Alternatives",
