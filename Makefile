@@ -43,8 +43,8 @@ test-newest: $(VENV_NEWEST)/.installed
 
 # ruff (lint and format) and pyright (basic), configured in pyproject.toml.
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check scgjax tests examples benchmarks
-	$(VENV)/bin/ruff format --check scgjax tests examples benchmarks
+	$(VENV)/bin/ruff check scgjax tests examples benchmarks docs/*.py
+	$(VENV)/bin/ruff format --check scgjax tests examples benchmarks docs/*.py
 	$(VENV)/bin/pyright
 
 # The documentation site (mkdocs.yml, docs/) into site/. --strict: a warning (a broken link
