@@ -9,12 +9,17 @@ PY := $(VENV)/bin/python
 PY_NEWEST := $(VENV_NEWEST)/bin/python
 PYTEST_ARGS ?= -n 2 --dist worksteal
 
-.PHONY: demo test test-newest lint bench mutation clean
+.PHONY: demo test test-newest lint docs bench mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The docs extra (mkdocs, mkdocs-material, mkdocstrings-python), added to the same .venv.
+$(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[docs]'
 	touch $@
 
 # The newest JAX release, on Python 3.12 (pyenv's), for `.ci/run`.
@@ -38,9 +43,15 @@ test-newest: $(VENV_NEWEST)/.installed
 
 # ruff (lint and format) and pyright (basic), configured in pyproject.toml.
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check scgjax tests examples benchmarks
-	$(VENV)/bin/ruff format --check scgjax tests examples benchmarks
+	$(VENV)/bin/ruff check scgjax tests examples benchmarks docs/*.py
+	$(VENV)/bin/ruff format --check scgjax tests examples benchmarks docs/*.py
 	$(VENV)/bin/pyright
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a warning (a broken link
+# or anchor, a docstring griffe cannot parse, a missing snippet) fails the build.
+# NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2.0, printed on every build.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
@@ -51,4 +62,4 @@ mutation: $(VENV)/.installed
 	$(PY) tests/mutation.py $(MUTANTS)
 
 clean:
-	rm -rf $(VENV) $(VENV_NEWEST) build dist *.egg-info
+	rm -rf $(VENV) $(VENV_NEWEST) build dist site *.egg-info

@@ -420,7 +420,8 @@ def scg_value_and_grad(
       f: a stochastic program (see `surrogate`).
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`.
-      holomorphic, allow_int: as in `jax.value_and_grad`.
+      holomorphic: as in `jax.value_and_grad`.
+      allow_int: as in `jax.value_and_grad`.
       **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`,
         `particle_axes`, as in
         `surrogate`.
@@ -457,7 +458,8 @@ def scg_grad(
       f: a stochastic program (see `surrogate`).
       argnums: which positional argument(s) to differentiate, as in `jax.grad`.
       has_aux: whether `f` returns `(cost, aux)`; then this returns `(grad, aux)`.
-      holomorphic, allow_int: as in `jax.grad`.
+      holomorphic: as in `jax.grad`.
+      allow_int: as in `jax.grad`.
       **options: `num_samples`, `baseline`, `key_argnum`, `downstream`, `draws`,
         `particle_axes`, as
         in `surrogate`. With `downstream=True` this returns `(grad, downstream)` (or
