@@ -781,7 +781,8 @@ class REBAR(Alternatives):
     Categorical, shape `(..., K)`, as with `"straight_through"`) and must accept the
     relaxed values too (in [0, 1]; points of the simplex), **differentiably**: a
     program that rounds the draw (`argmax`, `round`, an int cast, indexing with it) gets
-    `(1 − η)×` the score estimate, biased (not detected yet). Three evaluations of what
+    `(1 − η)×` the score estimate, biased: `scg_grad` warns at trace time
+    (`LostGradientWarning`). Three evaluations of what
     depends on the site; with automatic plates, per element, otherwise for the elements
     that go together at once (their log-probabilities summed in ⊡).
 

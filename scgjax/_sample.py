@@ -81,9 +81,11 @@ def sample(
         `"gumbel_softmax"` and `"straight_through"` relax a Bernoulli or Categorical
         (biased by design; `estimators.GumbelSoftmax(temperature=...)`), and change
         what the program sees: the relaxed draw, or, for a Categorical, a one-hot
-        vector. `"arm"`, `"disarm"` (Bernoulli), `"measure_valued"` (Bernoulli,
-        Normal), `"unordered_set"` and `"score_wor"` (Categorical) evaluate what
-        depends on the draw at a few alternative values (first derivatives only).
+        vector. `"arm"`, `"disarm"` (Bernoulli), `"arsm"` (Categorical),
+        `"measure_valued"` (Bernoulli, Normal), `"unordered_set"` and `"score_wor"`
+        (Categorical) evaluate what depends on the draw at a few alternative values
+        (first derivatives only); `"rebar"`, `"relax"` (Bernoulli, Categorical) add
+        control variates from relaxed values (every order).
       baseline: for a score node, a value broadcastable to `d.log_prob(value)`'s shape
         that is subtracted from the node's downstream cost. It is computed before the
         draw, so it cannot depend on it and the estimator stays unbiased; the surrogate

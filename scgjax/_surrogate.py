@@ -362,8 +362,8 @@ def surrogate(
       argument (`jax.grad`, `jax.hessian`, `jax.jacfwd`) are unbiased estimates of the
       derivatives of `E[cost]`. Sites evaluated at several values change the value:
       `"enum"` gives the expectation over the site, the others an average over their
-      alternatives; `"arm"`, `"disarm"`, `"measure_valued"`, `"unordered_set"` and
-      `"score_wor"` estimate first derivatives only (a second derivative through their
+      alternatives; `"arm"`, `"disarm"`, `"arsm"`, `"measure_valued"`, `"unordered_set"`
+      and `"score_wor"` estimate first derivatives only (a second derivative through their
       parameters raises). With `has_aux` it returns `(surrogate, aux)`; with
       `downstream`, `(surrogate, downstream)` or `(surrogate, (aux, downstream))`.
 
