@@ -19,10 +19,11 @@ Workloads:
 Rows: ``score`` (scgjax's default for discrete draws: automatic plates), ``score LOO K=4``
 (``num_samples=4, baseline="leave_one_out"``: four program evaluations per step),
 ``enum``, ``gumbel_softmax`` (τ = 0.5) and ``straight_through`` (τ = 1), ``arm``,
-``disarm`` and ``measure_valued`` (Bernoulli: refused on the categorical VAE), and
-``unordered_set`` / ``score_wor`` with k = 4 (Categorical: refused on the Bernoulli
-workloads), ``rebar`` with its defaults, unlearned (its control variates, the cost at
-relaxed draws, are the programs' own; see tests/test_rebar.py for RELAX learning one);
+``disarm`` and ``measure_valued`` (Bernoulli: refused on the categorical VAE), ``arsm``
+(46 evaluations for 10 categories) and ``unordered_set`` / ``score_wor`` with k = 4
+(Categorical: refused on the Bernoulli workloads), ``rebar`` with its defaults,
+unlearned (its control variates, the cost at relaxed draws, are the programs' own; see
+tests/test_rebar.py for RELAX learning one);
 the relaxations are biased by design. The relaxed rows train the relaxed
 program (the Categorical's value is then a one-hot vector or a point of the simplex; the
 programs below take both).
@@ -77,6 +78,7 @@ ROWS = {
     "arm": ("arm", {}),
     "disarm": ("disarm", {}),
     "measure_valued": ("measure_valued", {}),
+    "arsm": ("arsm", {}),
     "unordered_set k=4": ("unordered_set", {}),
     "score_wor k=4": ("score_wor", {}),
     "rebar (η=1, λ=½, unlearned)": ("rebar", {}),
