@@ -624,9 +624,11 @@ class ARSM(Alternatives):
         log_p = lax.stop_gradient(jax.nn.log_softmax(logits, axis=-1))
         perturbed = lax.stop_gradient(self.perturbed(d, key, sample_shape, log_p))
         hard = jnp.argmax(perturbed, axis=-1)  # the draw, d.sample(key, sample_shape)
-        # The Gumbels behind it; a category of probability 0 takes any (a fresh one).
+        # The Gumbels behind it. A category of probability 0 (a masked one, or one whose
+        # probability underflows: logits of -1e9) takes any (a fresh one).
+        allowed = jnp.isfinite(perturbed) & jnp.isfinite(log_p)
         fresh = jax.random.gumbel(jax.random.fold_in(key, 0xA75), jnp.shape(log_p), log_p.dtype)
-        g = lax.stop_gradient(jnp.where(jnp.isfinite(log_p), perturbed - log_p, fresh))
+        g = lax.stop_gradient(jnp.where(allowed, perturbed - log_p, fresh))
         log_pi = -g - jax.nn.logsumexp(-g, axis=-1, keepdims=True)  # π ~ Dirichlet(1)
         w = 1.0 - n * jnp.exp(log_pi)  # (..., C): 1 − C π_j
         eye = jnp.eye(n, dtype=log_p.dtype)
@@ -646,9 +648,8 @@ class ARSM(Alternatives):
                 coefs.append((wj * eye[m] + wm * eye[j]) / n - (wj + wm) / n**2)
             else:
                 coefs.append(wj * (eye[m] - 1.0 / n))
-        # Each logit's estimate is unbiased on its own: a category of probability 0 (a
-        # masked one), whose derivative is 0, gets exactly 0 instead of noise.
-        allowed = jnp.isfinite(log_p)
+        # Each logit's estimate is unbiased on its own: a category of probability 0, whose
+        # derivative is 0 (below float precision), gets exactly 0 instead of noise.
         coefs = [jnp.where(allowed, c, 0.0) for c in coefs]
         pieces = [jnp.sum(_weights.weight(logits, c, self.name), axis=-1) for c in coefs]
         return jnp.stack(values), jnp.stack(pieces)

@@ -908,9 +908,12 @@ def test_arsm_has_lower_variance_than_the_score_function():
     assert v["arsm"] < 0.5 * v["score"], v
 
 
-def test_arsm_with_a_masked_category_is_finite_and_unbiased():
+@pytest.mark.parametrize("mask", [-np.inf, -1e9], ids=["inf", "1e9"])
+def test_arsm_with_a_masked_category_is_finite_and_unbiased(mask):
+    """A logit of −inf, or −1e9 (whose probability underflows: the Gumbel given the draw
+    is −inf there, and was NaN in log π)."""
     values = jnp.array([1.0, 2.0, 3.0, -1.0])
-    logits = jnp.array([0.2, -jnp.inf, 0.5, 0.0])
+    logits = jnp.array([0.2, mask, 0.5, 0.0])
 
     def f(l, key):
         return values[scg.sample(key, dist.Categorical(logits=l), estimator="arsm")] ** 2
