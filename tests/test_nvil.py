@@ -257,15 +257,18 @@ def test_sbn_regression_converges_to_the_mean_downstream_cost_and_lowers_varianc
     assert var_b < 0.5 * var_n, (var_b, var_n)
 
 
-def test_sbn_same_key_equals_the_per_row_hand_written_estimator():
-    """One draw: grads = Σ_ij ∇log q(z_ij)·(Q_ij − b_i − c̄) + the direct part (each
-    latent weighted by its own downstream cost and its row's baseline), and
-    baseline_grads, the new state and the info by their definitions."""
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sbn_same_key_equals_the_per_row_hand_written_estimator(normalize):
+    """One draw: grads = Σ_ij ∇log q(z_ij)·(Q_ij − b_i − c̄)/s + the direct part (each
+    latent weighted by its own downstream cost and its row's baseline; s = √v = 2.5 with
+    normalize, else 1), and baseline_grads, the new state and the info by their
+    definitions. (The exact tests cannot see a draw-independent change of the signal,
+    e.g. (Q − b)/s written Q/s − b, or a baseline's sign: the mean is the same.)"""
     params, x, key = sbn_args()
-    cbar, v, decay = 0.25, 0.5, 0.8
+    cbar, v, decay = 0.25, 6.25, 0.7
     state = state_of({"z": cbar}, {"z": v})
     phi = f64(PHI)
-    nv = scg.baselines.nvil(sbn, sbn_baseline, decay=decay)
+    nv = scg.baselines.nvil(sbn, sbn_baseline, decay=decay, normalize=normalize)
     g, g_phi, new, info = jax.jit(nv.update)(phi, state, params, x, key)
 
     z = jax.jit(scg.trace(sbn))(params, x, key).sites["z"].value.astype(jnp.float64)
@@ -275,7 +278,7 @@ def test_sbn_same_key_equals_the_per_row_hand_written_estimator():
 
     def hand(p):
         lq = log_bern(z, x @ p["W"] + p["c"])
-        signal = lax.stop_gradient(q - b[:, None] - cbar)
+        signal = lax.stop_gradient(q - b[:, None] - cbar) / (2.5 if normalize else 1.0)
         return jnp.mean(sbn_row_costs(p, x, z)) + jnp.sum(lq * signal)
 
     assert_close(g, jax.jit(jax.grad(hand))(params), rtol=1e-10, what="grads")
