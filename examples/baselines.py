@@ -1,4 +1,4 @@
-"""Baselines as explicit state: a moving average and a learned baseline trained with Optax.
+"""Baselines as explicit state: a moving average, and NVIL's learned baseline with Optax.
 
 A sigmoid belief net encodes binary data x into binary latents z ~ Bernoulli(x W + b) and
 decodes them; the cost of row i is its reconstruction error. scgjax weights each latent's
@@ -7,10 +7,11 @@ before z is drawn, is subtracted from that cost:
 
 * moving average: state = an exponential average of each row position's downstream cost
   (`downstream=True` returns it as the regression target), threaded in and out of the
-  training step: no hidden mutation;
-* learned: a linear network b_φ(x_i) regressed on the downstream cost with Optax, trained
-  beside the model. Its parameters get no gradient from the surrogate (the baseline term
-  `(1 − ⊡(log q))·b` has value 0 and derivative 0 in φ), only from the regression loss.
+  training step and passed to `scg.sample(..., baseline=)`: no hidden mutation;
+* learned (`scg.baselines.nvil`): a linear network b_φ(x_i) of the row, plus NVIL's
+  running mean of the residual, regressed on the downstream cost; `update` returns the
+  model's gradient and the network's (the regression loss's), both trained with Optax.
+  The program is the same `cost`, without a baseline: the helper adds it from outside.
 
 Run: `.venv/bin/python examples/baselines.py` (add `--steps 20` for a quick run).
 """
@@ -36,7 +37,7 @@ def data(key):
     return jnp.where(flips, 1.0 - rows, rows)
 
 
-def cost(params, x, key, baseline):
+def cost(params, x, key, baseline=None):
     """Mean reconstruction error; `baseline` (shape (B, 1)) is each row's baseline."""
     logits = x @ params["enc"] + params["enc_b"]
     z = scg.sample(key, dist.Bernoulli(logits=logits), baseline=baseline, name="z")
@@ -58,6 +59,12 @@ def baseline_net(phi, x):
     return x @ phi["w"] + phi["b"]  # (B, 1)
 
 
+def baseline_fn(phi, params, x):
+    """NVIL's baselines by site name, from `cost`'s arguments without the key."""
+    del params
+    return {"z": baseline_net(phi, x)}
+
+
 def main(steps: int):
     opt = optax.adam(3e-2)
     base_opt = optax.adam(3e-2)
@@ -68,49 +75,44 @@ def main(steps: int):
     # Learned baseline: φ and its optimizer state.
     phi = {"w": jnp.zeros((D, 1)), "b": jnp.zeros((1,))}
     base_state = base_opt.init(phi)
-    grad_and_q = scg.scg_grad(cost, downstream=True)
+    nv = scg.baselines.nvil(cost, baseline_fn)
+    nvil_state = nv.init(params, data(jax.random.key(0)), jax.random.key(0))
 
     @jax.jit
-    def step(params, opt_state, ema, phi, base_state, key):
+    def step(params, opt_state, ema, phi, base_state, nvil_state, key):
         kx, kz = jax.random.split(key)
         x = data(kx)
-        b = baseline_net(phi, x)
-        g, q = grad_and_q(params, x, kz, b)
-        # The regression target: each latent's downstream cost, here its row's cost (/B).
-        target = q["z"].mean(axis=-1, keepdims=True)
+        g, g_phi, nvil_state, info = nv.update(phi, nvil_state, params, x, kz)
         updates, opt_state = opt.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
-        ema = 0.9 * ema + 0.1 * target
-        loss, g_phi = jax.value_and_grad(lambda p: jnp.mean((baseline_net(p, x) - target) ** 2))(
-            phi
-        )
+        # The moving average's target: each latent's downstream cost, here its row's (/B).
+        ema = 0.9 * ema + 0.1 * info.downstream["z"].mean(axis=-1, keepdims=True)
         updates, base_state = base_opt.update(g_phi, base_state, phi)
         phi = optax.apply_updates(phi, updates)
-        return params, opt_state, ema, phi, base_state, loss
+        return params, opt_state, ema, phi, base_state, nvil_state, info.loss
 
     key = jax.random.key(1)
     for _ in range(steps):
         key, sub = jax.random.split(key)
-        params, opt_state, ema, phi, base_state, loss = step(
-            params, opt_state, ema, phi, base_state, sub
+        params, opt_state, ema, phi, base_state, nvil_state, loss = step(
+            params, opt_state, ema, phi, base_state, nvil_state, sub
         )
     print(f"after {steps} steps: baseline regression loss {loss:.2e}")
 
     # Compare the estimators' variance at the trained parameters, same data.
     x = data(jax.random.key(123))
     variance = {}
-    for label, b in [
-        ("no baseline", jnp.zeros((B, 1))),
-        ("moving average", ema),
-        ("learned (Optax)", baseline_net(phi, x)),
-    ]:
+    for label, b in [("no baseline", None), ("moving average", ema)]:
         _, var = scg.gradient_variance(cost, num_draws=4000, key_argnum=2)(
             params, x, jax.random.key(5), b
         )
         variance[label] = float(jnp.mean(var["enc"]))
+    keys = jax.random.split(jax.random.key(5), 4000)
+    g = jax.jit(jax.vmap(lambda k: nv.update(phi, nvil_state, params, x, k)[0]["enc"]))(keys)
+    variance["learned (scg.baselines.nvil)"] = float(jnp.mean(jnp.var(g, axis=0)))
     _, var = scg.gradient_variance(
         cost, num_draws=4000, num_samples=4, baseline="leave_one_out", key_argnum=2
-    )(params, x, jax.random.key(5), jnp.zeros((B, 1)))
+    )(params, x, jax.random.key(5))
     variance["leave-one-out, K=4 (4x compute)"] = float(jnp.mean(var["enc"]))
     print(f"{'baseline':<34} {'mean variance of d/d enc':>26}")
     for label, v in variance.items():

@@ -11,6 +11,7 @@ from . import _compat
 
 _compat.hide_frames_of(_os.path.dirname(__file__))
 
+from . import baselines as baselines
 from . import estimators as estimators
 from . import infer as infer
 from ._draw import Drawing as Drawing
@@ -34,6 +35,7 @@ __all__ = [
     "LostGradientWarning",
     "Site",
     "Trace",
+    "baselines",
     "describe",
     "draw",
     "estimators",

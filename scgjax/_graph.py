@@ -55,6 +55,7 @@ class StochasticNode:
       name: the `name=` given to `scg.sample`, if any.
       method: the estimator object (`scgjax.estimators`) the site was drawn with.
       support: for an enumerated site, the values each element takes.
+      has_baseline: whether the program gave it a `baseline=` of its own.
     """
 
     id: NodeId
@@ -65,6 +66,7 @@ class StochasticNode:
     name: str | None = None
     method: Any = None
     support: tuple = ()
+    has_baseline: bool = False
 
     @property
     def enumerated(self) -> bool:
@@ -351,20 +353,27 @@ def weighted_term(deps: Deps, term: Any, log_probs: dict[NodeId, Any], cache: di
     return (magic_box(t) if boxed else t) * term
 
 
-def dice_objective(cost: Val, graph: Graph) -> jax.Array:
+def dice_objective(
+    cost: Val, graph: Graph, log_probs: dict[NodeId, Any] | None = None, extra: Any = 0.0
+) -> jax.Array:
     """Σ_c Σ_i ⊡(τ_ci)·c_i + Σ_w (1 − ⊡(log p(w)))·b_w over the cost terms `c`.
 
     The value is exactly `cost.value` (the rounding of a re-associated sum is cancelled
     by a stop-gradient), and derivatives of every order are unbiased.
+
+    `log_probs` replaces `graph.log_probs` in τ (the same values, other derivatives: a
+    learning signal scaled per node, `scgjax.baselines.nvil`), and `extra` joins the
+    baseline terms (baselines given outside the program, built on those log-probs).
     """
-    baselines = graph.baseline_total()
+    baselines = graph.baseline_total() + extra
     # Inside a `shard_map`, a cost that is the same on every shard (after a `psum`) has
     # terms typed the same way; the baseline terms of each shard's own nodes join them
     # summed over the shards, so the surrogate is the global one on every shard.
     extra = _compat.varying_axes(baselines) - _compat.varying_axes(cost.value)
     if extra:
         baselines = lax.psum(baselines, tuple(sorted(extra)))
-    surrogate = surrogate_sum(cost.term_items(), graph.log_probs) + baselines
+    lps = graph.log_probs if log_probs is None else log_probs
+    surrogate = surrogate_sum(cost.term_items(), lps) + baselines
     surrogate = surrogate.astype(jnp.result_type(cost.value))  # baselines are in float32
     return lax.stop_gradient(cost.value) + (surrogate - lax.stop_gradient(surrogate))
 

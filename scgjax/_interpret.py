@@ -825,7 +825,17 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
             value, leaves, spec=spec, n_batch=n_batch, score_log_prob=score_log_prob
         )
     shape = jnp.shape(log_prob)[: jnp.ndim(log_prob) - channels]
-    node = StochasticNode(node_id, spec.name, "score", shape, source, name, method, support)
+    node = StochasticNode(
+        node_id,
+        spec.name,
+        "score",
+        shape,
+        source,
+        name,
+        method,
+        support,
+        has_baseline=baseline is not None,
+    )
     record = (value, log_prob, jnp.ones(jnp.shape(log_prob), bool)) if ctx.graph.record else None
     ctx.graph.add(node, log_prob, record)
     if baseline is not None:

@@ -200,9 +200,14 @@ def _node_names(graph: Graph) -> dict:
 
 def _one_sample(f, has_aux, need_downstream, draws=None):
     """The surrogate of one run of `f`: (surrogate, aux, downstream costs, log-probs),
-    the last two keyed by node name."""
+    the last two keyed by node name.
 
-    def run(args, kwargs, draws=draws):
+    `adjust(graph, names)`, given to the returned `run`, returns the score nodes'
+    log-probabilities to use in τ (by node id) and extra baseline terms: how
+    `scgjax.baselines.nvil` adds baselines and scales learning signals from outside the
+    program (downstream costs and log-probs are returned as without it)."""
+
+    def run(args, kwargs, draws=draws, adjust=None):
         closed, dyn_leaves, rebuild_aux = _prepare(f, args, kwargs, has_aux)
         if _enumerate.has_enumerated_sites(closed):
             info = _abstract_pass(closed, dyn_leaves)
@@ -211,7 +216,8 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
             if plan.sites:
                 if need_downstream:
                     raise ValueError(
-                        "scgjax: downstream=True and baseline='leave_one_out' are not "
+                        "scgjax: downstream=True, baseline='leave_one_out' and "
+                        "scg.baselines.nvil are not "
                         "supported yet with sites evaluated at several values (estimator "
                         f"{_estimators.several_values()}): "
                         f"{[info.names[n.id] for n in plan.sites]}. Give the other score "
@@ -222,10 +228,13 @@ def _one_sample(f, has_aux, need_downstream, draws=None):
         else:
             ids = _draws_by_id(_abstract_pass(closed, dyn_leaves), draws) if draws else None
         cost, aux, graph = _interpret_program(closed, dyn_leaves, rebuild_aux, ids)
-        value = _graph.dice_objective(cost, graph)
+        names = _node_names(graph)
+        if adjust is None:
+            value = _graph.dice_objective(cost, graph)
+        else:
+            value = _graph.dice_objective(cost, graph, *adjust(graph, names))
         if not need_downstream:
             return value, aux, {}, {}
-        names = _node_names(graph)
         q = _graph.downstream_costs(cost, graph)
         return (
             value,

@@ -1684,6 +1684,84 @@ def _():
     )
 
 
+# -- scg.baselines.nvil (issue 9, item 5): learned baselines, centring, normalisation --------
+
+NVIL_TESTS = ("tests/test_nvil.py",)
+
+
+def _nvil_mutant(old, new):
+    import scgjax
+    from scgjax import _nvil
+
+    scgjax.baselines.nvil = rewrite(_nvil, "nvil", old, new)
+
+
+@mutant(
+    "nvil:baseline_sign",
+    "the baseline term enters with the wrong sign (Q̂ + b instead of Q̂ − b)",
+    tests=NVIL_TESTS,
+)
+def _():
+    _nvil_mutant(
+        "extra = extra + _graph.baseline_term(lp, total)",
+        "extra = extra - _graph.baseline_term(lp, total)",
+    )
+
+
+@mutant(
+    "nvil:baseline_unscaled",
+    "the baseline term keeps the unscaled log-probability (signal Q̂/s − b, not (Q̂ − b)/s)",
+    tests=NVIL_TESTS,
+)
+def _():
+    _nvil_mutant(
+        "extra = extra + _graph.baseline_term(lp, total)",
+        "extra = extra + _graph.baseline_term(graph.log_probs[node_id], total)",
+    )
+
+
+@mutant(
+    "nvil:scale_inverted",
+    "the learning signal is multiplied by the scale instead of divided",
+    tests=NVIL_TESTS,
+)
+def _():
+    _nvil_mutant(
+        "(lp - lax.stop_gradient(lp)) / s",
+        "(lp - lax.stop_gradient(lp)) * s",
+    )
+
+
+@mutant(
+    "nvil:centre_not_subtracted",
+    "the running mean is left out of the learning signal (unbiased, other estimate)",
+    tests=NVIL_TESTS,
+)
+def _():
+    _nvil_mutant(
+        "total = centre[name] + b[name] if name in b else centre[name]",
+        "total = b[name] if name in b else 0.0 * centre[name]",
+    )
+
+
+@mutant(
+    "nvil:target_not_centred",
+    "the regression target is Q̂ instead of Q̂ − c̄",
+    tests=NVIL_TESTS,
+)
+def _():
+    _nvil_mutant("target = q[name] - centre[name]", "target = q[name]")
+
+
+@mutant(
+    "nvil:var_from_residual",
+    "the running variance tracks the uncentred residual Q̂ − b, not the signal Q̂ − b − c̄",
+    tests=NVIL_TESTS,
+)
+def _():
+    _nvil_mutant("a = r - c if center else r", "a = r")
+
+
 # -- Running -------------------------------------------------------------------------------
 
 

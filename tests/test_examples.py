@@ -29,7 +29,7 @@ def test_quickstart_estimate_matches_exact_gradient(capsys):
 def test_baselines_example_reduces_variance():
     variance = _load("baselines").main(steps=60)
     assert variance["moving average"] < variance["no baseline"]
-    assert variance["learned (Optax)"] < variance["no baseline"]
+    assert variance["learned (scg.baselines.nvil)"] < variance["no baseline"]
 
 
 @pytest.mark.slow
