@@ -16,6 +16,14 @@ interpreter runs, with a small state per variable:
   ReLU, Huber, clipping written with `where`) the cases are functions of `x` and the
   branches usually meet at the threshold, so the predicate loses nothing; used as a
   number, in a `cond`, or to select constants, it becomes `lost`;
+  The same holds for a guard cast to a number or a step between constants
+  (`(x > 0).astype(float)`, `where(x > 0, 1., -1.)`, `sign(x)`) multiplied by a function
+  of `x` (`x * (x > 0)`, symlog), and for `lax.cond(x > 0, f, g, x)`. Not detected: a
+  jump written this way (`where(x > 1, x, 0)`): the branches are assumed to meet;
+* `paths`: the `scg.sample` draws whose estimator differentiates the program through the
+  value (pathwise, relaxations, straight-through, REBAR/RELAX) that the value derives
+  from, differentiated parameters or not (`t + eps` is a reparameterization by hand):
+  random as PRNG bits are, for the rules above;
 * `const`: a predicate that is almost surely constant (`isfinite(x)`, `isnan(x)`,
   `x == inf`): a numerical guard, not a site; `where` on it keeps only the case taken.
 
@@ -97,6 +105,11 @@ PRNG_SOURCES = frozenset(
 # Floating-point outputs whose derivative is zero.
 ZERO_DERIVATIVE = frozenset({"floor", "ceil", "round", "sign", "nextafter"})
 COMPARISONS = frozenset({"eq", "ne", "lt", "le", "gt", "ge"})
+# Higher-order primitives with their own derivative rules, continuous in their inputs.
+OPAQUE_HIGHER_ORDER = frozenset({"custom_linear_solve"})
+# Integer outputs that only organise a continuous computation (LU's pivots: a solve, an
+# inverse or a determinant is continuous in the matrix): not sites.
+STRUCTURAL = frozenset({"lu", "lu_pivots_to_permutation"})
 # Operations that keep a predicate a predicate (a `guard`, an a.s. constant), on booleans.
 PREDICATE_OPS = frozenset(
     {
@@ -301,6 +314,10 @@ class _Pass:
                 return [State(prng=ins[0].prng)] * len(eqn.outvars)  # paths: no derivative
             if name == "select_n":
                 return [self.select(eqn, ins)]
+            if name == "mul" and len(ins) == 2:
+                masked = self.mask_product(ins)
+                if masked is not None:
+                    return [masked]
             return self.first_order(eqn, ins, frames, opaque)
         here = _frames(eqn, frames)
         if name in CALLS and CALLS[name] in eqn.params:
@@ -321,7 +338,9 @@ class _Pass:
             return self.while_loop(eqn, ins, here, opaque)
         if name == "cond":
             return self.cond(eqn, ins, here, opaque)
-        return self.unknown_higher_order(eqn, ins, here, opaque)
+        # A linear solve with its own derivative rule (`jnp.linalg.solve`): LU pivots
+        # inside, continuous outside.
+        return self.unknown_higher_order(eqn, ins, here, opaque or name in OPAQUE_HIGHER_ORDER)
 
     def first_order(self, eqn, ins, frames, opaque) -> list[State]:
         name = eqn.primitive.name
@@ -335,13 +354,21 @@ class _Pass:
             inexact = _aval_inexact(v)
             no_derivative = not inexact or name in ZERO_DERIVATIVE
             predicate = name in PREDICATE_OPS and _aval_bool(v)
-            out_lost, out_guard = (lost, guard) if predicate else (lost | guard, EMPTY)
-            if no_derivative and diff and (prng or paths) and not opaque:
+            # Casts and reshapes keep a guard: a predicate cast to a number (`(x >
+            # 0).astype(float)`) is a step, which a product with a function of the value
+            # may make piecewise (`mask_product`); as an integer it may choose a `cond`
+            # branch. Any other use loses it.
+            keep = name in PREDICATE_OPS
+            out_lost, out_guard = (lost, guard) if keep else (lost | guard, EMPTY)
+            structural = name in STRUCTURAL and not inexact
+            if no_derivative and diff and (prng or paths) and not opaque and not structural:
                 where = _describe_frames(_frames(eqn, frames))
                 site = frozenset({Site(where, _what(eqn, v))} if prng else set()) | frozenset(
                     {Site(where, _what(eqn, v), paths)} if paths else set()
                 )
-                if name in COMPARISONS and _is_threshold(ins):
+                if (name in COMPARISONS and _is_threshold(ins)) or (
+                    name == "sign" and ins[0].random and ins[0].diff
+                ):
                     out_guard = out_guard | site
                 else:
                     out_lost = out_lost | site
@@ -359,7 +386,7 @@ class _Pass:
         else:
             labels = list(cases)
         prng = any(s.prng for s in ins)
-        diff = any(s.diff for s in cases) and _aval_inexact(eqn.outvars[0])
+        diff = any(s.diff for s in labels) and _aval_inexact(eqn.outvars[0])
         lost = pred.lost | _union(s.lost for s in labels)
         case_guard = _union(s.guard for s in labels)
         out_guard = EMPTY
@@ -372,9 +399,38 @@ class _Pass:
         piecewise = any(s.random and s.diff for s in cases) and all(
             s.random == s.diff for s in cases
         )
-        if not piecewise:
+        if not _aval_bool(eqn.invars[0]):
+            # An integer index (`select_n((x > 1).astype(int), ...)`): not a piecewise
+            # definition that meets at the threshold.
             lost = lost | pred.guard
-        return State(prng, diff, lost, out_guard, paths=_union(s.paths for s in ins))
+        elif all(s == CLEAN for s in cases) and not _aval_bool(eqn.outvars[0]):
+            # A step between constants (`where(x > 0, 1., -1.)`): a guard still, which a
+            # product with a function of the value may make piecewise.
+            out_guard = out_guard | pred.guard
+        elif not piecewise:
+            lost = lost | pred.guard
+        return State(prng, diff, lost, out_guard, paths=_union(s.paths for s in labels))
+
+    def mask_product(self, ins) -> State | None:
+        """`step · f(x)` (`x * (x > 0)`, `sign(x) * log1p(abs(x))`): the step of a guard
+        times a function of the noisy, differentiable value, read as `where(x > c, f(x),
+        0)` (piecewise, as in `select`); None when the rule does not apply."""
+        a, b = ins
+        if a.guard and not b.guard:
+            step, other = a, b
+        elif b.guard and not a.guard:
+            step, other = b, a
+        else:
+            return None
+        if not (other.random and other.diff):
+            return None
+        return State(
+            step.prng or other.prng,
+            True,
+            step.lost | other.lost,
+            EMPTY,
+            paths=step.paths | other.paths,
+        )
 
     def sample(self, eqn, ins, frames) -> State:
         self.has_sample = True
@@ -392,8 +448,15 @@ class _Pass:
         through_value = params["estimator"] == "pathwise" or getattr(
             method, "differentiable_values", False
         )
-        diff = through_value and any(s.diff for s in leaves) and _aval_inexact(eqn.outvars[0])
-        paths = frozenset({_describe_sample(eqn, method, frames)}) if diff else EMPTY
+        inexact = _aval_inexact(eqn.outvars[0])
+        diff = through_value and any(s.diff for s in leaves) and inexact
+        # Also for fixed parameters: `t + eps` of a draw `eps ~ Normal(0, 1)` is a
+        # reparameterization by hand, differentiated through the value.
+        paths = (
+            frozenset({_describe_sample(eqn, method, frames)})
+            if through_value and inexact
+            else EMPTY
+        )
         return State(False, diff, lost, paths=paths)
 
     def scan(self, eqn, ins, frames, opaque) -> list[State]:
@@ -428,8 +491,19 @@ class _Pass:
     def cond(self, eqn, ins, frames, opaque) -> list[State]:
         index, ops = ins[0], ins[1:]
         branches = [self.closed(b, ops, frames, opaque) for b in eqn.params["branches"]]
-        which = State(index.prng, False, index.lost | index.guard, paths=index.paths)
-        return [_join([*outs, which]) for outs in zip(*branches)]
+        which = State(index.prng, False, index.lost, paths=index.paths)
+        results = []
+        for outs in zip(*branches):
+            joined = _join([*outs, which])
+            # `cond(x > c, f, g, x)` with branches that are functions of `x` is piecewise
+            # as `where` is; otherwise the predicate's guard is lost.
+            piecewise = any(s.random and s.diff for s in outs) and all(
+                s.random == s.diff for s in outs
+            )
+            if index.guard and not piecewise:
+                joined = joined._replace(lost=joined.lost | index.guard)
+            results.append(joined)
+        return results
 
     def unknown_higher_order(self, eqn, ins, frames, opaque) -> list[State]:
         """A higher-order primitive without a rule: every output depends on every input,
