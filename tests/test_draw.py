@@ -489,3 +489,7 @@ def test_example_script_drawings():
     assert ("a", "a") in infl
     nodes, _, weights = parse(drawn["figure1"].source)
     assert names(nodes, "stochastic") == {"x", "z", "y"} and len(weights) == 3
+    nodes, _, weights = parse(drawn["mixture_svi"].source)
+    assert names(nodes, "stochastic") == {"locs", "z"}
+    assert {(w, label) for w, _, label in weights} == {("z", "weights (0: plate)")}
+    assert "draw_graph.py" in text_of(nodes, "z") and "mixture_guide" in text_of(nodes, "z")
