@@ -25,8 +25,8 @@ checks against the closed form), as the largest |mean − exact| over the entrie
 standard errors of the mean — on all points, and with the plate subsampled as in
 training (`subsampled`; "exact": the same exact gradient for every key).
 
-Measured (full run, `python examples/gmm_svi.py`: 3000 steps, 500 draws, 80 s on a
-loaded 2-core CPU, jax 0.10.2, numpyro 0.22.0). EM's optimum, the ELBO's maximum:
+Measured (full run, `python examples/gmm_svi.py`: 3000 steps, 500 draws, 50-80 s on
+a loaded 2-core CPU, jax 0.10.2, numpyro 0.22.0). EM's optimum, the ELBO's maximum:
 -1389.63, means -3.07, 0.48, 3.96:
 
     estimator                        final ELBO  means             log10 var  agreement  subsampled
@@ -36,7 +36,7 @@ loaded 2-core CPU, jax 0.10.2, numpyro 0.22.0). EM's optimum, the ELBO's maximum
     TraceSCG_ELBO, enum                -1391.50  -3.04  0.38  3.97     -9.74      exact         3.7
     TraceEnum_ELBO                     -2834.09   0.38  0.38  0.38     -9.71      exact      > 1000
 
-(A steps costs 0.2-0.4 ms for all of them; the printed times are noisy on a loaded machine.)
+(A step costs 0.2-0.4 ms for all of them; the printed times are noisy on a loaded machine.)
 On all points every estimator agrees with the exact gradient (the largest of 1806 entries
 at about 3.5 standard errors, as expected of unbiased estimates). With the plate
 subsampled, two of NumPyro 0.22's ELBOs are biased, and TraceSCG_ELBO is not:
@@ -44,8 +44,8 @@ subsampled, two of NumPyro 0.22's ELBOs are biased, and TraceSCG_ELBO is not:
 * TraceGraph_ELBO multiplies its score terms by the subsampling scale twice (its
   `log_prob` of the guide site is already scaled, and so is the downstream cost it
   weights): the assignment logits' gradient is N/S = 6 times too large on average (2000
-  draws: 6.10 times the exact one). Adam, which is nearly invariant to a gradient's scale
-  per parameter, hides it here; plain SGD would not.
+  draws at random logits: 6.10 times the exact one, projected on it). Adam, which is
+  nearly invariant to a gradient's scale per parameter, hides it here; SGD would not.
 * TraceEnum_ELBO with the guide's site enumerated in a subsampled plate: the model draws
   its own subsample, different from the guide's (the guide's logits are paired with other
   points' data), so its gradient is not the ELBO's, and training collapses the three
