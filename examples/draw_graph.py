@@ -1,10 +1,12 @@
-"""Three stochastic computation graphs drawn with `scg.draw`.
+"""Four stochastic computation graphs drawn with `scg.draw`.
 
     python examples/draw_graph.py [OUTDIR]
 
-writes `figure1.svg`, `vae.svg` and `policy.svg` to OUTDIR (default `.`) when Graphviz's
-`dot` is installed (`apt install graphviz`), else their DOT text (`.dot`). The README's
-figure (`docs/draw_example.svg`) is `figure1.svg`.
+writes `figure1.svg`, `vae.svg`, `policy.svg` and `mixture_svi.svg` to OUTDIR (default
+`.`) when Graphviz's `dot` is installed (`apt install graphviz`), else their DOT text
+(`.dot`). The README's figures are `figure1.svg` (`docs/draw_example.svg`) and
+`mixture_svi.svg` (`docs/draw_numpyro.svg`): a NumPyro model and guide drawn through
+`scgjax.infer.TraceSCG_ELBO`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpyro
 import numpyro.distributions as dist
 from jax import lax
+from numpyro.distributions import constraints
 
 import scgjax as scg
+from scgjax.infer import TraceSCG_ELBO
 
 
 def figure1(theta, phi, key):
@@ -62,16 +67,43 @@ def policy(w, key):
     return -total
 
 
+def mixture_model(data):
+    """A NumPyro mixture: the means are latent (a pathwise guide), the weights a
+    parameter, each point's assignment latent in a subsampled plate."""
+    w = numpyro.param("weights", jnp.ones(2) / 2, constraint=constraints.simplex)
+    locs = numpyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+    with numpyro.plate("data", len(data), subsample_size=8) as i:
+        z = numpyro.sample("z", dist.CategoricalProbs(jnp.asarray(w)))
+        numpyro.sample("x", dist.Normal(jnp.asarray(locs)[z], 1.0), obs=data[i])
+
+
+def mixture_guide(data):
+    m = numpyro.param("m", jnp.array([-1.0, 1.0]))
+    logits = jnp.asarray(numpyro.param("assign_logits", jnp.zeros((len(data), 2))))
+    numpyro.sample("locs", dist.Normal(jnp.asarray(m), 0.5).to_event(1))  # pathwise
+    with numpyro.plate("data", len(data), subsample_size=8) as i:
+        numpyro.sample("z", dist.CategoricalLogits(logits[i]))  # score function
+
+
 def drawings() -> dict[str, scg.Drawing]:
     key = jax.random.key(0)
     params = {
         "enc": {"w": jnp.zeros((D, H)), "b": jnp.zeros(H)},
         "dec": {"w": jnp.zeros((H, D)), "b": jnp.zeros(D)},
     }
+    mixture_params = {  # as svi.get_params(state) gives them
+        "weights": jnp.ones(2) / 2,
+        "m": jnp.array([-1.0, 1.0]),
+        "assign_logits": jnp.zeros((32, 2)),
+    }
     return {
         "figure1": scg.draw(figure1)(jnp.array(0.1), jnp.array(0.2), key),
         "vae": scg.draw(vae)(params, jnp.ones((B, D)), key),
         "policy": scg.draw(policy)(jnp.zeros((3, 3)), key),
+        # the program of one particle of the ELBO: cost(params, key, data)
+        "mixture_svi": scg.draw(TraceSCG_ELBO().program(mixture_model, mixture_guide))(
+            mixture_params, key, jnp.linspace(-2.0, 2.0, 32)
+        ),
     }
 
 

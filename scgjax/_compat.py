@@ -7,6 +7,9 @@ by version-number comparisons, so that a new release fails loudly in one place.
 
 from __future__ import annotations
 
+import functools
+import os
+import sysconfig
 from collections.abc import Iterator
 from typing import Any
 
@@ -245,13 +248,33 @@ def is_key_array(x: Any) -> bool:
 
 
 def source_info(eqn: Any) -> str:
-    """A short `file:line (function)` for an equation, or '' when JAX does not say."""
-    try:
-        from jax._src import source_info_util
+    """`file:line:col (function)` of an equation's innermost user frame outside installed
+    libraries (the user's `numpyro.sample` call in a guide, not numpyro's handler that
+    draws it), else its innermost user frame; '' when JAX does not say."""
+    frames = source_frames(eqn)
+    for file_name, text in frames:
+        if not in_installed_library(file_name):
+            return text
+    return frames[0][1] if frames else ""
 
-        return source_info_util.summarize(eqn.source_info)
-    except Exception:  # pragma: no cover - best effort only
-        return ""
+
+_INSTALLED_DIRS = tuple(
+    os.path.normcase(os.path.realpath(p)) + os.sep
+    for p in {sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib", "platstdlib")}
+    if p
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def in_installed_library(filename: str) -> bool:
+    """Whether `filename` is in the standard library or an installed package
+    (site-packages), i.e. not the user's code."""
+    path = os.path.normcase(os.path.realpath(filename))
+    return (
+        path.startswith(_INSTALLED_DIRS)
+        or f"{os.sep}site-packages{os.sep}" in path
+        or f"{os.sep}dist-packages{os.sep}" in path
+    )
 
 
 def hide_frames_of(path: str) -> None:

@@ -29,7 +29,9 @@ Sharp edges:
   sources after all), its sources are drawn into every term of the first pass whose
   score nodes it covers and `Drawing.approximate` is True: an edge too many rather than
   one missing. The tests require it to be False.
-* The PRNG key is not drawn (it feeds every draw); baselines (`baseline=`) are not drawn.
+* The PRNG key is not drawn (it feeds every draw), unless it also feeds the program
+  otherwise (a `numpyro.plate`'s subsample indices are drawn from it with `jax.random`);
+  baselines (`baseline=`) are not drawn.
 * Inside loops, nodes and cost terms are drawn once, stacked (shape `(T, ...)`); a node
   whose parameters depend on its own earlier draws gets a self-loop ("earlier steps").
 * A node's shape is `describe`'s: for a score node, that of its log-probability (a

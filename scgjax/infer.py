@@ -52,6 +52,7 @@ Sharp edges:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -127,12 +128,23 @@ class TraceSCG_ELBO(_compat.NumpyroELBO):
         """The scgjax program of one particle: `cost(param_map, rng_key, *args, **kwargs)`
         returns `log q(z) − log p(x, z)` (−ELBO) at the guide's draws `z`, drawn with
         `scgjax.sample` under the site names. Use it with `scgjax.describe` (which sites
-        weight which terms), `scgjax.trace` and `draws=` (evaluate the estimator at chosen
-        guide draws)."""
+        weight which terms), `scgjax.draw` (the graph: the guide's sites by name, at the
+        guide's lines), `scgjax.trace` and `draws=` (evaluate the estimator at chosen
+        guide draws). Its signature names the model's arguments after `param_map` and
+        `rng_key`, so `draw` labels the data by the model's names.
+
+        Example:
+          >>> program = elbo.program(model, guide)
+          >>> print(scgjax.describe(program)(svi.get_params(state), key, data))
+          >>> scgjax.draw(program)(svi.get_params(state), key, data).save("model.svg")
+        """
         particle = _particle(model, guide)
-        return lambda param_map, rng_key, *args, **kwargs: particle(
-            param_map, rng_key, *args, **kwargs
-        )[0]
+
+        def cost(param_map, rng_key, *args, **kwargs):
+            return particle(param_map, rng_key, *args, **kwargs)[0]
+
+        cost.__signature__ = _program_signature(model)  # type: ignore[attr-defined]
+        return cost
 
     def loss_with_mutable_state(
         self,
@@ -169,6 +181,21 @@ class TraceSCG_ELBO(_compat.NumpyroELBO):
             )
             return {"loss": value, "mutable_state": None}
         return {"loss": value, "mutable_state": mutable}
+
+
+def _program_signature(model: Callable) -> inspect.Signature:
+    """`(param_map, rng_key, <the model's parameters>)`, or `(param_map, rng_key, *args,
+    **kwargs)` where the model's cannot follow those two."""
+    P = inspect.Parameter
+    head = [P("param_map", P.POSITIONAL_OR_KEYWORD), P("rng_key", P.POSITIONAL_OR_KEYWORD)]
+    generic = [P("args", P.VAR_POSITIONAL), P("kwargs", P.VAR_KEYWORD)]
+    try:
+        rest = list(inspect.signature(model).parameters.values())
+    except (TypeError, ValueError):
+        return inspect.Signature(head + generic)
+    if any(p.name in ("param_map", "rng_key") or p.kind == P.POSITIONAL_ONLY for p in rest):
+        return inspect.Signature(head + generic)
+    return inspect.Signature(head + rest)
 
 
 def _particle(model: Callable, guide: Callable) -> Callable:

@@ -8,17 +8,21 @@ it says the same as `Drawing.nodes` / `.edges`. Rendering tests skip without `do
 from __future__ import annotations
 
 import html
+import pathlib
 import re
 import shutil
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpyro
 import numpyro.distributions as dist
 import pytest
 from jax import lax
+from numpyro.distributions import constraints
 
 import scgjax as scg
+from scgjax.infer import TraceSCG_ELBO
 
 pytest.importorskip("graphviz")
 
@@ -353,6 +357,62 @@ def test_has_aux_and_static_arguments():
     assert {(w, c) for w, c, _ in weights} == {("z", c) for c in names(nodes, "cost")}
 
 
+# -- A NumPyro model through TraceSCG_ELBO -----------------------------------------------------
+
+
+def _mixture(subsample_size):
+    """A two-component mixture: global means (pathwise guide), per-point assignments in a
+    plate (score function), optionally subsampled."""
+
+    def model(data):
+        w = numpyro.param("weights", jnp.ones(2) / 2, constraint=constraints.simplex)
+        locs = numpyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with numpyro.plate("data", len(data), subsample_size=subsample_size) as i:
+            z = numpyro.sample("z", dist.Categorical(w))
+            numpyro.sample("x", dist.Normal(locs[z], 1.0), obs=data[i])
+
+    def guide(data):
+        m = numpyro.param("m", jnp.array([-1.0, 1.0]))
+        logits = numpyro.param("logits", jnp.zeros((len(data), 2)))
+        numpyro.sample("locs", dist.Normal(m, 0.5).to_event(1))
+        with numpyro.plate("data", len(data), subsample_size=subsample_size) as i:
+            numpyro.sample("z", dist.Categorical(logits=logits[i]))  # GUIDE_Z
+
+    return TraceSCG_ELBO().program(model, guide)
+
+
+@pytest.mark.parametrize("subsample_size", [None, 4])
+def test_numpyro_model_through_trace_scg_elbo(subsample_size):
+    """The guide's sites by their NumPyro names, at the guide's lines (not numpyro's
+    handlers); the model's arguments named; the assignments weighted by their plate of
+    ELBO terms only, not by the global term `log q(locs) - log p(locs)`."""
+    data = jnp.linspace(-2.0, 2.0, 10)
+    params = {"weights": jnp.ones(2) / 2, "m": jnp.array([-1.0, 1.0]), "logits": jnp.zeros((10, 2))}
+    program = _mixture(subsample_size)
+    d, nodes, infl, weights = check_consistent(program, params, KEY, data)
+    n = subsample_size or len(data)
+    assert names(nodes, "stochastic") == {"locs", "z"}
+    lines = pathlib.Path(__file__).read_text().splitlines()
+    line = next(i for i, t in enumerate(lines, 1) if t.endswith("# GUIDE_Z"))
+    assert d.by_name("z").source.endswith(f"test_draw.py:{line}:12 (_mixture.<locals>.guide)")
+    assert f"test_draw.py:{line} (_mixture.guide)" in text_of(nodes, "z")
+    assert "handlers.py" not in d.source
+    assert "CategoricalLogits" in text_of(nodes, "z") and f"[{n}]" in text_of(nodes, "z")
+    assert "pathwise" in text_of(nodes, "locs") and d.by_name("locs").shape == (2,)
+    # the subsample's indices are drawn from the key (jax.random): it is drawn then only
+    inputs = {"param_map['weights']", "param_map['m']", "param_map['logits']", "data"}
+    assert names(nodes, "input") == inputs | ({"rng_key"} if subsample_size else set())
+    (plate,) = {c for _, c, _ in weights}
+    (glob,) = names(nodes, "cost") - {plate}
+    assert d.by_name(plate).shape == (n,) and d.by_name(glob).shape == ()
+    assert weights == {("z", plate, "weights (0: plate)")}
+    assert {h for t, h in infl if t == "locs"} == {plate, glob}
+    assert {h for t, h in infl if t == "z"} == {plate}
+    assert {h for t, h in infl if t == "param_map['m']"} == {"locs", glob}
+    assert {h for t, h in infl if t == "param_map['logits']"} == {"z", plate}
+    assert {h for t, h in infl if t == "param_map['weights']"} == {plate}
+
+
 # -- Bad input -------------------------------------------------------------------------------
 
 
@@ -416,7 +476,6 @@ def test_without_dot_the_source_still_works(monkeypatch, tmp_path):
 
 def test_example_script_drawings():
     import importlib.util
-    import pathlib
 
     path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "draw_graph.py"
     spec = importlib.util.spec_from_file_location("draw_graph", path)
@@ -430,3 +489,7 @@ def test_example_script_drawings():
     assert ("a", "a") in infl
     nodes, _, weights = parse(drawn["figure1"].source)
     assert names(nodes, "stochastic") == {"x", "z", "y"} and len(weights) == 3
+    nodes, _, weights = parse(drawn["mixture_svi"].source)
+    assert names(nodes, "stochastic") == {"locs", "z"}
+    assert {(w, label) for w, _, label in weights} == {("z", "weights (0: plate)")}
+    assert "draw_graph.py" in text_of(nodes, "z") and "mixture_guide" in text_of(nodes, "z")
