@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import sysconfig
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -193,21 +192,6 @@ def _aval_bool(v) -> bool:
 
 # -- Where a site is -----------------------------------------------------------------------
 
-_LIBRARY_DIRS = tuple(
-    os.path.normcase(os.path.realpath(p)) + os.sep
-    for p in {sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib", "platstdlib")}
-    if p
-)
-
-
-def _in_library(filename: str) -> bool:
-    path = os.path.normcase(os.path.realpath(filename))
-    return (
-        path.startswith(_LIBRARY_DIRS)
-        or f"{os.sep}site-packages{os.sep}" in path
-        or f"{os.sep}dist-packages{os.sep}" in path
-    )
-
 
 def _describe_frames(frames) -> str:
     """The innermost user frame, and the innermost outside installed libraries when that
@@ -216,7 +200,7 @@ def _describe_frames(frames) -> str:
         return "<unknown location>"
     inner = frames[0][1]
     for file_name, text in frames:
-        if not _in_library(file_name):
+        if not _compat.in_installed_library(file_name):
             return inner if text == inner else f"{text}, inside {_short(frames[0])}"
     return inner
 
