@@ -378,11 +378,6 @@ class _Pass:
             out_guard = case_guard
         else:
             lost = lost | case_guard
-        # A piecewise definition: the cases are functions of the compared value (they carry
-        # PRNG bits and a differentiable path) or constants.
-        piecewise = any(s.random and s.diff for s in cases) and all(
-            s.random == s.diff for s in cases
-        )
         if not _aval_bool(eqn.invars[0]):
             # An integer index (`select_n((x > 1).astype(int), ...)`): not a piecewise
             # definition that meets at the threshold.
@@ -391,7 +386,7 @@ class _Pass:
             # A step between constants (`where(x > 0, 1., -1.)`): a guard still, which a
             # product with a function of the value may make piecewise.
             out_guard = out_guard | pred.guard
-        elif not piecewise:
+        elif not _piecewise(cases):
             lost = lost | pred.guard
         return State(prng, diff, lost, out_guard, paths=_union(s.paths for s in labels))
 
@@ -481,10 +476,7 @@ class _Pass:
             joined = _join([*outs, which])
             # `cond(x > c, f, g, x)` with branches that are functions of `x` is piecewise
             # as `where` is; otherwise the predicate's guard is lost.
-            piecewise = any(s.random and s.diff for s in outs) and all(
-                s.random == s.diff for s in outs
-            )
-            if index.guard and not piecewise:
+            if index.guard and not _piecewise(outs):
                 joined = joined._replace(lost=joined.lost | index.guard)
             results.append(joined)
         return results
@@ -503,6 +495,12 @@ class _Pass:
             State(s.prng, s.diff and _aval_inexact(v), s.lost | s.guard, paths=s.paths)
             for v in eqn.outvars
         ]
+
+
+def _piecewise(cases) -> bool:
+    """The cases of a choice on a threshold are functions of the compared value (random
+    and differentiable) or constants: a piecewise definition, assumed to meet there."""
+    return any(s.random and s.diff for s in cases) and all(s.random == s.diff for s in cases)
 
 
 def _is_threshold(ins) -> bool:
