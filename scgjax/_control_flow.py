@@ -382,7 +382,14 @@ def _scan_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
         reverse=reverse,
         unroll=params["unroll"],
     )
-    nodes = [dataclasses.replace(n, shape=(length,) + n.shape) for n in meta["nodes"]]
+    nodes = [
+        dataclasses.replace(
+            n,
+            shape=(length,) + n.shape,
+            parents=None if n.parents is None else lift_stacked(n.parents),
+        )
+        for n in meta["nodes"]
+    ]
     _adopt(ctx, meta, log_probs, baseline_total, nodes)
     ys_and_increments = unpack(list(ys_arrays), meta["struct"][num_carry:], lift_stacked)
     n_ys = len(ys_and_increments) - len(extra)
@@ -531,7 +538,9 @@ def _while_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> list[Val]:
             "Use lax.scan, or lax.fori_loop with static (Python int) bounds, which "
             "lowers to scan. Forward mode (jax.jvp, jax.jacfwd) and the value work."
         )
-    sub = ctx.child(index)
+    # A node's log-probabilities are summed over the iterations: its baseline term is
+    # built in the body, per iteration.
+    sub = dataclasses.replace(ctx.child(index), box_baselines=False)
     if (sub.draws or ctx.graph.record) and jaxpr_has_sample(body_jaxpr):
         raise NotImplementedError(
             "scgjax: draws inside lax.while_loop cannot be replayed or traced (the number "

@@ -105,6 +105,15 @@ def scored_part(deps: Deps) -> Deps:
     return Deps._of({k: list(r) for k, r in deps._map.items() if not is_source(k)})
 
 
+def without_nodes(deps: Deps, ids) -> Deps:
+    """`deps` without the nodes `ids` (e.g. enumerated sites: they weigh, not score)."""
+    ids = set(ids)
+    kept = {k: rels for k, rels in deps._map.items() if base_node(k) not in ids}
+    if len(kept) == len(deps._map):
+        return deps
+    return Deps._of({k: list(rels) for k, rels in kept.items()})
+
+
 def sources_of(deps_list) -> Deps:
     """The sources in any of `deps_list`, as dependencies of their own."""
     found = {k: list(r) for d in deps_list for k, r in d._map.items() if is_source(k)}

@@ -300,15 +300,6 @@ def term_weight(plan: Plan, weights: list, deps: Deps, shape: tuple):
     return total
 
 
-def without(deps: Deps, ids) -> Deps:
-    """`deps` without the nodes `ids` (the enumerated sites: they weigh, not score)."""
-    ids = set(ids)
-    kept = {k: rels for k, rels in deps._map.items() if _deps.base_node(k) not in ids}
-    if len(kept) == len(deps._map):
-        return deps
-    return Deps._of({k: list(rels) for k, rels in kept.items()})
-
-
 def objective(run, plan: Plan, cost_dtype):
     """The enumerated surrogate. `run(draws)` evaluates the program with the sites
     replayed at `draws` and returns `(terms, deps_and_shapes, site log-probs,

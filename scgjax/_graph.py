@@ -56,6 +56,12 @@ class StochasticNode:
       method: the estimator object (`scgjax.estimators`) the site was drawn with.
       support: for an enumerated site, the values each element takes.
       has_baseline: whether the program gave it a `baseline=` of its own.
+      parents: for a node with a baseline whose term is built at the top level, the
+        score-node elements its distribution depends on (laid out on its
+        log-probability's shape, lifted out of loops as costs are): the baseline term
+        is `⊡(τ_parents)·(1 − ⊡(log p(w)))·b` (Mao et al. 2019). None where the term
+        is built where the node is drawn, `(1 − ⊡(log p(w)))·b` (inside a `while_loop`
+        or `shard_map`, and for sites evaluated at several values).
     """
 
     id: NodeId
@@ -67,6 +73,7 @@ class StochasticNode:
     method: Any = None
     support: tuple = ()
     has_baseline: bool = False
+    parents: Deps | None = None
 
     @property
     def enumerated(self) -> bool:
@@ -129,8 +136,10 @@ def merge_terms(items: Iterable[tuple[Deps, Any]]) -> dict[TermKey, Any]:
 
 class Graph:
     """The sample sites met while evaluating one (sub-)jaxpr, the score nodes'
-    log-probabilities (in the order of `score_nodes`), and the baseline terms
-    `Σ (1 − ⊡(log p(w)))·b_w` of the nodes drawn with a baseline.
+    log-probabilities (in the order of `score_nodes`), the baselines `b_w` of the nodes
+    whose baseline term is built at the top level (`StochasticNode.parents`), and the
+    other terms of value 0 added to the surrogate (`baseline_terms`: the baselines built
+    where their node is drawn, the alternatives estimators' extra terms).
 
     With `record=True` (for `scgjax.trace`) it also keeps, for every node, its value,
     its log-probability and whether it was drawn (`False` in a `cond` branch not taken).
@@ -140,14 +149,24 @@ class Graph:
         self.nodes: dict[NodeId, StochasticNode] = {}
         self.log_probs: dict[NodeId, Any] = {}
         self.baseline_terms: list[Any] = []
+        self.baselines: dict[NodeId, Any] = {}
         self.record = record
         self.records: dict[NodeId, tuple[Any, Any, Any]] = {}
 
-    def add(self, node: StochasticNode, log_prob: Any = None, record: tuple | None = None) -> None:
+    def add(
+        self,
+        node: StochasticNode,
+        log_prob: Any = None,
+        record: tuple | None = None,
+        baseline: Any = None,
+    ) -> None:
         assert node.id not in self.nodes, node.id
+        assert (baseline is None) == (node.parents is None), node.id
         self.nodes[node.id] = node
         if node.estimator == "score":
             self.log_probs[node.id] = log_prob
+        if node.parents is not None:
+            self.baselines[node.id] = baseline
         if self.record:
             assert record is not None and len(record) == 3, node.id
             self.records[node.id] = tuple(record)
@@ -158,11 +177,14 @@ class Graph:
 
     def node_arrays(self) -> list[Any]:
         """The arrays a sub-graph hands to its parent, node by node: a score node's
-        log-probability, then (when recording) value, log-probability, drawn flag."""
+        log-probability, its baseline (for a node with `parents`), then (when
+        recording) value, log-probability, drawn flag."""
         out = []
         for node in self.nodes.values():
             if node.estimator == "score":
                 out.append(self.log_probs[node.id])
+            if node.parents is not None:
+                out.append(self.baselines[node.id])
             if self.record:
                 out.extend(self.records[node.id])
         return out
@@ -173,12 +195,38 @@ class Graph:
         arrays = iter(arrays)
         for node in nodes:
             log_prob = next(arrays) if node.estimator == "score" else None
+            baseline = next(arrays) if node.parents is not None else None
             record = (next(arrays), next(arrays), next(arrays)) if self.record else None
-            self.add(node, log_prob, record)
+            self.add(node, log_prob, record, baseline)
+
+    @property
+    def has_baselines(self) -> bool:
+        """Whether any node of the graph was drawn with a `baseline=`."""
+        return any(n.has_baseline for n in self.nodes.values())
 
     def baseline_total(self) -> Any:
-        """The sum of the baseline terms (0.0 when there are none)."""
+        """The sum of `baseline_terms` (0.0 when there are none): the terms built where
+        their nodes were drawn, which a sub-graph hands to its parent as one sum."""
         return sum(self.baseline_terms[1:], self.baseline_terms[0]) if self.baseline_terms else 0.0
+
+    def node_baselines(
+        self, log_probs: dict[NodeId, Any], cache: dict, without: frozenset = frozenset()
+    ) -> Any:
+        """Σ_w Σ_i ⊡(τ_{W,i})·(1 − ⊡(log p(w_i)))·b_{w,i} over the nodes with `parents`,
+        `τ_{W,i}` the log-probabilities (from `log_probs`) of the parents of element
+        `i` (Mao et al. 2019). Value 0; the first derivative subtracts `b` from the
+        node's downstream cost, and the higher ones subtract it from the products of
+        the node's score with its parents' too (the terms DiCE's `⊡(τ_c)·c` has for a
+        cost downstream of both). `without`: nodes left out of τ (summed out)."""
+        total = 0.0
+        for node in self.nodes.values():
+            if node.parents is None:
+                continue
+            lp = self.log_probs[node.id]
+            term = (1.0 - magic_box(lp)) * self.baselines[node.id]
+            parents = _deps.without_nodes(node.parents, without) if without else node.parents
+            total = total + jnp.sum(weighted_term(parents, term, log_probs, cache))
+        return total
 
 
 magic_box_p = jex.Primitive("scg_magic_box")
@@ -333,10 +381,13 @@ def _contribution(
 
 
 def surrogate_sum(
-    items: Iterable[tuple[Deps, Any]], log_probs: dict[NodeId, Any], boxed: bool = True
+    items: Iterable[tuple[Deps, Any]],
+    log_probs: dict[NodeId, Any],
+    boxed: bool = True,
+    cache: dict | None = None,
 ) -> Any:
     """Σ_terms Σ_elements ⊡(τ)·c (or τ·c with `boxed=False`, linear in the log-probs)."""
-    pieces, cache = [], {}
+    pieces, cache = [], {} if cache is None else cache
     for deps, term in items:
         pieces.append(jnp.sum(weighted_term(deps, term, log_probs, cache, boxed)))
     return sum(pieces[1:], pieces[0])
@@ -356,7 +407,9 @@ def weighted_term(deps: Deps, term: Any, log_probs: dict[NodeId, Any], cache: di
 def dice_objective(
     cost: Val, graph: Graph, log_probs: dict[NodeId, Any] | None = None, extra: Any = 0.0
 ) -> jax.Array:
-    """Σ_c Σ_i ⊡(τ_ci)·c_i + Σ_w (1 − ⊡(log p(w)))·b_w over the cost terms `c`.
+    """Σ_c Σ_i ⊡(τ_ci)·c_i + Σ_w ⊡(τ_W)·(1 − ⊡(log p(w)))·b_w over the cost terms `c`
+    and the nodes `w` drawn with a baseline (`Graph.node_baselines`), plus the terms
+    built where nodes were drawn (`Graph.baseline_total`).
 
     The value is exactly `cost.value` (the rounding of a re-associated sum is cancelled
     by a stop-gradient), and derivatives of every order are unbiased.
@@ -365,15 +418,16 @@ def dice_objective(
     learning signal scaled per node, `scgjax.baselines.nvil`), and `extra` joins the
     baseline terms (baselines given outside the program, built on those log-probs).
     """
-    baselines = graph.baseline_total() + extra
+    lps = graph.log_probs if log_probs is None else log_probs
+    cache: dict = {}
+    baselines = graph.node_baselines(lps, cache) + graph.baseline_total() + extra
     # Inside a `shard_map`, a cost that is the same on every shard (after a `psum`) has
     # terms typed the same way; the baseline terms of each shard's own nodes join them
     # summed over the shards, so the surrogate is the global one on every shard.
     extra = _compat.varying_axes(baselines) - _compat.varying_axes(cost.value)
     if extra:
         baselines = lax.psum(baselines, tuple(sorted(extra)))
-    lps = graph.log_probs if log_probs is None else log_probs
-    surrogate = surrogate_sum(cost.term_items(), lps) + baselines
+    surrogate = surrogate_sum(cost.term_items(), lps, cache=cache) + baselines
     surrogate = surrogate.astype(jnp.result_type(cost.value))  # baselines are in float32
     return lax.stop_gradient(cost.value) + (surrogate - lax.stop_gradient(surrogate))
 

@@ -32,7 +32,7 @@ import numpyro.distributions as dist
 from jax import lax
 
 from . import _compat, _deps, _estimators, _graph, _logprob, _sample
-from ._deps import ALL, EMPTY, Axis, Deps
+from ._deps import ALL, EMPTY, Axis, Deps, Loop
 from ._graph import Graph, NodeId, StochasticNode, Val
 
 higher_order_rules: dict[Any, Callable] = {}
@@ -64,7 +64,9 @@ class Context:
     `scan` rule hands its body the current iteration's slice); `graph.record` says
     whether nodes' values and log-probabilities are recorded too. `enumerated` holds
     the ids of the sites being summed out (`estimator="enum"`), whose replayed values
-    are their alternatives.
+    are their alternatives. `box_baselines`: whether a node's `baseline=` term is built
+    at the top level, boxed by its parents (`StochasticNode.parents`); False under
+    combinators whose rules cannot lift the parents out (`while_loop`, `shard_map`).
     """
 
     path: NodeId
@@ -72,6 +74,7 @@ class Context:
     loop_levels: tuple[int, ...] = ()
     draws: dict | None = None
     enumerated: frozenset = frozenset()
+    box_baselines: bool = True
 
     def child(self, *indices: int, new_loop: bool = False) -> Context:
         """A context for a sub-jaxpr of the equation at `indices`, with a graph of its own
@@ -79,7 +82,12 @@ class Context:
         levels = self.loop_levels + ((len(self.loop_levels),) if new_loop else ())
         path = self.path + indices
         return Context(
-            path, Graph(self.graph.record), levels, self.draws_under(path), self.enumerated
+            path,
+            Graph(self.graph.record),
+            levels,
+            self.draws_under(path),
+            self.enumerated,
+            self.box_baselines,
         )
 
     def draws_under(self, path: NodeId) -> dict | None:
@@ -825,19 +833,8 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
             value, leaves, spec=spec, n_batch=n_batch, score_log_prob=score_log_prob
         )
     shape = jnp.shape(log_prob)[: jnp.ndim(log_prob) - channels]
-    node = StochasticNode(
-        node_id,
-        spec.name,
-        "score",
-        shape,
-        source,
-        name,
-        method,
-        support,
-        has_baseline=baseline is not None,
-    )
-    record = (value, log_prob, jnp.ones(jnp.shape(log_prob), bool)) if ctx.graph.record else None
-    ctx.graph.add(node, log_prob, record)
+    own = Deps({node_id: _deps.node_rel(ctx.loop_levels, len(shape))})
+    b, parents = None, None
     if baseline is not None:
         try:
             np.broadcast_shapes(np.shape(baseline.value), np.shape(log_prob))
@@ -848,8 +845,26 @@ def sample_rule(ctx: Context, index: int, eqn, invals: list[Val]) -> Val:
                 f"log-probability, {np.shape(log_prob)}{_at(eqn)}. Give one baseline per "
                 "log-probability element, or one that broadcasts (e.g. shape (B, 1))."
             ) from None
-        ctx.graph.baseline_terms.append(_graph.baseline_term(log_prob, baseline.value))
-    own = Deps({node_id: _deps.node_rel(ctx.loop_levels, len(shape))})
+        if ctx.box_baselines and piece is None and not method.enumerates:
+            b = jnp.broadcast_to(baseline.value, jnp.shape(log_prob))
+            b = b.astype(jnp.result_type(log_prob))
+            parents = _strict_parents(_deps.scored_part(deps), node_id, shape, ctx.loop_levels)
+        else:
+            ctx.graph.baseline_terms.append(_graph.baseline_term(log_prob, baseline.value))
+    node = StochasticNode(
+        node_id,
+        spec.name,
+        "score",
+        shape,
+        source,
+        name,
+        method,
+        support,
+        has_baseline=baseline is not None,
+        parents=parents,
+    )
+    record = (value, log_prob, jnp.ones(jnp.shape(log_prob), bool)) if ctx.graph.record else None
+    ctx.graph.add(node, log_prob, record, b)
     return Val(value, _influence(node_id, invals[1 : 1 + n_leaves], _deps.join([deps, own])))
 
 
@@ -941,6 +956,38 @@ def _elementwise_leaves(d: dist.Distribution, n_batch: int = 0) -> set[int]:
 
     visit(d)
     return good - bad
+
+
+def _strict_parents(deps: Deps, node_id, shape: tuple[int, ...], loop_levels: tuple) -> Deps:
+    """A baseline's parents (`StochasticNode.parents`): what the draw depends on through
+    its parameters, but on its own node only through relations that exclude each
+    element itself (strictly earlier steps of its loop). The parents must not include
+    the node's own element: `⊡(log p(w_i))·(1 − ⊡(log p(w_i)))·b` would bias the
+    second derivatives by `−2b·E[s_i s_iᵀ]`. A rule's fallback `ALL` on its own loop
+    axis would include it, so such a relation is dropped (unbiased: τ_W may be any set
+    of the nodes drawn before `w`; leaving one out costs variance only)."""
+    if all(_deps.base_node(k) != node_id for k in deps):
+        return deps
+    n_loops = len(loop_levels)
+
+    def excludes_self(rel) -> bool:
+        # A strict entry on one of the node's axes that relates it to itself: its own
+        # loop's axis (`Loop` of that level, inside the body) or the same axis (`Axis`).
+        for k, e in enumerate(rel):
+            if e is ALL or e.kind not in ("lt", "gt"):
+                continue
+            if isinstance(e, Loop) and k < n_loops and e.level == loop_levels[k]:
+                return True
+            if isinstance(e, Axis) and k >= n_loops and e.axis == k - n_loops:
+                return True
+        return False
+
+    # (its other lanes of a named axis: dropped too, as `ALL` lanes include its own)
+    kept = {k: list(r) for k, r in deps._map.items() if _deps.base_node(k) != node_id}
+    strict = [r for r in deps._map.get(node_id, []) if excludes_self(r)]
+    if strict:
+        kept[node_id] = strict
+    return Deps._of(kept)
 
 
 def _parent_deps(eqn, invals: list[Val], value) -> Deps:

@@ -96,7 +96,7 @@ def iwae(
         if particle_draws:
             ids = S._draws_by_id(S._abstract_pass(closed, dyn_leaves), particle_draws)
         cost, aux, graph = S._interpret_program(closed, dyn_leaves, rebuild_aux, ids)
-        if graph.baseline_terms:
+        if graph.has_baselines or graph.baseline_terms:
             raise ValueError(
                 "scgjax.iwae: baseline= on scg.sample inside a particle: the bound's "
                 "baselines are VIMCO's (baseline='vimco'). Drop the per-site baselines."

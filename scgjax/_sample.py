@@ -89,7 +89,9 @@ def sample(
       baseline: for a score node, a value broadcastable to `d.log_prob(value)`'s shape
         that is subtracted from the node's downstream cost. It is computed before the
         draw, so it cannot depend on it and the estimator stays unbiased; the surrogate
-        gets `Σ (1 − ⊡(log p(w)))·b` (Mao et al. 2019), which keeps the value and the
+        gets `Σ ⊡(τ_W)·(1 − ⊡(log p(w)))·b` (Mao et al. 2019; `τ_W` the log-probabilities
+        of the draws `w`'s distribution depends on; no parents inside `while_loop`
+        and `shard_map` bodies), which keeps the value and the
         derivatives of every order unbiased. Only for score nodes (a `ValueError` on a
         pathwise draw).
       name: a name for the node, used by `describe` and as the key of the downstream

@@ -431,7 +431,8 @@ def _shard_map_rule_body(ctx: Context, index: int, eqn, invals: list[Val]) -> li
         _check_keys_vary(eqn, jaxpr, manual)
     invals = [v.collapsed() for v in invals]
     in_axes = [_dim_axes(s, np.ndim(v.value)) for s, v in zip(in_specs, invals)]
-    sub = ctx.child(index)
+    # (baseline terms are built in the body: the parents' views do not lift out)
+    sub = dataclasses.replace(ctx.child(index), box_baselines=False)
     # Inside the body, an axis that in_specs shards holds one block of the nodes drawn
     # outside (a view of the node, `_Views`).
     views = _Views(sub.path, sizes)

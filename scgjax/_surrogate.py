@@ -263,11 +263,12 @@ def _enumerated(closed, dyn_leaves, rebuild_aux, ids, plan):
         cache: dict = {}
         terms, meta = [], []
         for deps, t in cost.term_items():
-            rest = _enumerate.without(deps, enumerated)
+            rest = _deps.without_nodes(deps, enumerated)
             terms.append(_graph.weighted_term(rest, t, lps, cache))
             meta.append((deps, tuple(np.shape(t))))
         site_lps = [graph.log_probs[n] for n in enumerated]
-        return terms, meta, site_lps, jnp.asarray(graph.baseline_total()), aux
+        baselines = graph.baseline_total() + graph.node_baselines(lps, cache, frozenset(enumerated))
+        return terms, meta, site_lps, jnp.asarray(baselines), aux
 
     return _enumerate.objective(one, plan, closed.out_avals[0].dtype)
 

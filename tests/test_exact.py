@@ -269,6 +269,42 @@ def p_with_baseline(t, key):
     return (z * t[:2]).sum() ** 2 + w * t[1]
 
 
+def p_baseline_boxed_by_parents(t, key):
+    # b on z2 depends on θ and on its parent z1: ⊡(log p(z1))·(1 − ⊡(log p(z2)))·b
+    k1, k2 = keys(key, 2)
+    z1 = bern(k1, t[0])
+    b = t[3] * z1 - 2.0
+    z2 = scg.sample(k2, dist.Bernoulli(logits=t[1] + t[2] * z1), baseline=b).astype(t.dtype)
+    return (z1 + 2.0 * z2 + t[0]) ** 2 + z2 * t[3]
+
+
+def p_baseline_in_scan_boxed_by_earlier_steps(t, key):
+    # two agents per step; each draw's baseline comes from the state (earlier draws of
+    # both), so its parents are both nodes at the earlier steps
+    def step(s, k):
+        ka, kb = jax.random.split(k)
+        b = t[3] * s - 1.0
+        a = scg.sample(ka, dist.Bernoulli(logits=t[0] + s), baseline=b).astype(t.dtype)
+        o = scg.sample(kb, dist.Bernoulli(logits=t[1] - s), baseline=b).astype(t.dtype)
+        r = (a - o * t[2]) ** 2 + a * o
+        return 0.5 * s + a - o, r
+
+    _, r = lax.scan(step, jnp.zeros(()), keys(key, 3))
+    return (r * jnp.array([1.0, 0.9, 0.81])).sum()
+
+
+def p_baseline_in_cond_branch(t, key):
+    k1, k2 = keys(key, 2)
+    z = bern(k1, t[0])
+
+    def drawn():
+        b = t[2] + z
+        return scg.sample(k2, dist.Bernoulli(logits=t[1] * z + t[3]), baseline=b).astype(t.dtype)
+
+    w = lax.cond(t[3] > 0, drawn, lambda: z)
+    return (w * t[1] + z) ** 2
+
+
 PROGRAMS = {
     name[2:]: fn for name, fn in globals().items() if name.startswith("p_") and callable(fn)
 }
